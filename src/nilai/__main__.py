@@ -1,0 +1,5 @@
+"""Allow ``python -m nilai``."""
+
+from nilai.cli import main
+
+raise SystemExit(main())

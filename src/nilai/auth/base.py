@@ -1,0 +1,22 @@
+"""The authenticator interface and the principal it produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller: the account that pays, and how it proved itself."""
+
+    account_id: str
+    method: str
+
+
+class Authenticator(Protocol):
+    """Turns a bearer credential into a ``Principal`` or raises ``AuthenticationFailed``."""
+
+    async def authenticate(self, credential: str) -> Principal:
+        """Check ``credential``; never log or echo it."""
+        ...

@@ -1,0 +1,28 @@
+"""The ``nilai`` command: argument parsing only; each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from nilai import __version__
+from nilai.cli import announce, api, verify
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command tree."""
+    parser = argparse.ArgumentParser(
+        prog="nilai", description="Confidential LLM gateway with signed answers."
+    )
+    parser.add_argument("--version", action="version", version=f"nilai {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (api, announce, verify):
+        module.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return the exit status."""
+    args = build_parser().parse_args(argv)
+    status: int = args.handler(args)
+    return status

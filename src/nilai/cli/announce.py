@@ -1,0 +1,77 @@
+"""``nilai announce``: keep an OpenAI-compatible server registered in shared discovery."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from typing import Any
+
+from pydantic import ValidationError
+
+from nilai.discovery.announcer import Announcer, ModelOverrides
+from nilai.discovery.redis import RedisDiscovery
+from nilai.gateway.lifespan import make_redis
+from nilai.logging import configure_logging
+from nilai.settings import NilaiSettings
+from nilai.upstream.http import make_http_client
+
+
+def register(commands: Any) -> None:
+    """Add the ``announce`` subcommand."""
+    # Any: argparse's subparsers action type is private.
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "announce", help="register a model server in discovery (needs NILAI_REDIS_URL)"
+    )
+    parser.add_argument("--url", required=True, help="base URL of the server, e.g. http://h:8000")
+    parser.add_argument("--ttl", type=float, help="lease seconds (default NILAI_DISCOVERY_TTL_S)")
+    parser.add_argument("--tool-support", action="store_true", default=None)
+    parser.add_argument("--multimodal", action="store_true", default=None)
+    parser.add_argument("--max-model-len", type=int, help="context length, if not reported")
+    parser.add_argument("--description", help="text shown in /v1/models")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Announce until SIGTERM or SIGINT, then withdraw."""
+    if not str(args.url).startswith(("http://", "https://")):
+        print(f"nilai announce: --url must start with http:// or https:// (got {args.url!r})")
+        return 2
+    try:
+        settings = NilaiSettings()
+    except (ValidationError, ValueError) as exc:
+        print(f"nilai announce: invalid settings:\n{exc}")
+        return 2
+    if settings.redis_url is None:
+        print(
+            "nilai announce: NILAI_REDIS_URL is not set. Gateways without Redis keep discovery "
+            "in-process; list the server in NILAI_UPSTREAM_URLS for them instead."
+        )
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    overrides = ModelOverrides(
+        tool_support=args.tool_support,
+        multimodal_support=args.multimodal,
+        max_model_len=args.max_model_len,
+        description=args.description,
+    )
+    asyncio.run(_announce(settings, str(args.url), args.ttl or settings.discovery_ttl_s, overrides))
+    return 0
+
+
+async def _announce(
+    settings: NilaiSettings, url: str, ttl_s: float, overrides: ModelOverrides
+) -> None:
+    redis = make_redis(settings)
+    assert redis is not None  # noqa: S101 - checked by the caller
+    http = make_http_client(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        discovery = RedisDiscovery(redis, settings.redis_prefix)
+        await Announcer(discovery, http, url, ttl_s=ttl_s, overrides=overrides).run(stop)
+    finally:
+        await http.aclose()
+        await redis.aclose()

@@ -1,0 +1,162 @@
+"""The gateway's view of discovery: a cached snapshot, an endpoint picker, and ejection.
+
+Requests never touch the discovery store: a background task refreshes the snapshot. Endpoints
+are taken in turn; one that fails is ejected for a while and probed in the background, and one
+announced afresh is trusted again at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+
+from nilai.discovery.base import Discovery, EndpointRecord
+from nilai.protocol.models import ModelCard
+
+logger = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 1.0
+
+
+@dataclass
+class _Entry:
+    record: EndpointRecord
+    ejected_until: float = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        return self.ejected_until <= time.monotonic()
+
+
+@dataclass
+class _ModelRoute:
+    card: ModelCard
+    endpoints: list[_Entry] = field(default_factory=list[_Entry])
+    turn: Iterator[int] = field(default_factory=itertools.count)
+
+
+class DiscoverySnapshot:
+    """Cached models and endpoints, refreshed in the background."""
+
+    def __init__(
+        self,
+        discovery: Discovery,
+        http: httpx.AsyncClient,
+        *,
+        refresh_s: float,
+        eject_s: float,
+    ) -> None:
+        self._discovery = discovery
+        self._http = http
+        self._refresh_s = refresh_s
+        self._eject_s = eject_s
+        self._entries: dict[str, _Entry] = {}
+        self._routes: dict[str, _ModelRoute] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.last_error: str | None = None
+
+    async def start(self) -> None:
+        """Load the first snapshot and keep it fresh until ``aclose``."""
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop(), name="discovery-refresh")
+
+    async def aclose(self) -> None:
+        """Stop refreshing."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            await self.refresh()
+            await self.probe(only_ejected=True)
+
+    async def refresh(self) -> None:
+        """Re-read discovery; keep failure state only for servers not announced afresh."""
+        try:
+            records = await self._discovery.list()
+        except Exception as exc:  # noqa: BLE001 - keep serving the last snapshot
+            self.last_error = type(exc).__name__
+            logger.warning("discovery refresh failed: %s", type(exc).__name__)
+            return
+        self.last_error = None
+        entries: dict[str, _Entry] = {}
+        for record in records:
+            old = self._entries.get(record.id)
+            same = old is not None and old.record.registered_at == record.registered_at
+            entries[record.id] = _Entry(record, old.ejected_until if old and same else 0.0)
+        self._entries = entries
+        self._routes = self._build_routes()
+
+    def _build_routes(self) -> dict[str, _ModelRoute]:
+        routes: dict[str, _ModelRoute] = {}
+        for entry in self._entries.values():
+            for card in entry.record.models:
+                route = routes.get(card.id)
+                if route is None:
+                    old = self._routes.get(card.id)
+                    turn = old.turn if old else itertools.count()
+                    route = routes[card.id] = _ModelRoute(card, turn=turn)
+                route.endpoints.append(entry)
+        return routes
+
+    def models(self) -> list[ModelCard]:
+        """Every model some live server announces."""
+        return [route.card for route in self._routes.values()]
+
+    def card(self, model: str) -> ModelCard | None:
+        """The description of ``model``, or None if no server announces it."""
+        route = self._routes.get(model)
+        return route.card if route else None
+
+    def candidates(self, model: str) -> list[EndpointRecord]:
+        """Healthy servers for ``model``, starting with the next one in turn."""
+        route = self._routes.get(model)
+        if route is None:
+            return []
+        healthy = [entry.record for entry in route.endpoints if entry.healthy]
+        if not healthy:
+            return []
+        start = next(route.turn) % len(healthy)
+        return healthy[start:] + healthy[:start]
+
+    def healthy_models(self) -> list[str]:
+        """Models with at least one healthy server."""
+        return [m for m, r in self._routes.items() if any(e.healthy for e in r.endpoints)]
+
+    def report_failure(self, endpoint: str) -> None:
+        """Stop sending to ``endpoint`` for a while."""
+        entry = self._entries.get(endpoint)
+        if entry is not None:
+            entry.ejected_until = time.monotonic() + self._eject_s
+            logger.warning("model server %s ejected for %.1fs", endpoint, self._eject_s)
+
+    def report_success(self, endpoint: str) -> None:
+        """Trust ``endpoint`` again."""
+        entry = self._entries.get(endpoint)
+        if entry is not None:
+            entry.ejected_until = 0.0
+
+    async def probe(self, *, only_ejected: bool = False) -> None:
+        """Ask servers for their model list; eject those that do not answer."""
+        entries = [e for e in self._entries.values() if not (only_ejected and e.healthy)]
+        await asyncio.gather(*(self._probe_one(entry) for entry in entries))
+
+    async def _probe_one(self, entry: _Entry) -> None:
+        try:
+            response = await self._http.get(f"{entry.record.url}/v1/models", timeout=PROBE_TIMEOUT_S)
+            response.raise_for_status()
+        except httpx.HTTPError:
+            if entry.healthy:
+                self.report_failure(entry.record.id)
+            return
+        self.report_success(entry.record.id)

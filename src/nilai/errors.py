@@ -1,0 +1,126 @@
+"""The error hierarchy, and the one place HTTP status codes are chosen.
+
+Every failure a client can see is a ``NilaiError``; ``to_error_body`` renders it in the OpenAI
+shape ``{"error": {"message", "type", "param", "code"}}`` so the ``openai`` SDK raises the right
+exception class with a readable message.
+
+- ``InvalidRequest`` (400), ``ValidationFailed`` (422): the request is wrong; ``param`` names
+  the field.
+- ``AuthenticationFailed`` (401): missing or bad credentials; sent with ``WWW-Authenticate``.
+- ``NotFound`` (404): unknown model or route.
+- ``UpstreamUnavailable`` (503): no healthy model server could take the request.
+- ``UpstreamProtocolError`` (502): the model server answered with something unusable.
+- ``UpstreamTimeout`` (504): the time limit passed.
+- ``NotSupported`` (501): a nilai extra (web search, nilRAG) this gateway does not offer.
+- ``InternalError`` (500): anything else; the message never carries internal detail.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class NilaiError(Exception):
+    """Base of every error a client can see."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers = headers or {}
+
+
+class InvalidRequest(NilaiError):
+    """The request cannot be served as sent."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class ValidationFailed(NilaiError):
+    """A field of the request is missing or out of bounds."""
+
+    status = 422
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(NilaiError):
+    """The credentials are missing or not accepted."""
+
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message, code=code, headers={"WWW-Authenticate": "Bearer"})
+
+
+class NotFound(NilaiError):
+    """The model or route does not exist."""
+
+    status = 404
+    type = "not_found_error"
+
+
+class UpstreamUnavailable(NilaiError):
+    """No healthy model server can take the request."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "model_unavailable"
+
+
+class UpstreamProtocolError(NilaiError):
+    """The model server answered with something the gateway cannot relay."""
+
+    status = 502
+    type = "upstream_error"
+    default_code = "bad_gateway"
+
+
+class UpstreamTimeout(NilaiError):
+    """The request ran past its time limit."""
+
+    status = 504
+    type = "timeout_error"
+    default_code = "timeout"
+
+
+class InternalError(NilaiError):
+    """An unexpected failure; details stay in the logs."""
+
+    status = 500
+    type = "server_error"
+    default_code = "internal_error"
+
+
+def error_body(
+    message: str, error_type: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """Build the OpenAI error object."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def to_error_body(error: NilaiError) -> dict[str, Any]:
+    """Render a ``NilaiError`` as the OpenAI error object."""
+    return error_body(error.message, error.type, param=error.param, code=error.code)
+
+
+class NotSupported(NilaiError):
+    """A nilai feature this gateway does not offer (yet)."""
+
+    status = 501
+    type = "invalid_request_error"
+    default_code = "not_supported"

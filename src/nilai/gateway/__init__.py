@@ -1,0 +1,1 @@
+"""The HTTP gateway: app factory, services, routes and the chat request pipeline."""

@@ -1,0 +1,48 @@
+"""The app factory: ``create_app(settings)`` wires routes, middleware and the lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from nilai import __version__
+from nilai.gateway.errors import install_error_handlers
+from nilai.gateway.lifespan import build_services
+from nilai.gateway.middleware import RequestIdMiddleware
+from nilai.gateway.routes import chat, health, keys, models
+from nilai.settings import NilaiSettings
+
+
+def create_app(settings: NilaiSettings | None = None) -> FastAPI:
+    """Build the gateway; services are created when the app starts, not here."""
+    settings = settings or NilaiSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with build_services(settings) as services:
+            app.state.services = services
+            yield
+
+    app = FastAPI(title="nilai", version=__version__, lifespan=lifespan)
+    install_error_handlers(app)
+    for router in (health.router, keys.router, models.router, chat.router):
+        app.include_router(router)
+    allow_any = "*" in settings.cors_origins
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=["*"] if allow_any else settings.cors_origins,
+        allow_credentials=not allow_any,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+        expose_headers=["X-Request-ID"],
+    )
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` and multi-worker runs: settings from the environment."""
+    return create_app(NilaiSettings())

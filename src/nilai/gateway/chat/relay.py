@@ -1,0 +1,117 @@
+"""Calls to model servers: pick a server, fail over on refused connections, map failures.
+
+Failures before any byte reached the client become real statuses: unreachable → 503,
+nonsense → 502, too slow → 504. A refused or timed-out connection means the request was never
+received, so it is safe to try the next server of the same model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+import orjson
+
+from nilai.discovery.snapshot import DiscoverySnapshot
+from nilai.errors import (
+    InvalidRequest,
+    NilaiError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from nilai.gateway.chat.context import RequestContext
+
+logger = logging.getLogger(__name__)
+
+MAX_UPSTREAM_MESSAGE = 500
+_JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+_SSE_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+
+
+class Relay:
+    """Sends chat payloads to the servers of a model."""
+
+    def __init__(self, http: httpx.AsyncClient, snapshot: DiscoverySnapshot) -> None:
+        self._http = http
+        self._snapshot = snapshot
+
+    async def send(
+        self, model: str, payload: bytes, ctx: RequestContext, *, stream: bool
+    ) -> httpx.Response:
+        """Return the first successful response (body unread when ``stream``)."""
+        candidates = self._snapshot.candidates(model)
+        for endpoint in candidates:
+            request = self._http.build_request(
+                "POST",
+                f"{endpoint.url}/v1/chat/completions",
+                content=payload,
+                headers=_SSE_HEADERS if stream else _JSON_HEADERS,
+            )
+            try:
+                response = await self._http.send(request, stream=stream)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout):
+                logger.warning("model server %s unreachable; trying the next", endpoint.id)
+                self._snapshot.report_failure(endpoint.id)
+                continue
+            except httpx.TimeoutException as exc:
+                raise UpstreamTimeout("The model server did not answer in time.") from exc
+            except httpx.HTTPError as exc:
+                raise UpstreamProtocolError("The model server broke the connection.") from exc
+            ctx.endpoint = endpoint.id
+            if response.status_code != 200:
+                await _raise_for_status(response)
+            return response
+        raise UpstreamUnavailable(
+            f"No model server for '{model}' is reachable right now; try again shortly."
+        )
+
+
+async def _raise_for_status(response: httpx.Response) -> None:
+    try:
+        body = await response.aread()
+    except httpx.HTTPError:
+        body = b""
+    finally:
+        await response.aclose()
+    status = response.status_code
+    logger.warning("model server answered %d", status)
+    if status in (429, 503):
+        raise UpstreamUnavailable("The model server is overloaded; try again shortly.")
+    if 400 <= status < 500 and status != 408:
+        raise InvalidRequest(_upstream_message(body), code="upstream_rejected")
+    raise UpstreamProtocolError(f"The model server failed (HTTP {status}).")
+
+
+def _upstream_message(body: bytes) -> str:
+    """The model server's own explanation of a rejected request, shortened."""
+    try:
+        data: Any = orjson.loads(body)  # Any: untrusted JSON, inspected below
+    except orjson.JSONDecodeError:
+        return "The model server rejected the request."
+    error = data.get("error") if isinstance(data, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    if not isinstance(message, str) and isinstance(data, dict):
+        message = data.get("message")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    if not isinstance(message, str) or not message:
+        return "The model server rejected the request."
+    return message[:MAX_UPSTREAM_MESSAGE]
+
+
+def parse_completion(body: bytes) -> dict[str, Any]:
+    """Parse a non-streaming completion, insisting on the OpenAI shape."""
+    try:
+        data: Any = orjson.loads(body)  # Any: untrusted JSON, checked below
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamProtocolError("The model server sent malformed JSON.") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+        raise UpstreamProtocolError("The model server sent an unexpected response.")
+    return data  # pyright: ignore[reportUnknownVariableType]
+
+
+def error_event(error: NilaiError) -> bytes:
+    """The in-band error payload that ends a stream that already started."""
+    return orjson.dumps(
+        {"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}}
+    )

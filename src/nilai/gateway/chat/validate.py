@@ -1,0 +1,74 @@
+"""Turn a parsed request into a ``ValidatedChat``: the model exists and can do what is asked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+from nilai.discovery.snapshot import DiscoverySnapshot
+from nilai.errors import InvalidRequest, NotFound, NotSupported, ValidationFailed
+from nilai.protocol.chat import NILAI_ONLY_FIELDS, ChatCompletionRequest
+from nilai.protocol.models import ModelCard
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatedChat:
+    """A request checked against its model; ``payload`` is what the model server receives."""
+
+    request: ChatCompletionRequest
+    card: ModelCard
+    payload: bytes
+
+    @property
+    def model(self) -> str:
+        """The model id."""
+        return self.card.id
+
+
+def validate_chat(request: ChatCompletionRequest, snapshot: DiscoverySnapshot) -> ValidatedChat:
+    """Check ``request`` against the model it names, or raise a 4xx ``NilaiError``."""
+    card = snapshot.card(request.model)
+    if card is None:
+        raise NotFound(
+            f"The model '{request.model}' does not exist or is not being served; "
+            "GET /v1/models lists the available models.",
+            param="model",
+            code="model_not_found",
+        )
+    _check_capabilities(request, card)
+    return ValidatedChat(request, card, upstream_payload(request))
+
+
+def _check_capabilities(request: ChatCompletionRequest, card: ModelCard) -> None:
+    if request.tools and not card.tool_support:
+        raise InvalidRequest(f"The model '{card.id}' does not support tools.", param="tools")
+    if request.has_image() and not card.multimodal_support:
+        raise InvalidRequest(f"The model '{card.id}' does not accept images.", param="messages")
+    limit = card.max_model_len
+    wanted = request.requested_max_tokens
+    if limit is not None and wanted is not None and wanted > limit:
+        param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        raise ValidationFailed(
+            f"{param} is {wanted}, above the model's limit of {limit} tokens.", param=param
+        )
+    if request.web_search:
+        raise NotSupported("web_search is not available on this gateway.", param="web_search")
+    if request.nilrag:
+        raise NotSupported("nilrag is not available on this gateway.", param="nilrag")
+
+
+def upstream_payload(request: ChatCompletionRequest) -> bytes:
+    """The JSON sent upstream: only fields the client set, known to OpenAI or vLLM.
+
+    Streams always ask the model server for usage, so every stream can be accounted; the
+    relay forwards the usage chunk only to clients that asked for it.
+    """
+    exclude = set(NILAI_ONLY_FIELDS) | set(request.model_extra or {})
+    data = request.model_dump(mode="json", exclude_unset=True, exclude=exclude)
+    data["model"] = request.model
+    if request.stream:
+        options = dict(data.get("stream_options") or {})
+        options["include_usage"] = True
+        data["stream_options"] = options
+    return orjson.dumps(data)

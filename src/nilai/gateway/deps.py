@@ -1,0 +1,50 @@
+"""Typed accessors for request handlers: the services, the caller, the request id."""
+
+from __future__ import annotations
+
+from typing import Annotated, cast
+
+from fastapi import Depends, Request
+
+from nilai.auth.base import Principal
+from nilai.errors import AuthenticationFailed
+from nilai.gateway.services import Services
+from nilai.logging import request_id_var
+
+
+def get_services(request: Request) -> Services:
+    """The process's services (the one place ``app.state`` is read)."""
+    return cast(Services, request.app.state.services)
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def bearer_credential(request: Request) -> str:
+    """The credential of an ``Authorization: Bearer ...`` header, or 401."""
+    header = request.headers.get("authorization")
+    if not header:
+        raise AuthenticationFailed(
+            "Missing credentials: send 'Authorization: Bearer <API key>'.", code="missing_api_key"
+        )
+    scheme, _, credential = header.partition(" ")
+    credential = credential.strip()
+    if scheme.lower() != "bearer" or not credential:
+        raise AuthenticationFailed("The Authorization header must be 'Bearer <API key>'.")
+    return credential
+
+
+async def authenticate(request: Request, services: ServicesDep) -> Principal:
+    """Authenticate the caller with the configured strategies."""
+    return await services.authenticator.authenticate(bearer_credential(request))
+
+
+PrincipalDep = Annotated[Principal, Depends(authenticate)]
+
+
+def current_request_id() -> str:
+    """The id of the request being served."""
+    return request_id_var.get()
+
+
+RequestIdDep = Annotated[str, Depends(current_request_id)]

@@ -1,0 +1,69 @@
+"""Exception handlers: every error leaves in the OpenAI shape (see ``nilai.errors``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from nilai.errors import NilaiError, error_body, to_error_body
+
+logger = logging.getLogger(__name__)
+
+_HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers that render every failure as an OpenAI error."""
+    app.add_exception_handler(NilaiError, _nilai_error)  # pyright: ignore[reportArgumentType]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # pyright: ignore[reportArgumentType]
+    app.add_exception_handler(HTTPException, _http_error)  # pyright: ignore[reportArgumentType]
+    app.add_exception_handler(Exception, _unexpected_error)
+
+
+async def _nilai_error(_request: Request, exc: NilaiError) -> JSONResponse:
+    if exc.status >= 500:
+        logger.warning("request failed: %s (%d)", type(exc).__name__, exc.status)
+    return JSONResponse(to_error_body(exc), status_code=exc.status, headers=exc.headers)
+
+
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors: Sequence[Any] = exc.errors()  # Any: pydantic's error dicts
+    first: dict[str, Any] = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        body = error_body("The request body is not valid JSON.", "invalid_request_error")
+        return JSONResponse(body, status_code=400)
+    param = _param(first.get("loc", ()))
+    message = str(first.get("msg", "Invalid request."))
+    text = f"{param}: {message}" if param else message
+    if len(errors) > 1:
+        text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    body = error_body(text, "invalid_request_error", param=param, code="invalid_value")
+    return JSONResponse(body, status_code=422)
+
+
+def _param(loc: Sequence[Any]) -> str | None:
+    """``("body", "messages", 0, "role")`` → ``"messages.0.role"``."""
+    parts = [str(part) for part in loc if part != "body"]
+    return ".".join(parts) or None
+
+
+async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+    error_type = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")
+    message = exc.detail if isinstance(exc.detail, str) else "Request failed."
+    if exc.status_code == 404:
+        message = "No such route; see the API reference for the available paths."
+    return JSONResponse(
+        error_body(message, error_type), status_code=exc.status_code, headers=exc.headers
+    )
+
+
+async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
+    logger.error("unexpected error", exc_info=exc)
+    body = error_body("The server had an internal error.", "server_error", code="internal_error")
+    return JSONResponse(body, status_code=500)

@@ -1,0 +1,58 @@
+"""Liveness, health and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from nilai.gateway.deps import ServicesDep
+from nilai.gateway.services import Services
+from nilai.protocol.health import Health, Liveness, Readiness
+
+router = APIRouter(tags=["health"])
+
+READY_CHECK_TIMEOUT_S = 1.5
+
+
+def _uptime(services: Services) -> str:
+    return f"{time.monotonic() - services.started_at:.2f}s"
+
+
+@router.get("/v1/health")
+async def health(services: ServicesDep) -> Health:
+    """The gateway is up."""
+    return Health(uptime=_uptime(services))
+
+
+@router.get("/healthz")
+@router.get("/v1/healthz")
+async def healthz(services: ServicesDep) -> Liveness:
+    """Liveness: answers from memory, touches nothing else."""
+    return Liveness(uptime=_uptime(services))
+
+
+@router.get("/readyz", response_model=Readiness)
+@router.get("/v1/readyz", response_model=Readiness)
+async def readyz(services: ServicesDep) -> JSONResponse:
+    """Readiness: shared state reachable and at least one model server answering."""
+    checks: dict[str, str] = {}
+    if services.redis is not None:
+        checks["redis"] = await _check_redis(services)
+    await services.snapshot.probe()
+    healthy = services.snapshot.healthy_models()
+    checks["models"] = f"ok ({len(healthy)} served)" if healthy else "no reachable model server"
+    ready = all(value.startswith("ok") for value in checks.values())
+    body = Readiness(status="ready" if ready else "not_ready", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+async def _check_redis(services: Services) -> str:
+    try:
+        async with asyncio.timeout(READY_CHECK_TIMEOUT_S):
+            await services.discovery.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        return f"unreachable ({type(exc).__name__})"
+    return "ok"

@@ -1,0 +1,30 @@
+"""The services a gateway process shares across requests, built once in the lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+from redis.asyncio import Redis
+
+from nilai.auth.base import Authenticator
+from nilai.crypto.keys import Signer
+from nilai.discovery.base import Discovery
+from nilai.discovery.snapshot import DiscoverySnapshot
+from nilai.gateway.chat.service import ChatService
+from nilai.settings import NilaiSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Everything a request handler may use; nothing here is per-request."""
+
+    settings: NilaiSettings
+    started_at: float
+    http: httpx.AsyncClient
+    redis: Redis | None
+    discovery: Discovery
+    snapshot: DiscoverySnapshot
+    signer: Signer
+    authenticator: Authenticator
+    chat: ChatService

@@ -1,0 +1,86 @@
+"""Chat completion requests as clients send them (OpenAI shape plus nilai's extras)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from nilai.protocol.base import OpenAIBaseModel
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+NonBlank = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
+class ChatMessage(OpenAIBaseModel):
+    """One message of the conversation; extra fields travel to the model server unchanged."""
+
+    role: Role
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def has_image(self) -> bool:
+        """Whether the content carries an image part."""
+        if not isinstance(self.content, list):
+            return False
+        return any(part.get("type") in {"image_url", "input_image"} for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    """OpenAI ``stream_options``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(OpenAIBaseModel):
+    """``POST /v1/chat/completions`` body, with the bounds the gateway enforces."""
+
+    model: NonBlank = Field(description="A model id from GET /v1/models.")
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0, le=5)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1, le=1, description="Only one choice is supported.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    user: str | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # sampling extensions understood by vLLM
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=2)
+    # nilai extras
+    web_search: bool = False
+    nilrag: dict[str, Any] | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether the client asked for the usage chunk at the end of a stream."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """The completion limit the client asked for, under either of its names."""
+        return self.max_completion_tokens or self.max_tokens
+
+    def has_image(self) -> bool:
+        """Whether any message carries an image."""
+        return any(message.has_image() for message in self.messages)
+
+
+NILAI_ONLY_FIELDS = frozenset({"web_search", "nilrag"})

@@ -1,0 +1,33 @@
+"""Model descriptions: OpenAI's model object plus nilai's metadata."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ModelCard(BaseModel):
+    """One entry of ``GET /v1/models``."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "nilai"
+    name: str = ""
+    version: str = ""
+    description: str = ""
+    author: str = ""
+    license: str = ""
+    source: str = ""
+    supported_features: list[str] = Field(default_factory=lambda: ["chat_completion"])
+    tool_support: bool = False
+    multimodal_support: bool = False
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models`` body."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,137 @@
+"""Settings: one tree, read from ``NILAI_*`` variables and an optional YAML file.
+
+The names are the operator contract (DESIGN §8), so fields are flat: each field ``x`` is the
+variable ``NILAI_X`` and the YAML key ``x``. A YAML key that names no field is an error rather
+than silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+CONFIG_FILE_VARIABLE = "NILAI_CONFIG_FILE"
+
+AuthStrategy = Literal["api_key", "nuc"]
+CommaList = Annotated[list[str], NoDecode]
+
+
+def default_data_dir() -> Path:
+    """Return the per-user data directory (``$XDG_DATA_HOME/nilai``)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "nilai"
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class NilaiSettings(BaseSettings):
+    """Everything an operator can configure; see ``.env.sample`` for each variable."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NILAI_",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    # server
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+
+    # auth
+    auth_strategies: Annotated[list[AuthStrategy], NoDecode] = Field(
+        default_factory=lambda: ["api_key"]  # pyright: ignore[reportUnknownLambdaType]
+    )
+    api_key: SecretStr | None = None
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+
+    # shared state (limits, discovery); unset means in-process
+    redis_url: SecretStr | None = None
+    redis_prefix: str = Field(default="nilai:", min_length=1)
+
+    # discovery and routing
+    upstream_urls: CommaList = Field(default_factory=list)
+    discovery_ttl_s: float = Field(default=15.0, gt=0)
+    discovery_refresh_s: float = Field(default=1.0, gt=0)
+    endpoint_eject_s: float = Field(default=5.0, ge=0)
+
+    # upstream relay
+    upstream_connect_timeout_s: float = Field(default=2.0, gt=0)
+    upstream_read_timeout_s: float = Field(default=60.0, gt=0)
+    request_timeout_s: float = Field(default=60.0, gt=0)
+    upstream_max_connections: int = Field(default=1000, ge=1)
+
+    # signing
+    signing_key_path: Path | None = None
+
+    cors_origins: CommaList = Field(
+        default_factory=lambda: ["http://localhost:3000", "http://localhost:8080"]
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Read init arguments, then the environment, then the YAML file if one is named."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_VARIABLE)
+        if config_file:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ValueError(f"{CONFIG_FILE_VARIABLE}={config_file}: no such file")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    @field_validator("auth_strategies", "api_keys", "upstream_urls", "cors_origins", mode="before")
+    @classmethod
+    def _comma_lists(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("upstream_urls")
+    @classmethod
+    def _strip_slashes(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"upstream URL {url!r} must start with http:// or https://")
+        return [url.rstrip("/") for url in value]
+
+    @model_validator(mode="after")
+    def _check_strategies(self) -> Self:
+        if not self.auth_strategies:
+            raise ValueError("auth_strategies must name at least one strategy")
+        return self
+
+    @property
+    def key_path(self) -> Path:
+        """Where the signing key lives."""
+        return self.signing_key_path or self.data_dir / "signing_key.pem"
+
+    @property
+    def static_api_keys(self) -> list[str]:
+        """API keys accepted from the settings (``NILAI_API_KEY`` and ``NILAI_API_KEYS``)."""
+        keys = [key.get_secret_value() for key in self.api_keys]
+        if self.api_key is not None:
+            keys.append(self.api_key.get_secret_value())
+        return [key for key in keys if key]

@@ -1,0 +1,1 @@
+"""Talking to model servers: the pooled HTTP client and SSE framing."""

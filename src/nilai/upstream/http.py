@@ -1,0 +1,26 @@
+"""The one pooled HTTP client a process uses for model servers."""
+
+from __future__ import annotations
+
+import httpx
+
+from nilai.settings import NilaiSettings
+
+
+def make_http_client(settings: NilaiSettings) -> httpx.AsyncClient:
+    """Build the shared client with explicit pool limits and timeouts."""
+    return httpx.AsyncClient(
+        limits=httpx.Limits(
+            max_connections=settings.upstream_max_connections,
+            max_keepalive_connections=settings.upstream_max_connections,
+            keepalive_expiry=30.0,
+        ),
+        timeout=httpx.Timeout(
+            connect=settings.upstream_connect_timeout_s,
+            read=settings.upstream_read_timeout_s,
+            write=settings.upstream_read_timeout_s,
+            pool=settings.upstream_connect_timeout_s,
+        ),
+        follow_redirects=False,
+        trust_env=False,
+    )

@@ -1,0 +1,33 @@
+"""Server-sent events: split a byte stream into ``data:`` payloads, and frame payloads."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+DONE = b"[DONE]"
+
+
+def frame(payload: bytes) -> bytes:
+    """Frame one payload as an SSE event."""
+    return b"data: " + payload + b"\n\n"
+
+
+async def iter_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Yield each event's data (multi-line data joined by ``\\n``); comments are skipped."""
+    buffer = b""
+    data: list[bytes] = []
+    async for chunk in chunks:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for raw in lines:
+            line = raw.removesuffix(b"\r")
+            if not line:
+                if data:
+                    yield b"\n".join(data)
+                    data = []
+            elif line.startswith(b"data:"):
+                data.append(line[5:].removeprefix(b" "))
+    if buffer.startswith(b"data:"):
+        data.append(buffer.removesuffix(b"\r")[5:].removeprefix(b" "))
+    if data:
+        yield b"\n".join(data)
