@@ -60,7 +60,7 @@ class NilaiSettings(BaseSettings):
         default_factory=lambda: ["api_key"]  # pyright: ignore[reportUnknownLambdaType]
     )
     api_key: SecretStr | None = None
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list[SecretStr])
 
     # shared state (limits, discovery); unset means in-process
     redis_url: SecretStr | None = None

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     request = Path(args.request).read_bytes() if args.request else None
     try:
         public_key = args.public_key or fetch_public_key(str(args.gateway))
-    except (httpx.HTTPError, ValueError) as exc:
+    except (httpx.HTTPError, ValueError, TypeError) as exc:
         print(f"FAIL: cannot get the public key: {exc}")
         return 2
     try:
@@ -51,5 +51,5 @@ def fetch_public_key(gateway: str) -> str:
     response.raise_for_status()
     key: Any = response.json()  # Any: checked below
     if not isinstance(key, str):
-        raise ValueError("/v1/public_key did not return a string")
+        raise TypeError("/v1/public_key did not return a string")
     return key

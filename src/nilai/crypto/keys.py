@@ -26,7 +26,8 @@ class Signer:
 
     def sign_digest(self, digest: bytes) -> str:
         """Return the base64 DER signature of a SHA-256 digest computed by the caller."""
-        return base64.b64encode(self._key.sign(digest, hasher=None)).decode()
+        der: bytes = self._key.sign(digest, hasher=None)  # pyright: ignore[reportUnknownMemberType]
+        return base64.b64encode(der).decode()
 
 
 def load_or_create_key(path: Path) -> Signer:

@@ -61,8 +61,8 @@ def verify_any(raw: bytes, public_key_b64: str, request: bytes | None = None) ->
 def sse_payloads(raw: bytes) -> list[bytes]:
     """Return each ``data:`` payload of an SSE text, in order, without ``[DONE]``."""
     payloads: list[bytes] = []
-    for line in raw.split(b"\n"):
-        line = line.removesuffix(b"\r")
+    for raw_line in raw.split(b"\n"):
+        line = raw_line.removesuffix(b"\r")
         if not line.startswith(b"data:"):
             continue
         payload = line[5:].removeprefix(b" ")

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
 import httpx
 
@@ -44,19 +44,23 @@ async def fetch_models(
     """Read an OpenAI-compatible server's ``/v1/models`` into model cards."""
     response = await http.get(f"{url}/v1/models", timeout=timeout_s)
     response.raise_for_status()
-    data: Any = response.json()  # Any: checked field by field below
-    entries = data.get("data") if isinstance(data, dict) else None
+    data: object = response.json()
+    entries = cast(dict[str, object], data).get("data") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{url}/v1/models lists no models")
-    return tuple(overrides.apply(_card(entry)) for entry in entries)  # pyright: ignore[reportUnknownVariableType, reportUnknownArgumentType]
+    return tuple(overrides.apply(_card(entry)) for entry in cast(list[object], entries))
 
 
-def _card(entry: Any) -> ModelCard:
-    if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
-        raise ValueError("a model entry has no id")
-    known = set(ModelCard.model_fields)
-    fields = {k: v for k, v in entry.items() if k in known and v is not None}  # pyright: ignore[reportUnknownVariableType]
-    fields.setdefault("name", entry["id"])
+def _card(entry: object) -> ModelCard:
+    if not isinstance(entry, dict):
+        raise ValueError("a model entry is not an object")  # noqa: TRY004 - bad data, not a bug
+    items = cast(dict[str, object], entry)
+    model_id = items.get("id")
+    if not isinstance(model_id, str):
+        raise ValueError("a model entry has no id")  # noqa: TRY004 - bad data, not a bug
+    known = ModelCard.model_fields
+    fields = {k: v for k, v in items.items() if k in known and v is not None}
+    fields.setdefault("name", model_id)
     return ModelCard.model_validate(fields)
 
 
@@ -97,9 +101,9 @@ class Announcer:
             return
         self._failures = 0
         record = self._record
-        if record is not None and record.models == models:
-            if await self._discovery.heartbeat(record.id, self._ttl_s):
-                return
+        unchanged = record is not None and record.models == models
+        if unchanged and await self._discovery.heartbeat(endpoint_id(self.url), self._ttl_s):
+            return
         registered_at = record.registered_at if record else time.time()
         self._record = EndpointRecord(url=self.url, models=models, registered_at=registered_at)
         await self._discovery.register(self._record, self._ttl_s)

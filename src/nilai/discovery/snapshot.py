@@ -153,7 +153,8 @@ class DiscoverySnapshot:
 
     async def _probe_one(self, entry: _Entry) -> None:
         try:
-            response = await self._http.get(f"{entry.record.url}/v1/models", timeout=PROBE_TIMEOUT_S)
+            url = f"{entry.record.url}/v1/models"
+            response = await self._http.get(url, timeout=PROBE_TIMEOUT_S)
             response.raise_for_status()
         except httpx.HTTPError:
             if entry.healthy:

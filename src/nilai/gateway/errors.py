@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,7 +28,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 async def _nilai_error(_request: Request, exc: NilaiError) -> JSONResponse:
-    if exc.status >= 500:
+    if exc.status >= HTTPStatus.INTERNAL_SERVER_ERROR:
         logger.warning("request failed: %s (%d)", type(exc).__name__, exc.status)
     return JSONResponse(to_error_body(exc), status_code=exc.status, headers=exc.headers)
 
@@ -42,7 +43,7 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     message = str(first.get("msg", "Invalid request."))
     text = f"{param}: {message}" if param else message
     if len(errors) > 1:
-        text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        text += f" (and {len(errors) - 1} more)"
     body = error_body(text, "invalid_request_error", param=param, code="invalid_value")
     return JSONResponse(body, status_code=422)
 
@@ -55,8 +56,8 @@ def _param(loc: Sequence[Any]) -> str | None:
 
 async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
     error_type = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")
-    message = exc.detail if isinstance(exc.detail, str) else "Request failed."
-    if exc.status_code == 404:
+    message = exc.detail or "Request failed."
+    if exc.status_code == HTTPStatus.NOT_FOUND:
         message = "No such route; see the API reference for the available paths."
     return JSONResponse(
         error_body(message, error_type), status_code=exc.status_code, headers=exc.headers

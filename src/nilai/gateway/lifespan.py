@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
@@ -30,7 +30,7 @@ def make_redis(settings: NilaiSettings) -> Redis | None:
     """The shared Redis client, or None for in-process state. Connects lazily."""
     if settings.redis_url is None:
         return None
-    return Redis.from_url(
+    return Redis.from_url(  # pyright: ignore[reportUnknownMemberType]
         settings.redis_url.get_secret_value(),
         socket_connect_timeout=2.0,
         socket_timeout=2.0,
@@ -39,7 +39,7 @@ def make_redis(settings: NilaiSettings) -> Redis | None:
 
 
 @asynccontextmanager
-async def build_services(settings: NilaiSettings) -> AsyncIterator[Services]:
+async def build_services(settings: NilaiSettings) -> AsyncGenerator[Services]:
     """Create every service, start background tasks, and tear them down on exit."""
     async with AsyncExitStack() as stack:
         http = make_http_client(settings)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -13,3 +15,10 @@ class OpenAIBaseModel(BaseModel):
     def unknown_fields(self) -> list[str]:
         """Names of fields the client sent that this model does not define."""
         return sorted(self.model_extra or {})
+
+
+def json_object(value: object) -> dict[str, object] | None:
+    """``value`` as a JSON object if it is one, for reading untrusted JSON safely."""
+    if isinstance(value, dict):
+        return cast(dict[str, object], value)
+    return None

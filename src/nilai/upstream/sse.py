@@ -13,7 +13,7 @@ def frame(payload: bytes) -> bytes:
 
 
 async def iter_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Yield each event's data (multi-line data joined by ``\\n``); comments are skipped."""
+    r"""Yield each event's data (multi-line data joined by ``\\n``); comments are skipped."""
     buffer = b""
     data: list[bytes] = []
     async for chunk in chunks:

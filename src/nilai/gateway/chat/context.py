@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from nilai.auth.base import Principal
+from nilai.protocol.base import json_object
 
 
 @dataclass(slots=True)
@@ -30,9 +31,10 @@ class RequestContext:
 
     def record_usage(self, usage: object) -> None:
         """Take token counts from an OpenAI ``usage`` object, if it is one."""
-        if isinstance(usage, dict):
-            prompt = usage.get("prompt_tokens")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
-            completion = usage.get("completion_tokens")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        counts = json_object(usage)
+        if counts is not None:
+            prompt = counts.get("prompt_tokens")
+            completion = counts.get("completion_tokens")
             self.prompt_tokens = prompt if isinstance(prompt, int) else 0
             self.completion_tokens = completion if isinstance(completion, int) else 0
 

@@ -8,6 +8,7 @@ received, so it is safe to try the next server of the same model.
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from typing import Any
 
 import httpx
@@ -22,6 +23,7 @@ from nilai.errors import (
     UpstreamUnavailable,
 )
 from nilai.gateway.chat.context import RequestContext
+from nilai.protocol.base import json_object
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ class Relay:
             except httpx.HTTPError as exc:
                 raise UpstreamProtocolError("The model server broke the connection.") from exc
             ctx.endpoint = endpoint.id
-            if response.status_code != 200:
+            if response.status_code != HTTPStatus.OK:
                 await _raise_for_status(response)
             return response
         raise UpstreamUnavailable(
@@ -77,37 +79,36 @@ async def _raise_for_status(response: httpx.Response) -> None:
         await response.aclose()
     status = response.status_code
     logger.warning("model server answered %d", status)
-    if status in (429, 503):
+    if status in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE):
         raise UpstreamUnavailable("The model server is overloaded; try again shortly.")
-    if 400 <= status < 500 and status != 408:
+    if HTTPStatus(status).is_client_error and status != HTTPStatus.REQUEST_TIMEOUT:
         raise InvalidRequest(_upstream_message(body), code="upstream_rejected")
     raise UpstreamProtocolError(f"The model server failed (HTTP {status}).")
 
 
 def _upstream_message(body: bytes) -> str:
     """The model server's own explanation of a rejected request, shortened."""
+    fallback = "The model server rejected the request."
     try:
-        data: Any = orjson.loads(body)  # Any: untrusted JSON, inspected below
+        data = json_object(orjson.loads(body)) or {}
     except orjson.JSONDecodeError:
-        return "The model server rejected the request."
-    error = data.get("error") if isinstance(data, dict) else None
-    message = error.get("message") if isinstance(error, dict) else None  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
-    if not isinstance(message, str) and isinstance(data, dict):
-        message = data.get("message")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        return fallback
+    error = json_object(data.get("error")) or data
+    message = error.get("message")
     if not isinstance(message, str) or not message:
-        return "The model server rejected the request."
+        return fallback
     return message[:MAX_UPSTREAM_MESSAGE]
 
 
 def parse_completion(body: bytes) -> dict[str, Any]:
     """Parse a non-streaming completion, insisting on the OpenAI shape."""
     try:
-        data: Any = orjson.loads(body)  # Any: untrusted JSON, checked below
+        data = json_object(orjson.loads(body))
     except orjson.JSONDecodeError as exc:
         raise UpstreamProtocolError("The model server sent malformed JSON.") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+    if data is None or not isinstance(data.get("choices"), list):
         raise UpstreamProtocolError("The model server sent an unexpected response.")
-    return data  # pyright: ignore[reportUnknownVariableType]
+    return data
 
 
 def error_event(error: NilaiError) -> bytes:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import orjson
@@ -18,6 +18,7 @@ from nilai.gateway.chat.context import RequestContext
 from nilai.gateway.chat.relay import Relay, error_event, parse_completion
 from nilai.gateway.chat.signing import StreamSigner, sign_completion
 from nilai.gateway.chat.validate import ValidatedChat, validate_chat
+from nilai.protocol.base import json_object
 from nilai.protocol.chat import ChatCompletionRequest
 from nilai.upstream.sse import DONE, frame, iter_payloads
 
@@ -147,19 +148,22 @@ class _StreamRelay:
 
 def _parse_chunk(payload: bytes) -> dict[str, Any]:
     try:
-        chunk: Any = orjson.loads(payload)  # Any: untrusted JSON, checked below
+        chunk = json_object(orjson.loads(payload))
     except orjson.JSONDecodeError as exc:
         raise UpstreamProtocolError("The model server sent a malformed stream chunk.") from exc
-    if not isinstance(chunk, dict):
+    if chunk is None:
         raise UpstreamProtocolError("The model server sent an unexpected stream chunk.")
     if "error" in chunk:
         raise UpstreamProtocolError("The model server reported an error mid-stream.")
-    return chunk  # pyright: ignore[reportUnknownVariableType]
+    return chunk
 
 
 def _finishes(chunk: dict[str, Any]) -> bool:
-    choices: Any = chunk.get("choices")
-    return any(isinstance(c, dict) and c.get("finish_reason") for c in choices)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return False
+    items = cast(list[object], choices)
+    return any((c := json_object(item)) and c.get("finish_reason") for item in items)
 
 
 def _log_done(ctx: RequestContext, chat: ValidatedChat) -> None:

@@ -19,7 +19,7 @@ def sign_completion(body: dict[str, Any], signer: Signer, request_sha256: str) -
 
 
 class StreamSigner:
-    """Hashes every payload as it is sent, then signs the last chunk over all of them.
+    r"""Hashes every payload as it is sent, then signs the last chunk over all of them.
 
     The signed message is ``b"".join(p + b"\\n" for p in earlier) + canonical(last)``; keeping
     a running SHA-256 instead of the payloads makes the cost per chunk one hash update.
