@@ -30,8 +30,15 @@ class RedisDiscovery:
             await pipe.execute()
 
     async def heartbeat(self, endpoint: str, ttl_s: float) -> bool:
-        """Renew a lease; False if it had already expired."""
-        return bool(await self._redis.pexpire(self._key(endpoint), _ms(ttl_s)))
+        """Renew a lease; False if it had already expired.
+
+        The id is re-added to the index too: a gateway pruning expired ids may have removed it
+        in the instant between an expiry and a re-registration.
+        """
+        if not await self._redis.pexpire(self._key(endpoint), _ms(ttl_s)):
+            return False
+        await self._redis.sadd(self._index, endpoint)  # pyright: ignore[reportUnknownMemberType, reportGeneralTypeIssues]
+        return True
 
     async def deregister(self, endpoint: str) -> None:
         """Remove a server now."""

@@ -136,9 +136,11 @@ class DiscoverySnapshot:
     def report_failure(self, endpoint: str) -> None:
         """Stop sending to ``endpoint`` for a while."""
         entry = self._entries.get(endpoint)
-        if entry is not None:
-            entry.ejected_until = time.monotonic() + self._eject_s
+        if entry is None:
+            return
+        if entry.healthy:
             logger.warning("model server %s ejected for %.1fs", endpoint, self._eject_s)
+        entry.ejected_until = time.monotonic() + self._eject_s
 
     def report_success(self, endpoint: str) -> None:
         """Trust ``endpoint`` again."""
@@ -157,7 +159,6 @@ class DiscoverySnapshot:
             response = await self._http.get(url, timeout=PROBE_TIMEOUT_S)
             response.raise_for_status()
         except httpx.HTTPError:
-            if entry.healthy:
-                self.report_failure(entry.record.id)
+            self.report_failure(entry.record.id)
             return
         self.report_success(entry.record.id)

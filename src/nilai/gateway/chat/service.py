@@ -114,6 +114,9 @@ class _StreamRelay:
     def feed(self, payload: bytes, *, include_usage: bool) -> list[bytes]:
         """Take one upstream payload; return the payloads to send now."""
         chunk = _parse_chunk(payload)
+        if b"\n" in payload or b"\r" in payload:
+            # One event per line is what clients and the verifier read; re-encode compactly.
+            payload = orjson.dumps(chunk)
         self._ctx.mark_first_token()
         if chunk.get("usage"):
             self._ctx.record_usage(chunk["usage"])

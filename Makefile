@@ -1,0 +1,69 @@
+# nilai developer tasks. `make` (or `make help`) lists them.
+#
+# Every tool target depends on $(STAMP), so the first `make test` on a fresh clone runs
+# scripts/setup.sh, and editing pyproject.toml triggers a reinstall.
+
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+# Only the source folders that exist (tests/ and bench/ may be absent in a partial checkout).
+CODE_DIRS := $(wildcard src tests bench)
+BENCH_RESULTS := bench/results
+
+.DEFAULT_GOAL := help
+.PHONY: help setup format lint typecheck test audit serve bench hooks clean
+
+help: ## List the targets
+	@echo "Usage: make TARGET   (VENV=$(VENV))"
+	@echo
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' \
+		$(MAKEFILE_LIST)
+
+# The install stamp holds the SHA-256 of pyproject.toml. When pyproject.toml is newer but its
+# content is unchanged (e.g. after a git checkout), refreshing the stamp's time is enough.
+$(STAMP): pyproject.toml
+	@if [ -f "$@" ] && [ -x "$(BIN)/python" ] && [ "$$(cat "$@")" = "$$($(BIN)/python -c \
+		'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())' \
+		2>/dev/null)" ]; then \
+		touch "$@"; \
+	else \
+		VENV="$(VENV)" bash scripts/setup.sh; \
+	fi
+
+setup: ## Create or refresh the virtualenv (scripts/setup.sh)
+	VENV="$(VENV)" bash scripts/setup.sh
+
+format: $(STAMP) ## Format the code and apply safe lint fixes
+	$(BIN)/ruff format $(CODE_DIRS)
+	$(BIN)/ruff check --fix $(CODE_DIRS)
+
+lint: $(STAMP) ## Lint and check formatting (ruff)
+	$(BIN)/ruff check $(CODE_DIRS)
+	$(BIN)/ruff format --check $(CODE_DIRS)
+
+typecheck: $(STAMP) ## Type-check src/ in strict mode (pyright)
+	$(BIN)/pyright
+
+test: $(STAMP) ## Run the test suite with coverage (PYTEST_ARGS=... to pass options)
+	$(BIN)/pytest --cov=nilai --cov-report=term-missing $(PYTEST_ARGS)
+
+audit: $(STAMP) ## pip-audit the installed packages and bandit src/ (high severity fails)
+	VENV="$(VENV)" bash scripts/audit.sh
+
+serve: $(STAMP) ## Run the gateway (nilai api; settings from NILAI_* variables)
+	$(BIN)/nilai api
+
+bench: $(STAMP) ## Run the micro benchmarks; results go to bench/results/micro.json
+	@mkdir -p $(BENCH_RESULTS)
+	$(BIN)/pytest bench -p no:cacheprovider --benchmark-only \
+		--benchmark-json=$(BENCH_RESULTS)/micro.json
+	@echo "Benchmark results written to $(BENCH_RESULTS)/micro.json"
+
+hooks: $(STAMP) ## Install the pre-commit git hooks
+	$(BIN)/pre-commit install
+
+clean: ## Remove caches, coverage data and benchmark results (keeps the virtualenv)
+	rm -rf .pytest_cache .ruff_cache .benchmarks htmlcov $(BENCH_RESULTS) \
+		.coverage .coverage.* coverage.xml
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +

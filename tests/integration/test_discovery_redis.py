@@ -1,0 +1,171 @@
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+from redis.asyncio import Redis
+
+from nilai.discovery.base import EndpointRecord
+from nilai.discovery.redis import RedisDiscovery
+from nilai.protocol.models import ModelCard
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Store:
+    redis: Redis
+    prefix: str
+    discovery: RedisDiscovery
+
+    @property
+    def index(self) -> str:
+        return f"{self.prefix}discovery:index"
+
+    def key(self, endpoint: str) -> str:
+        return f"{self.prefix}discovery:endpoint:{endpoint}"
+
+    async def members(self) -> set[str]:
+        return {m.decode() for m in await self.redis.smembers(self.index)}
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[Store]:
+    prefix = f"test-{uuid.uuid4().hex}:"
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        yield Store(redis, prefix, RedisDiscovery(redis, prefix))
+    finally:
+        keys = [key async for key in redis.scan_iter(match=f"{prefix}*", count=100)]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
+
+
+def _record(url: str, *models: str, registered_at: float = 1.0) -> EndpointRecord:
+    cards = tuple(ModelCard(id=m, max_model_len=4096) for m in models or ("m",))
+    return EndpointRecord(url=url, models=cards, registered_at=registered_at)
+
+
+def _by_url(records: list[EndpointRecord]) -> dict[str, EndpointRecord]:
+    return {record.url: record for record in records}
+
+
+async def test_ping(store: Store):
+    await store.discovery.ping()
+    await store.discovery.aclose()  # the client stays usable: it belongs to the caller
+    await store.discovery.ping()
+
+
+async def test_register_and_list(store: Store):
+    assert await store.discovery.list() == []
+    record = _record("http://a:8000", "m1", "m2")
+    await store.discovery.register(record, 10)
+    assert await store.discovery.list() == [record]
+    assert await store.members() == {record.id}
+    ttl_ms = await store.redis.pttl(store.key(record.id))
+    assert 0 < ttl_ms <= 10_000
+
+
+async def test_register_replaces_the_record(store: Store):
+    await store.discovery.register(_record("http://a", "old"), 10)
+    newer = _record("http://a", "new", registered_at=2.0)
+    await store.discovery.register(newer, 10)
+    assert await store.discovery.list() == [newer]
+
+
+async def test_several_endpoints_for_one_model(store: Store):
+    records = [_record(f"http://node-{i}:8000", "shared", "m") for i in range(3)]
+    for record in records:
+        await store.discovery.register(record, 10)
+    listed = await store.discovery.list()
+    assert _by_url(listed) == _by_url(records)
+    assert len(listed) == 3
+    for record in listed:
+        assert [card.id for card in record.models] == ["shared", "m"]
+
+
+async def test_heartbeat_renews_lease(store: Store):
+    record = _record("http://a")
+    await store.discovery.register(record, 0.2)
+    assert await store.discovery.heartbeat(record.id, 30) is True
+    ttl_ms = await store.redis.pttl(store.key(record.id))
+    assert 20_000 < ttl_ms <= 30_000
+
+
+async def test_heartbeat_of_unknown_endpoint_is_false(store: Store):
+    assert await store.discovery.heartbeat("0123456789abcdef", 10) is False
+    assert await store.redis.exists(store.key("0123456789abcdef")) == 0
+
+
+async def test_deregister(store: Store):
+    first, second = _record("http://a"), _record("http://b")
+    await store.discovery.register(first, 10)
+    await store.discovery.register(second, 10)
+    await store.discovery.deregister(first.id)
+    assert await store.discovery.list() == [second]
+    assert await store.members() == {second.id}
+    assert await store.redis.exists(store.key(first.id)) == 0
+    assert await store.discovery.heartbeat(first.id, 10) is False
+    await store.discovery.deregister(first.id)  # absent: no error
+
+
+async def test_lease_expiry_removes_record_and_index_entry(store: Store):
+    short, long = _record("http://short"), _record("http://long")
+    await store.discovery.register(short, 0.2)
+    await store.discovery.register(long, 10)
+    assert len(await store.discovery.list()) == 2
+    await asyncio.sleep(0.4)
+    assert await store.members() == {short.id, long.id}  # until list() cleans up
+    assert await store.discovery.list() == [long]
+    assert await store.members() == {long.id}
+    assert await store.discovery.heartbeat(short.id, 10) is False
+
+
+async def test_prefixes_are_isolated(store: Store):
+    other = RedisDiscovery(store.redis, store.prefix + "other:")
+    await store.discovery.register(_record("http://a"), 10)
+    assert await other.list() == []
+    await other.register(_record("http://b"), 10)
+    assert [r.url for r in await store.discovery.list()] == ["http://a"]
+    assert [r.url for r in await other.list()] == ["http://b"]
+
+
+class _RegisterBeforeSrem:
+    """A Redis client whose next SREM is preceded by another client's registration."""
+
+    def __init__(self, redis: Redis, register: Callable[[], Awaitable[None]]) -> None:
+        self._redis = redis
+        self._register: Callable[[], Awaitable[None]] | None = register
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._redis, name)
+
+    async def srem(self, *args: object) -> object:
+        register, self._register = self._register, None
+        if register is not None:
+            await register()
+        return await self._redis.srem(*args)  # type: ignore[arg-type]
+
+
+async def test_registration_racing_with_expiry_cleanup_stays_listed(store: Store):
+    record = _record("http://racer")
+    announcer_side = RedisDiscovery(store.redis, store.prefix)
+    await announcer_side.register(record, 0.05)
+    await asyncio.sleep(0.1)  # the lease runs out
+
+    async def reregister() -> None:
+        await announcer_side.register(record, 10)
+
+    gateway_side = RedisDiscovery(
+        _RegisterBeforeSrem(store.redis, reregister),  # type: ignore[arg-type]
+        store.prefix,
+    )
+    assert await gateway_side.list() == []  # it saw the lease expired: fine
+    # The announcer's lease is alive again, and its heartbeats succeed ...
+    assert await announcer_side.heartbeat(record.id, 10) is True
+    # ... so it must be listed.
+    assert await store.discovery.list() == [record]

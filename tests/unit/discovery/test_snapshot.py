@@ -1,0 +1,299 @@
+import asyncio
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from nilai.discovery import snapshot as snapshot_module
+from nilai.discovery.base import EndpointRecord
+from nilai.discovery.memory import MemoryDiscovery
+from nilai.discovery.snapshot import DiscoverySnapshot
+from nilai.protocol.models import ModelCard
+
+URL_A = "http://model-a:8000"
+URL_B = "http://model-b:8000"
+EJECT_S = 5.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class ModelServers:
+    """Answers /v1/models for the URLs marked up; fails the others."""
+
+    def __init__(self) -> None:
+        self.down: set[str] = set()
+        self.refused: set[str] = set()
+        self.probed: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        base = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
+        self.probed.append(base)
+        assert request.url.path == "/v1/models"
+        if base in self.refused:
+            raise httpx.ConnectError("refused", request=request)
+        if base in self.down:
+            return httpx.Response(500, json={"error": "down"})
+        return httpx.Response(200, json={"object": "list", "data": [{"id": "m"}]})
+
+
+class FlakyDiscovery(MemoryDiscovery):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = False
+
+    async def list(self) -> list[EndpointRecord]:
+        if self.fail:
+            raise ConnectionError("store down")
+        return await super().list()
+
+
+def _record(url: str, *models: str, registered_at: float = 1.0) -> EndpointRecord:
+    cards = tuple(ModelCard(id=m, description=f"{m} at {url}") for m in models)
+    return EndpointRecord(url=url, models=cards, registered_at=registered_at)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(snapshot_module, "time", SimpleNamespace(monotonic=fake.monotonic))
+    return fake
+
+
+@pytest.fixture
+def servers() -> ModelServers:
+    return ModelServers()
+
+
+@pytest.fixture
+def discovery() -> FlakyDiscovery:
+    return FlakyDiscovery()
+
+
+@pytest.fixture
+async def snapshot(
+    discovery: FlakyDiscovery, servers: ModelServers
+) -> AsyncIterator[DiscoverySnapshot]:
+    async with httpx.AsyncClient(transport=httpx.MockTransport(servers)) as http:
+        snap = DiscoverySnapshot(discovery, http, refresh_s=60, eject_s=EJECT_S)
+        yield snap
+        await snap.aclose()
+
+
+async def _two_endpoints(discovery: MemoryDiscovery, snapshot: DiscoverySnapshot) -> None:
+    await discovery.register(_record(URL_A, "m"), 60)
+    await discovery.register(_record(URL_B, "m"), 60)
+    await snapshot.refresh()
+
+
+def _urls(records: list[EndpointRecord]) -> list[str]:
+    return [r.url for r in records]
+
+
+async def test_empty_snapshot(snapshot: DiscoverySnapshot):
+    await snapshot.refresh()
+    assert snapshot.models() == []
+    assert snapshot.card("m") is None
+    assert snapshot.candidates("m") == []
+    assert snapshot.healthy_models() == []
+    assert snapshot.last_error is None
+
+
+async def test_models_merges_cards_of_all_endpoints(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot
+):
+    await discovery.register(_record(URL_A, "m1", "m2"), 60)
+    await discovery.register(_record(URL_B, "m2", "m3"), 60)
+    await snapshot.refresh()
+    ids = [card.id for card in snapshot.models()]
+    assert sorted(ids) == ["m1", "m2", "m3"]
+    assert len(ids) == len(set(ids))
+    card = snapshot.card("m3")
+    assert card is not None
+    assert card.description == f"m3 at {URL_B}"
+    assert snapshot.card("nope") is None
+    assert _urls(snapshot.candidates("m1")) == [URL_A]
+    assert sorted(_urls(snapshot.candidates("m2"))) == [URL_A, URL_B]
+    assert sorted(snapshot.healthy_models()) == ["m1", "m2", "m3"]
+
+
+async def test_candidates_rotate_round_robin(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot
+):
+    await _two_endpoints(discovery, snapshot)
+    picks = [snapshot.candidates("m") for _ in range(4)]
+    for pick in picks:
+        assert sorted(_urls(pick)) == [URL_A, URL_B]
+    firsts = [pick[0].url for pick in picks]
+    assert firsts[0] != firsts[1]
+    assert firsts == [firsts[0], firsts[1], firsts[0], firsts[1]]
+
+
+async def test_rotation_continues_across_refresh(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot
+):
+    await _two_endpoints(discovery, snapshot)
+    first = snapshot.candidates("m")[0].url
+    await snapshot.refresh()
+    assert snapshot.candidates("m")[0].url != first
+
+
+async def test_report_failure_ejects_until_eject_s_passes(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, clock: FakeClock
+):
+    await _two_endpoints(discovery, snapshot)
+    endpoint_a = _record(URL_A).id
+    snapshot.report_failure(endpoint_a)
+    for _ in range(3):
+        assert _urls(snapshot.candidates("m")) == [URL_B]
+    assert snapshot.healthy_models() == ["m"]
+
+    snapshot.report_failure(_record(URL_B).id)
+    assert snapshot.candidates("m") == []
+    assert snapshot.healthy_models() == []
+    assert snapshot.card("m") is not None  # still known, just unhealthy
+
+    clock.now += EJECT_S - 0.01
+    assert snapshot.candidates("m") == []
+    clock.now += 0.02
+    assert sorted(_urls(snapshot.candidates("m"))) == [URL_A, URL_B]
+    assert snapshot.healthy_models() == ["m"]
+
+
+async def test_report_success_restores(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, clock: FakeClock
+):
+    await _two_endpoints(discovery, snapshot)
+    endpoint_a = _record(URL_A).id
+    snapshot.report_failure(endpoint_a)
+    snapshot.report_success(endpoint_a)
+    assert sorted(_urls(snapshot.candidates("m"))) == [URL_A, URL_B]
+
+
+async def test_reports_for_unknown_endpoints_are_ignored(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot
+):
+    await _two_endpoints(discovery, snapshot)
+    snapshot.report_failure("unknown")
+    snapshot.report_success("unknown")
+    assert len(snapshot.candidates("m")) == 2
+
+
+async def test_ejection_survives_refresh_of_same_registration(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, clock: FakeClock
+):
+    await _two_endpoints(discovery, snapshot)
+    snapshot.report_failure(_record(URL_A).id)
+    await discovery.register(_record(URL_A, "m"), 60)  # same registered_at: a lease renewal
+    await snapshot.refresh()
+    assert _urls(snapshot.candidates("m")) == [URL_B]
+
+
+async def test_new_registration_clears_ejection_on_refresh(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, clock: FakeClock
+):
+    await _two_endpoints(discovery, snapshot)
+    snapshot.report_failure(_record(URL_A).id)
+    assert _urls(snapshot.candidates("m")) == [URL_B]
+    await discovery.register(_record(URL_A, "m", registered_at=2.0), 60)
+    assert _urls(snapshot.candidates("m")) == [URL_B]  # not yet refreshed
+    await snapshot.refresh()
+    assert sorted(_urls(snapshot.candidates("m"))) == [URL_A, URL_B]
+
+
+async def test_refresh_drops_endpoints_that_left(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot
+):
+    await _two_endpoints(discovery, snapshot)
+    await discovery.deregister(_record(URL_A).id)
+    await snapshot.refresh()
+    assert _urls(snapshot.candidates("m")) == [URL_B]
+    await discovery.deregister(_record(URL_B).id)
+    await snapshot.refresh()
+    assert snapshot.models() == []
+    assert snapshot.candidates("m") == []
+
+
+async def test_probe_ejects_failing_and_keeps_answering_endpoints(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, servers: ModelServers
+):
+    await _two_endpoints(discovery, snapshot)
+    servers.down.add(URL_B)
+    await snapshot.probe()
+    assert sorted(servers.probed) == [URL_A, URL_B]
+    assert _urls(snapshot.candidates("m")) == [URL_A]
+
+
+async def test_probe_ejects_unreachable_endpoint(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, servers: ModelServers
+):
+    await _two_endpoints(discovery, snapshot)
+    servers.refused.add(URL_A)
+    await snapshot.probe()
+    assert _urls(snapshot.candidates("m")) == [URL_B]
+
+
+async def test_probe_restores_an_endpoint_that_answers_again(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, servers: ModelServers
+):
+    await _two_endpoints(discovery, snapshot)
+    snapshot.report_failure(_record(URL_A).id)
+    servers.probed.clear()
+    await snapshot.probe(only_ejected=True)
+    assert servers.probed == [URL_A]  # healthy endpoints are left alone
+    assert sorted(_urls(snapshot.candidates("m"))) == [URL_A, URL_B]
+
+
+async def test_probe_keeps_ejected_endpoint_out_while_it_fails(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, servers: ModelServers
+):
+    await _two_endpoints(discovery, snapshot)
+    snapshot.report_failure(_record(URL_A).id)
+    servers.down.add(URL_A)
+    await snapshot.probe(only_ejected=True)
+    assert _urls(snapshot.candidates("m")) == [URL_B]
+
+
+async def test_refresh_keeps_last_snapshot_when_discovery_fails(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, clock: FakeClock
+):
+    await _two_endpoints(discovery, snapshot)
+    snapshot.report_failure(_record(URL_A).id)
+    discovery.fail = True
+    await snapshot.refresh()
+    assert snapshot.last_error == "ConnectionError"
+    assert [card.id for card in snapshot.models()] == ["m"]
+    assert _urls(snapshot.candidates("m")) == [URL_B]  # failure state kept too
+
+    discovery.fail = False
+    await discovery.deregister(_record(URL_B).id)
+    await snapshot.refresh()
+    assert snapshot.last_error is None
+    assert [card.id for card in snapshot.models()] == ["m"]
+    assert snapshot.candidates("m") == []  # only A is left, and it is still ejected
+    clock.now += EJECT_S
+    assert _urls(snapshot.candidates("m")) == [URL_A]
+
+
+async def test_start_loads_and_keeps_refreshing(servers: ModelServers):
+    discovery = MemoryDiscovery()
+    await discovery.register(_record(URL_A, "m1"), 60)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(servers)) as http:
+        snapshot = DiscoverySnapshot(discovery, http, refresh_s=0.01, eject_s=EJECT_S)
+        await snapshot.start()
+        try:
+            assert [card.id for card in snapshot.models()] == ["m1"]
+            await discovery.register(_record(URL_B, "m2"), 60)
+            for _ in range(100):
+                if snapshot.card("m2") is not None:
+                    break
+                await asyncio.sleep(0.005)
+            assert snapshot.card("m2") is not None
+        finally:
+            await snapshot.aclose()

@@ -1,0 +1,305 @@
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from coincurve import PrivateKey
+
+from nilai.auth.base import Principal
+from nilai.crypto.keys import Signer
+from nilai.crypto.verify import VerificationError, sse_payloads, verify_stream
+from nilai.discovery.base import EndpointRecord
+from nilai.discovery.memory import MemoryDiscovery
+from nilai.discovery.snapshot import DiscoverySnapshot
+from nilai.errors import UpstreamProtocolError
+from nilai.gateway.chat.context import RequestContext
+from nilai.gateway.chat.service import ChatService, _StreamRelay
+from nilai.gateway.chat.signing import StreamSigner
+from nilai.protocol.chat import ChatCompletionRequest
+from nilai.protocol.models import ModelCard
+from nilai.upstream.sse import DONE, frame
+
+REQUEST = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}'
+USAGE = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
+
+
+@pytest.fixture(scope="module")
+def signer() -> Signer:
+    return Signer(PrivateKey())
+
+
+@pytest.fixture
+def ctx() -> RequestContext:
+    return RequestContext.begin("req-1", Principal("acct", "api_key"), REQUEST)
+
+
+def _chunk(
+    delta: dict[str, Any], finish: str | None = None, *, usage: Any = None
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": "chatcmpl-9",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    if usage is not None:
+        chunk["usage"] = usage
+    return chunk
+
+
+def _usage_chunk() -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-9",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "m",
+        "choices": [],
+        "usage": USAGE,
+    }
+
+
+ROLE = orjson.dumps(_chunk({"role": "assistant", "content": ""}))
+HEL = orjson.dumps(_chunk({"content": "Hel"}))
+# Upstream bytes need not be compact; they must be forwarded byte for byte.
+LO = b'{"id": "chatcmpl-9", "choices": [{"index": 0, "delta": {"content": "lo \xc3\xa9"}}]}'
+FINISH = orjson.dumps(_chunk({}, "stop"))
+USAGE_ONLY = orjson.dumps(_usage_chunk())
+UPSTREAM = [ROLE, HEL, LO, FINISH, USAGE_ONLY]
+
+
+def _relay(signer: Signer, ctx: RequestContext) -> _StreamRelay:
+    return _StreamRelay(StreamSigner(signer, ctx.request_sha256), ctx)
+
+
+def _run(
+    signer: Signer, ctx: RequestContext, upstream: list[bytes], *, include_usage: bool
+) -> tuple[list[list[bytes]], list[bytes]]:
+    relay = _relay(signer, ctx)
+    per_feed = [relay.feed(payload, include_usage=include_usage) for payload in upstream]
+    return per_feed, relay.finish()
+
+
+def _stream(per_feed: list[list[bytes]], final: list[bytes]) -> bytes:
+    sent = [p for out in per_feed for p in out] + final
+    return b"".join(frame(p) for p in sent) + frame(DONE)
+
+
+def test_without_usage_drops_usage_chunk_and_signs_finish_chunk(
+    signer: Signer, ctx: RequestContext
+):
+    per_feed, final = _run(signer, ctx, UPSTREAM, include_usage=False)
+    assert per_feed == [[ROLE], [HEL], [LO], [], []]
+    assert len(final) == 1
+    last = json.loads(final[0])
+    assert last["choices"][0]["finish_reason"] == "stop"
+    assert "usage" not in last
+    assert last["request_sha256"] == ctx.request_sha256
+    assert isinstance(last["signature"], str)
+
+    raw = _stream(per_feed, final)
+    verified = verify_stream(raw, signer.public_key_b64, request=REQUEST)
+    assert verified.request_sha256 == ctx.request_sha256
+    assert sse_payloads(raw)[:3] == [ROLE, HEL, LO]
+
+
+def test_with_usage_sends_every_choice_chunk_and_signs_usage_chunk(
+    signer: Signer, ctx: RequestContext
+):
+    per_feed, final = _run(signer, ctx, UPSTREAM, include_usage=True)
+    assert per_feed == [[ROLE], [HEL], [LO], [], []]
+    assert final[0] == FINISH  # the held finish chunk goes out unchanged
+    assert len(final) == 2
+    last = json.loads(final[1])
+    assert last["choices"] == []
+    assert last["usage"] == USAGE
+    assert last["request_sha256"] == ctx.request_sha256
+
+    raw = _stream(per_feed, final)
+    assert sse_payloads(raw)[:-1] == [ROLE, HEL, LO, FINISH]
+    assert verify_stream(raw, signer.public_key_b64, request=REQUEST).kind == "stream"
+
+
+def test_finish_chunk_is_held_until_finish(signer: Signer, ctx: RequestContext):
+    relay = _relay(signer, ctx)
+    assert relay.feed(HEL, include_usage=False) == [HEL]
+    assert relay.feed(FINISH, include_usage=False) == []
+    assert relay.feed(USAGE_ONLY, include_usage=False) == []
+    final = relay.finish()
+    assert json.loads(final[0])["choices"][0]["finish_reason"] == "stop"
+
+
+def test_held_chunk_is_released_unchanged_when_more_choices_follow(
+    signer: Signer, ctx: RequestContext
+):
+    first_finish = orjson.dumps(_chunk({"content": "a"}, "length"))
+    relay = _relay(signer, ctx)
+    assert relay.feed(first_finish, include_usage=False) == []
+    assert relay.feed(HEL, include_usage=False) == [first_finish, HEL]
+    assert relay.feed(FINISH, include_usage=False) == []
+    final = relay.finish()
+    raw = b"".join(frame(p) for p in [first_finish, HEL, *final])
+    assert verify_stream(raw, signer.public_key_b64, request=REQUEST).kind == "stream"
+
+
+def test_usage_in_the_finish_chunk_with_include_usage(signer: Signer, ctx: RequestContext):
+    finish_with_usage = orjson.dumps(_chunk({}, "stop", usage=USAGE))
+    per_feed, final = _run(signer, ctx, [HEL, finish_with_usage], include_usage=True)
+    assert per_feed == [[HEL], []]
+    assert len(final) == 1
+    assert json.loads(final[0])["usage"] == USAGE
+    assert ctx.prompt_tokens == 11
+    assert verify_stream(_stream(per_feed, final), signer.public_key_b64).kind == "stream"
+
+
+def test_include_usage_without_usage_chunk_signs_finish_chunk(signer: Signer, ctx: RequestContext):
+    per_feed, final = _run(signer, ctx, [HEL, FINISH], include_usage=True)
+    assert len(final) == 1
+    assert json.loads(final[0])["choices"][0]["finish_reason"] == "stop"
+    assert verify_stream(_stream(per_feed, final), signer.public_key_b64).kind == "stream"
+
+
+def test_chunks_without_choices_or_usage_are_dropped(signer: Signer, ctx: RequestContext):
+    keepalive = b'{"id":"chatcmpl-9","choices":[]}'
+    per_feed, final = _run(signer, ctx, [HEL, keepalive, FINISH], include_usage=True)
+    assert per_feed == [[HEL], [], []]
+    assert verify_stream(_stream(per_feed, final), signer.public_key_b64).kind == "stream"
+
+
+def test_signed_stream_fails_if_a_chunk_is_altered(signer: Signer, ctx: RequestContext):
+    per_feed, final = _run(signer, ctx, UPSTREAM, include_usage=True)
+    raw = _stream(per_feed, final)
+    assert b'"content":"Hel"' in raw
+    with pytest.raises(VerificationError):
+        verify_stream(raw.replace(b'"content":"Hel"', b'"content":"Hal"'), signer.public_key_b64)
+
+
+def test_usage_is_recorded_into_the_context(signer: Signer, ctx: RequestContext):
+    assert ctx.first_token_s is None
+    _run(signer, ctx, UPSTREAM, include_usage=False)
+    assert ctx.prompt_tokens == 11
+    assert ctx.completion_tokens == 3
+    assert ctx.first_token_s is not None
+    assert ctx.first_token_s >= 0
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_stream_without_final_chunk_fails(signer: Signer, ctx: RequestContext, include_usage: bool):
+    relay = _relay(signer, ctx)
+    assert relay.feed(ROLE, include_usage=include_usage) == [ROLE]
+    assert relay.feed(HEL, include_usage=include_usage) == [HEL]
+    with pytest.raises(UpstreamProtocolError, match="without a final chunk"):
+        relay.finish()
+
+
+def test_empty_stream_fails(signer: Signer, ctx: RequestContext):
+    with pytest.raises(UpstreamProtocolError) as info:
+        _relay(signer, ctx).finish()
+    assert info.value.status == 502
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b'{"choices": [', "malformed"),
+        (b"not json", "malformed"),
+        (b"", "malformed"),
+        (b"[1, 2]", "unexpected"),
+        (b'"text"', "unexpected"),
+        (b"42", "unexpected"),
+        (b"null", "unexpected"),
+        (b'{"error": {"message": "boom", "code": 500}}', "error mid-stream"),
+        (b'{"error": null}', "error mid-stream"),
+    ],
+)
+def test_bad_chunks_raise(signer: Signer, ctx: RequestContext, payload: bytes, message: str):
+    relay = _relay(signer, ctx)
+    relay.feed(HEL, include_usage=False)
+    with pytest.raises(UpstreamProtocolError, match=message):
+        relay.feed(payload, include_usage=False)
+
+
+# --- through ChatService, with a mock model server ------------------------------------------
+
+
+async def _service_stream(
+    signer: Signer, handler: Callable[[httpx.Request], httpx.Response], body: dict[str, Any]
+) -> tuple[bytes, RequestContext, list[bytes]]:
+    raw_request = json.dumps(body).encode()
+    discovery = MemoryDiscovery()
+    await discovery.register(
+        EndpointRecord(url="http://model-a", models=(ModelCard(id="m"),), registered_at=1.0), 10
+    )
+    seen: list[bytes] = []
+
+    def recording(request: httpx.Request) -> httpx.Response:
+        seen.append(request.content)
+        return handler(request)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(recording)) as http:
+        snapshot = DiscoverySnapshot(discovery, http, refresh_s=60, eject_s=1)
+        await snapshot.refresh()
+        service = ChatService(http, snapshot, signer, request_timeout_s=5)
+        chat = service.validate(ChatCompletionRequest.model_validate(body))
+        ctx = RequestContext.begin("r", Principal("acct", "api_key"), raw_request)
+        out = b"".join([part async for part in await service.stream(chat, ctx)])
+    return out, ctx, seen
+
+
+def _sse_response(events: list[bytes]) -> Callable[[httpx.Request], httpx.Response]:
+    def handler(_: httpx.Request) -> httpx.Response:
+        content = b"".join(events)
+        # Served unread, as a real streaming response is; the relay reads it raw.
+        return httpx.Response(
+            200, stream=httpx.ByteStream(content), headers={"content-type": "text/event-stream"}
+        )
+
+    return handler
+
+
+async def test_service_stream_is_verifiable(signer: Signer):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    events = [frame(p) for p in UPSTREAM] + [frame(DONE)]
+    raw, ctx, seen = await _service_stream(signer, _sse_response(events), body)
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert verify_stream(raw, signer.public_key_b64, request=json.dumps(body).encode())
+    assert json.loads(seen[0])["stream_options"] == {"include_usage": True}
+    assert ctx.completion_tokens == 3
+    assert ctx.status == 200
+
+
+async def test_service_stream_reports_mid_stream_error_in_band(signer: Signer):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    events = [frame(HEL), frame(b'{"error": {"message": "oops"}}'), frame(DONE)]
+    raw, ctx, _ = await _service_stream(signer, _sse_response(events), body)
+    payloads = sse_payloads(raw)
+    assert payloads[0] == HEL
+    assert json.loads(payloads[-1])["error"]["type"] == "upstream_error"
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert ctx.status == 502
+
+
+async def test_service_stream_with_multi_line_upstream_event_is_verifiable(signer: Signer):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    multi_line = b'data: {"id": "chatcmpl-9",\ndata: "choices": [{"index": 0, '
+    multi_line += b'"delta": {"content": "Hel"}}]}\n\n'
+    events = [multi_line, frame(FINISH), frame(DONE)]
+    raw, _, _ = await _service_stream(signer, _sse_response(events), body)
+    # Every data event the client sees must be one complete JSON payload ...
+    for payload in sse_payloads(raw):
+        json.loads(payload)
+    # ... and the stream must verify.
+    assert verify_stream(raw, signer.public_key_b64, request=json.dumps(body).encode())
+
+
+@pytest.mark.parametrize("choices", [1, True, "stop", {"0": {"finish_reason": "stop"}}])
+def test_non_list_choices_are_never_the_final_chunk(
+    signer: Signer, ctx: RequestContext, choices: object
+):
+    payload = orjson.dumps({"id": "x", "choices": choices})
+    relay = _relay(signer, ctx)
+    assert relay.feed(payload, include_usage=False) == [payload]
+    with pytest.raises(UpstreamProtocolError, match="without a final chunk"):
+        relay.finish()

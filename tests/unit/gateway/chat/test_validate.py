@@ -1,0 +1,180 @@
+from typing import Any, cast
+
+import orjson
+import pytest
+
+from nilai.discovery.snapshot import DiscoverySnapshot
+from nilai.errors import InvalidRequest, NotFound, NotSupported, ValidationFailed
+from nilai.gateway.chat.validate import upstream_payload, validate_chat
+from nilai.protocol.chat import ChatCompletionRequest
+from nilai.protocol.models import ModelCard
+
+USER = {"role": "user", "content": "hi"}
+IMAGE_MESSAGE = {
+    "role": "user",
+    "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+    ],
+}
+
+
+class StubSnapshot:
+    def __init__(self, *cards: ModelCard) -> None:
+        self.cards = {card.id: card for card in cards}
+        self.asked: list[str] = []
+
+    def card(self, model: str) -> ModelCard | None:
+        self.asked.append(model)
+        return self.cards.get(model)
+
+
+def _req(**fields: Any) -> ChatCompletionRequest:
+    body: dict[str, Any] = {"model": "m", "messages": [USER]}
+    body.update(fields)
+    return ChatCompletionRequest.model_validate(body)
+
+
+def _payload(**fields: Any) -> dict[str, Any]:
+    return orjson.loads(upstream_payload(_req(**fields)))
+
+
+def _validate(request: ChatCompletionRequest, *cards: ModelCard):
+    snapshot = StubSnapshot(*cards) if cards else StubSnapshot(ModelCard(id="m"))
+    return validate_chat(request, cast(DiscoverySnapshot, snapshot))
+
+
+# --- upstream_payload -----------------------------------------------------------------------
+
+
+def test_payload_has_only_fields_the_client_set():
+    assert _payload() == {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_payload_keeps_set_fields_with_their_values():
+    payload = _payload(temperature=0.5, max_tokens=7, stop=["x"], top_k=3, seed=None)
+    assert payload == {
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0.5,
+        "max_tokens": 7,
+        "stop": ["x"],
+        "top_k": 3,
+        "seed": None,  # explicitly set by the client, so it is forwarded
+    }
+
+
+def test_payload_drops_unknown_top_level_fields():
+    payload = _payload(surprise=1, guided_json={"type": "object"})
+    assert "surprise" not in payload
+    assert "guided_json" not in payload
+
+
+def test_payload_drops_nilai_only_fields():
+    payload = _payload(web_search=False, nilrag={"nodes": []})
+    assert "web_search" not in payload
+    assert "nilrag" not in payload
+
+
+def test_payload_uses_stripped_model_name():
+    assert _payload(model="  m  ")["model"] == "m"
+
+
+def test_payload_keeps_message_extras():
+    message = {"role": "assistant", "content": "a", "reasoning_content": "because", "name": "bot"}
+    payload = _payload(messages=[USER, message])
+    assert payload["messages"][1] == message
+    assert payload["messages"][0] == USER
+
+
+def test_stream_forces_include_usage():
+    payload = _payload(stream=True)
+    assert payload["stream"] is True
+    assert payload["stream_options"] == {"include_usage": True}
+
+
+def test_stream_overrides_include_usage_false_and_keeps_other_options():
+    payload = _payload(stream=True, stream_options={"include_usage": False, "continuous": True})
+    assert payload["stream_options"] == {"include_usage": True, "continuous": True}
+
+
+def test_non_stream_request_gets_no_stream_options():
+    assert "stream_options" not in _payload()
+    assert "stream_options" not in _payload(stream=False)
+
+
+# --- validate_chat --------------------------------------------------------------------------
+
+
+def test_valid_request_resolves_the_card():
+    card = ModelCard(id="m", max_model_len=100)
+    request = _req(max_tokens=100)
+    snapshot = StubSnapshot(card)
+    chat = validate_chat(request, cast(DiscoverySnapshot, snapshot))
+    assert snapshot.asked == ["m"]
+    assert chat.card is card
+    assert chat.model == "m"
+    assert chat.request is request
+    assert chat.payload == upstream_payload(request)
+
+
+def test_unknown_model_is_not_found():
+    with pytest.raises(NotFound) as info:
+        _validate(_req(model="missing"), ModelCard(id="m"))
+    assert info.value.status == 404
+    assert info.value.param == "model"
+    assert info.value.code == "model_not_found"
+    assert "/v1/models" in info.value.message
+    assert "missing" in info.value.message
+
+
+def test_tools_need_tool_support():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    with pytest.raises(InvalidRequest) as info:
+        _validate(_req(tools=tools), ModelCard(id="m", tool_support=False))
+    assert info.value.status == 400
+    assert info.value.param == "tools"
+    assert _validate(_req(tools=tools), ModelCard(id="m", tool_support=True)).model == "m"
+
+
+def test_empty_tools_list_is_fine_without_tool_support():
+    assert _validate(_req(tools=[]), ModelCard(id="m")).model == "m"
+
+
+def test_images_need_multimodal_support():
+    request = _req(messages=[IMAGE_MESSAGE])
+    with pytest.raises(InvalidRequest) as info:
+        _validate(request, ModelCard(id="m"))
+    assert info.value.param == "messages"
+    assert "images" in info.value.message
+    assert _validate(request, ModelCard(id="m", multimodal_support=True)).model == "m"
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_max_tokens_above_model_length_fails(field: str):
+    card = ModelCard(id="m", max_model_len=4096)
+    with pytest.raises(ValidationFailed) as info:
+        _validate(_req(**{field: 4097}), card)
+    assert info.value.status == 422
+    assert info.value.param == field
+    assert "4097" in info.value.message
+    assert "4096" in info.value.message
+    assert _validate(_req(**{field: 4096}), card).model == "m"
+
+
+def test_max_tokens_unbounded_when_model_length_unknown():
+    assert _validate(_req(max_tokens=10**9), ModelCard(id="m")).model == "m"
+
+
+def test_web_search_is_not_supported():
+    with pytest.raises(NotSupported) as info:
+        _validate(_req(web_search=True))
+    assert info.value.status == 501
+    assert info.value.param == "web_search"
+    assert _validate(_req(web_search=False)).model == "m"
+
+
+def test_nilrag_is_not_supported():
+    with pytest.raises(NotSupported) as info:
+        _validate(_req(nilrag={"nodes": ["a"]}))
+    assert info.value.param == "nilrag"
