@@ -38,6 +38,17 @@ def make_redis(settings: NilaiSettings) -> Redis | None:
     )
 
 
+def make_authenticator(settings: NilaiSettings) -> StaticApiKeys:
+    """The authenticator for the configured strategies; refuses ones this build lacks."""
+    missing = [name for name in settings.auth_strategies if name != "api_key"]
+    if missing:
+        raise ValueError(
+            f"NILAI_AUTH_STRATEGIES names {', '.join(missing)}, which this gateway does not "
+            "support yet; use api_key"
+        )
+    return StaticApiKeys(settings.static_api_keys)
+
+
 @asynccontextmanager
 async def build_services(settings: NilaiSettings) -> AsyncGenerator[Services]:
     """Create every service, start background tasks, and tear them down on exit."""
@@ -60,7 +71,7 @@ async def build_services(settings: NilaiSettings) -> AsyncGenerator[Services]:
         )
         await snapshot.start()
         stack.push_async_callback(snapshot.aclose)
-        authenticator = StaticApiKeys(settings.static_api_keys)
+        authenticator = make_authenticator(settings)
         if not len(authenticator):
             logger.warning("no API keys configured (NILAI_API_KEY): every chat request gets 401")
         chat = ChatService(http, snapshot, signer, request_timeout_s=settings.request_timeout_s)

@@ -1,0 +1,15 @@
+import pytest
+
+from nilai.gateway.lifespan import make_authenticator
+from nilai.settings import NilaiSettings
+
+
+def test_unsupported_auth_strategy_refuses_to_start(tmp_path):
+    settings = NilaiSettings(data_dir=tmp_path, auth_strategies=["api_key", "nuc"])
+    with pytest.raises(ValueError, match="nuc"):
+        make_authenticator(settings)
+
+
+def test_api_key_strategy_uses_settings_keys(tmp_path):
+    settings = NilaiSettings(data_dir=tmp_path, api_key="k1", api_keys=["k2", "k3"])
+    assert len(make_authenticator(settings)) == 3
