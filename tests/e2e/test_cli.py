@@ -70,12 +70,18 @@ def test_verify_command_runs_as_a_program(start_fake, start_gateway, tmp_path):
     gateway = start_gateway(upstream_urls=[fake.url])
     saved, _ = record(gateway, tmp_path, stream=True)
     ok = subprocess.run(
-        [NILAI, "verify", str(saved), "--gateway", gateway.url], capture_output=True, text=True
+        [NILAI, "verify", str(saved), "--gateway", gateway.url],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     flip(saved, b"w5")
     bad = subprocess.run(
-        [NILAI, "verify", str(saved), "--gateway", gateway.url], capture_output=True, text=True
+        [NILAI, "verify", str(saved), "--gateway", gateway.url],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert bad.returncode == 1
     assert "FAIL" in bad.stdout
