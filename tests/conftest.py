@@ -11,11 +11,11 @@ from typing import Any
 import openai
 import pytest
 import redis
-from tests.fakes.fake_openai_server import FakeConfig, FakeState, create_fake_app
-from tests.support.servers import ServerThread
 
 from nilai.gateway.app import create_app
 from nilai.settings import NilaiSettings
+from tests.fakes.fake_openai_server import FakeConfig, FakeState, create_fake_app
+from tests.support.servers import ServerThread
 
 TEST_API_KEY = "nilai-test-key-0123456789abcdef"  # pragma: allowlist secret
 REDIS_URL = "redis://127.0.0.1:6379/0"

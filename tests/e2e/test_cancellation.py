@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+
 from tests.support.servers import wait_until
 
 pytestmark = pytest.mark.e2e

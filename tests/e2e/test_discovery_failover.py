@@ -9,11 +9,11 @@ from collections import Counter
 
 import httpx
 import pytest
-from tests.conftest import REDIS_URL
-from tests.support.servers import wait_until
 
 from nilai.discovery.announcer import Announcer
 from nilai.discovery.redis import RedisDiscovery
+from tests.conftest import REDIS_URL
+from tests.support.servers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
