@@ -51,8 +51,8 @@ test: $(STAMP) ## Run the test suite with coverage (PYTEST_ARGS=... to pass opti
 audit: $(STAMP) ## pip-audit the installed packages and bandit src/ (high severity fails)
 	VENV="$(VENV)" bash scripts/audit.sh
 
-serve: $(STAMP) ## Run the gateway (nilai api; settings from NILAI_* variables)
-	$(BIN)/nilai api
+serve: $(STAMP) ## Run gateway + local worker on this machine (nilai serve)
+	$(BIN)/nilai serve
 
 bench: $(STAMP) ## Run the micro benchmarks; results go to bench/results/micro.json
 	@mkdir -p $(BENCH_RESULTS)

@@ -99,9 +99,10 @@ fi
 say "Upgrading pip"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 
-say "Installing nilai (editable) with the dev tools"
+say "Installing nilai (editable) with the dev tools and the local engine"
+say "(PyTorch and transformers: a few GB on the first install; pip shows its progress)"
 rm -f -- "$STAMP"
-"$VENV/bin/python" -m pip install --quiet -e '.[dev]'
+"$VENV/bin/python" -m pip install --progress-bar on -e '.[dev,local]'
 
 "$VENV/bin/python" - "$STAMP" <<'EOF'
 import hashlib

@@ -8,6 +8,7 @@ than silently ignored.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
@@ -61,6 +62,7 @@ class NilaiSettings(BaseSettings):
     )
     api_key: SecretStr | None = None
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list[SecretStr])
+    api_key_hashes: CommaList = Field(default_factory=list)
 
     # shared state (limits, discovery); unset means in-process
     redis_url: SecretStr | None = None
@@ -104,7 +106,14 @@ class NilaiSettings(BaseSettings):
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
         return tuple(sources)
 
-    @field_validator("auth_strategies", "api_keys", "upstream_urls", "cors_origins", mode="before")
+    @field_validator(
+        "auth_strategies",
+        "api_keys",
+        "api_key_hashes",
+        "upstream_urls",
+        "cors_origins",
+        mode="before",
+    )
     @classmethod
     def _comma_lists(cls, value: object) -> object:
         return _split_commas(value)
@@ -116,6 +125,14 @@ class NilaiSettings(BaseSettings):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"upstream URL {url!r} must start with http:// or https://")
         return [url.rstrip("/") for url in value]
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _check_hashes(cls, value: list[str]) -> list[str]:
+        for digest in value:
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+                raise ValueError("api_key_hashes must be hex SHA-256 digests (64 characters)")
+        return [digest.lower() for digest in value]
 
     @model_validator(mode="after")
     def _check_strategies(self) -> Self:

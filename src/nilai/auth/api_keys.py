@@ -16,10 +16,11 @@ def key_digest(key: str) -> bytes:
 
 
 class StaticApiKeys:
-    """Accepts the keys from ``NILAI_API_KEY`` / ``NILAI_API_KEYS``."""
+    """Accepts keys from ``NILAI_API_KEY(S)`` or whose SHA-256 is in ``NILAI_API_KEY_HASHES``."""
 
-    def __init__(self, keys: Iterable[str]) -> None:
+    def __init__(self, keys: Iterable[str], hashes: Iterable[str] = ()) -> None:
         self._digests = [key_digest(key) for key in keys]
+        self._digests += [bytes.fromhex(digest) for digest in hashes]
 
     def __len__(self) -> int:
         return len(self._digests)

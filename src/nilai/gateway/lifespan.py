@@ -46,7 +46,7 @@ def make_authenticator(settings: NilaiSettings) -> StaticApiKeys:
             f"NILAI_AUTH_STRATEGIES names {', '.join(missing)}, which this gateway does not "
             "support yet; use api_key"
         )
-    return StaticApiKeys(settings.static_api_keys)
+    return StaticApiKeys(settings.static_api_keys, settings.api_key_hashes)
 
 
 @asynccontextmanager

@@ -1,0 +1,16 @@
+"""``nilai worker``: model servers (the built-in local engine, the tiny model, vLLM)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from nilai.cli import worker_local
+
+
+def register(commands: Any) -> None:
+    """Add the ``worker`` command group."""
+    # Any: argparse's subparsers action type is private.
+    parser: argparse.ArgumentParser = commands.add_parser("worker", help="run a model server")
+    workers = parser.add_subparsers(dest="worker", required=True, metavar="KIND")
+    worker_local.register(workers)

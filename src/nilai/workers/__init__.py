@@ -1,0 +1,1 @@
+"""Model workers: the built-in local engine, the vLLM launcher, and what they share."""
