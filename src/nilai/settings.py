@@ -68,6 +68,9 @@ class NilaiSettings(BaseSettings):
     redis_url: SecretStr | None = None
     redis_prefix: str = Field(default="nilai:", min_length=1)
 
+    # embedded default (nilai serve): model directory or hub id; unset means the tiny model
+    model: str | None = None
+
     # discovery and routing
     upstream_urls: CommaList = Field(default_factory=list)
     discovery_ttl_s: float = Field(default=15.0, gt=0)

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from nilai.gateway.app import create_app
 from nilai.logging import configure_logging
 from nilai.settings import NilaiSettings
+from nilai.workers.local.engine import default_model_id
 
 KEY_HASH_FILE = "serve_api_key.sha256"
 WORKER_START_TIMEOUT_S = 600.0
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"nilai serve: invalid settings:\n{exc}")
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    model = args.model or os.environ.get("NILAI_MODEL") or str(ensure_tiny_model(settings))
+    model = args.model or settings.model or str(ensure_tiny_model(settings))
     worker_port = args.worker_port or _free_port()
     worker_url = f"http://127.0.0.1:{worker_port}"
     worker = _start_worker(model, args.device, worker_port)
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                 "api_key_hashes": [*settings.api_key_hashes, key_hash],
             }
         )
-        _print_banner(settings, key)
+        _print_banner(settings, key, default_model_id(model))
         uvicorn.run(
             create_app(settings),
             host=settings.host,
@@ -163,7 +164,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _print_banner(settings: NilaiSettings, key: str | None) -> None:
+def _print_banner(settings: NilaiSettings, key: str | None, model: str) -> None:
     url = f"http://{settings.host}:{settings.port}"
     if key is not None:
         key_line = f"API key (shown once, keep it): {key}"
@@ -181,11 +182,11 @@ nilai is serving at {url}
 
   curl {url}/v1/chat/completions \\
     -H "Authorization: Bearer {shell_key}" -H "Content-Type: application/json" \\
-    -d '{{"model": "{_model_hint(settings)}", "messages": [{{"role": "user", "content": "Hi"}}]}}'
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hi"}}]}}'
 
   python -c 'from openai import OpenAI
 c = OpenAI(base_url="{url}/v1", api_key="{shell_key}")
-print(c.chat.completions.create(model="{_model_hint(settings)}",
+print(c.chat.completions.create(model="{model}",
       messages=[{{"role": "user", "content": "Hi"}}]).choices[0].message.content)'
 
 Verify a saved answer: nilai verify answer.json --gateway {url}
@@ -193,10 +194,3 @@ Press Ctrl-C to stop.
 """,
         flush=True,
     )
-
-
-def _model_hint(settings: NilaiSettings) -> str:
-    model = os.environ.get("NILAI_MODEL")
-    if not model:
-        return "tiny-model"
-    return Path(model).name if Path(model).exists() else model

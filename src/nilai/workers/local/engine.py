@@ -55,6 +55,12 @@ class Finished:
     completion_tokens: int
 
 
+def default_model_id(model: str) -> str:
+    """The id a model is served under: a directory's name, or the hub id as given."""
+    path = Path(model)
+    return path.name if path.exists() else model
+
+
 class TransformersEngine:
     """A causal language model and its tokenizer, loaded once."""
 
@@ -63,7 +69,7 @@ class TransformersEngine:
         transformers = optional_module("transformers")
         self._torch = torch
         self.device = device
-        self.model_id = model_id or (Path(model).name if Path(model).exists() else model)
+        self.model_id = model_id or default_model_id(model)
         dtype = torch.float32 if device == "cpu" else "auto"
         self._tokenizer = transformers.AutoTokenizer.from_pretrained(model)
         self._model = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
