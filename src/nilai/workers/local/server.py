@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -16,12 +17,14 @@ import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 
-from nilai.errors import InvalidRequest, NotSupported
+from nilai.errors import InternalError, InvalidRequest, NotSupported, to_error_body
 from nilai.gateway.errors import install_error_handlers
 from nilai.protocol.chat import ChatCompletionRequest
 from nilai.protocol.models import ModelCard, ModelList
 from nilai.upstream.sse import DONE, frame
 from nilai.workers.local.engine import Finished, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 512
 
@@ -206,23 +209,32 @@ class _Completion:
     def _chunk(self, delta: dict[str, str], finish_reason: str | None = None) -> bytes:
         chunk = self._envelope("chat.completion.chunk")
         chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
-        return frame(orjson.dumps(chunk))
+        return orjson.dumps(chunk)
 
     async def stream(self, output: AsyncGenerator[str | Finished]) -> AsyncIterator[bytes]:
         """Stream the answer as SSE chunks, usage last when asked for."""
-        yield self._chunk({"role": "assistant", "content": ""})
-        async with contextlib.aclosing(output):
-            async for item in output:
-                if not isinstance(item, Finished):
-                    yield self._chunk({"content": item})
-                    continue
-                yield self._chunk({}, _reason(item))
-                if self.include_usage:
-                    chunk = self._envelope("chat.completion.chunk")
-                    chunk["choices"] = []
-                    chunk["usage"] = self._usage(item)
-                    yield frame(orjson.dumps(chunk))
+        yield frame(self._chunk({"role": "assistant", "content": ""}))
+        try:
+            async with contextlib.aclosing(output):
+                async for item in output:
+                    for event in self._events(item):
+                        yield frame(event)
+        except Exception:
+            logger.exception("generation failed mid-stream")
+            error = InternalError("The model failed while generating.")
+            yield frame(orjson.dumps(to_error_body(error)))
         yield frame(DONE)
+
+    def _events(self, item: str | Finished) -> list[bytes]:
+        if not isinstance(item, Finished):
+            return [self._chunk({"content": item})]
+        events = [self._chunk({}, _reason(item))]
+        if self.include_usage:
+            chunk = self._envelope("chat.completion.chunk")
+            chunk["choices"] = []
+            chunk["usage"] = self._usage(item)
+            events.append(orjson.dumps(chunk))
+        return events
 
 
 def _reason(finished: Finished) -> str:
