@@ -12,12 +12,12 @@ CODE_DIRS := $(wildcard src tests bench)
 BENCH_RESULTS := bench/results
 
 .DEFAULT_GOAL := help
-.PHONY: help setup format lint typecheck test audit serve bench hooks clean
+.PHONY: help setup format lint typecheck test audit serve bench hooks clean deploy-check
 
 help: ## List the targets
 	@echo "Usage: make TARGET   (VENV=$(VENV))"
 	@echo
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' \
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-13s %s\n", $$1, $$2}' \
 		$(MAKEFILE_LIST)
 
 # The install stamp holds the SHA-256 of pyproject.toml. When pyproject.toml is newer but its
@@ -59,6 +59,9 @@ bench: $(STAMP) ## Run the micro benchmarks; results go to bench/results/micro.j
 	$(BIN)/pytest bench -p no:cacheprovider --benchmark-only \
 		--benchmark-json=$(BENCH_RESULTS)/micro.json
 	@echo "Benchmark results written to $(BENCH_RESULTS)/micro.json"
+
+deploy-check: $(STAMP) ## Check deploy/compose.yaml and lint the Dockerfiles (hadolint)
+	VENV="$(VENV)" bash scripts/check_deploy.sh
 
 hooks: $(STAMP) ## Install the pre-commit git hooks
 	$(BIN)/pre-commit install

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from nilai.cli import worker_local
+from nilai.cli import worker_local, worker_vllm
 
 
 def register(commands: Any) -> None:
@@ -14,3 +14,4 @@ def register(commands: Any) -> None:
     parser: argparse.ArgumentParser = commands.add_parser("worker", help="run a model server")
     workers = parser.add_subparsers(dest="worker", required=True, metavar="KIND")
     worker_local.register(workers)
+    worker_vllm.register(workers)
