@@ -64,6 +64,14 @@ class NilaiSettings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list[SecretStr])
     api_key_hashes: CommaList = Field(default_factory=list)
 
+    # storage: accounts, keys, query logs
+    database_url: SecretStr | None = None
+    db_auto_migrate: bool = True
+    key_cache_ttl_s: float = Field(default=3.0, gt=0, le=5)
+    usage_queue_capacity: int = Field(default=100_000, ge=1)
+    usage_batch_size: int = Field(default=500, ge=1)
+    usage_flush_interval_s: float = Field(default=1.0, gt=0)
+
     # shared state (limits, discovery); unset means in-process
     redis_url: SecretStr | None = None
     redis_prefix: str = Field(default="nilai:", min_length=1)
@@ -142,6 +150,13 @@ class NilaiSettings(BaseSettings):
         if not self.auth_strategies:
             raise ValueError("auth_strategies must name at least one strategy")
         return self
+
+    @property
+    def db_url(self) -> str:
+        """The SQLAlchemy URL; by default a SQLite file in the data directory."""
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"sqlite+aiosqlite:///{self.data_dir / 'nilai.db'}"
 
     @property
     def key_path(self) -> Path:

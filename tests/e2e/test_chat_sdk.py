@@ -74,7 +74,10 @@ def test_streaming_without_usage_omits_usage_chunk(stack):
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert (chunks[-1].model_extra or {}).get("signature")
     # the gateway still asked the model server for usage, for accounting
-    assert fake.state.stats.last_body["stream_options"] == {"include_usage": True}
+    assert fake.state.stats.last_body["stream_options"] == {
+        "include_usage": True,
+        "continuous_usage_stats": True,
+    }
 
 
 def test_recorded_stream_verifies(stack):

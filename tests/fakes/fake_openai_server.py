@@ -141,14 +141,16 @@ def create_fake_app(config: FakeConfig | None = None) -> Starlette:
     return app
 
 
-def _chunk(body: dict[str, Any], delta: dict[str, Any], finish: str | None) -> bytes:
-    obj = {
+def _chunk(body: dict[str, Any], delta: dict[str, Any], finish: str | None, sent: int = 0) -> bytes:
+    obj: dict[str, Any] = {
         "id": "chatcmpl-fake",
         "object": "chat.completion.chunk",
         "created": 1700000000,
         "model": body.get("model"),
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
+    if (body.get("stream_options") or {}).get("continuous_usage_stats"):
+        obj["usage"] = _usage(body, sent)
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
@@ -171,12 +173,12 @@ async def _stream(state: FakeState, body: dict[str, Any]) -> AsyncIterator[bytes
             if config.fault == "error_event" and i == len(words) // 2:
                 yield b'data: {"error": {"message": "engine died"}}\n\n'
                 return
-            yield _chunk(body, {"content": word}, None)
+            yield _chunk(body, {"content": word}, None, i + 1)
         if config.fault == "no_final_chunk":
             yield b"data: [DONE]\n\n"
             finished = True
             return
-        yield _chunk(body, {}, "stop")
+        yield _chunk(body, {}, "stop", len(words))
         options = body.get("stream_options") or {}
         if options.get("include_usage"):
             usage = {

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from nilai.store.base import Account
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -12,6 +14,8 @@ class Principal:
 
     account_id: str
     method: str
+    key_id: str | None = None
+    account: Account | None = None
 
 
 class Authenticator(Protocol):

@@ -12,7 +12,7 @@ from nilai import __version__
 from nilai.gateway.errors import install_error_handlers
 from nilai.gateway.lifespan import build_services
 from nilai.gateway.middleware import RequestIdMiddleware
-from nilai.gateway.routes import chat, health, keys, models
+from nilai.gateway.routes import chat, health, keys, models, usage
 from nilai.settings import NilaiSettings
 
 
@@ -28,7 +28,7 @@ def create_app(settings: NilaiSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="nilai", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
-    for router in (health.router, keys.router, models.router, chat.router):
+    for router in (health.router, keys.router, models.router, chat.router, usage.router):
         app.include_router(router)
     allow_any = "*" in settings.cors_origins
     app.add_middleware(

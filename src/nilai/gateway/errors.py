@@ -12,7 +12,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from nilai.errors import NilaiError, error_body, to_error_body
+from nilai.errors import (
+    InvalidRequest,
+    NilaiError,
+    ValidationFailed,
+    error_body,
+    to_error_body,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +39,22 @@ async def _nilai_error(_request: Request, exc: NilaiError) -> JSONResponse:
     return JSONResponse(to_error_body(exc), status_code=exc.status, headers=exc.headers)
 
 
-async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors: Sequence[Any] = exc.errors()  # Any: pydantic's error dicts
+def validation_error(errors: Sequence[Any]) -> NilaiError:
+    """The client error for pydantic's list of problems with a request body."""
+    # Any: pydantic's error dicts.
     first: dict[str, Any] = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
-        body = error_body("The request body is not valid JSON.", "invalid_request_error")
-        return JSONResponse(body, status_code=400)
+        return InvalidRequest("The request body is not valid JSON.")
     param = _param(first.get("loc", ()))
     message = str(first.get("msg", "Invalid request."))
     text = f"{param}: {message}" if param else message
     if len(errors) > 1:
         text += f" (and {len(errors) - 1} more)"
-    body = error_body(text, "invalid_request_error", param=param, code="invalid_value")
-    return JSONResponse(body, status_code=422)
+    return ValidationFailed(text, param=param, code="invalid_value")
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return await _nilai_error(request, validation_error(exc.errors()))
 
 
 def _param(loc: Sequence[Any]) -> str | None:

@@ -10,8 +10,11 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
 from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nilai.auth.api_keys import StaticApiKeys
+from nilai.auth.base import Authenticator
+from nilai.auth.stored_keys import StoredApiKeys, StoredOrStatic
 from nilai.crypto.keys import load_or_create_key
 from nilai.discovery.announcer import Announcer
 from nilai.discovery.base import Discovery
@@ -21,7 +24,11 @@ from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.gateway.chat.service import ChatService
 from nilai.gateway.services import Services
 from nilai.settings import NilaiSettings
+from nilai.store.base import ApiKeyRepo
+from nilai.store.migrate import current_revision, head_revision, upgrade
+from nilai.store.sql import SqlStore, make_engine
 from nilai.upstream.http import make_http_client
+from nilai.usage.sink import UsageSink
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +45,7 @@ def make_redis(settings: NilaiSettings) -> Redis | None:
     )
 
 
-def make_authenticator(settings: NilaiSettings) -> StaticApiKeys:
+def make_authenticator(settings: NilaiSettings, store: ApiKeyRepo) -> Authenticator:
     """The authenticator for the configured strategies; refuses ones this build lacks."""
     missing = [name for name in settings.auth_strategies if name != "api_key"]
     if missing:
@@ -46,7 +53,33 @@ def make_authenticator(settings: NilaiSettings) -> StaticApiKeys:
             f"NILAI_AUTH_STRATEGIES names {', '.join(missing)}, which this gateway does not "
             "support yet; use api_key"
         )
-    return StaticApiKeys(settings.static_api_keys, settings.api_key_hashes)
+    static = StaticApiKeys(settings.static_api_keys, settings.api_key_hashes)
+    return StoredOrStatic(StoredApiKeys(store, ttl_s=settings.key_cache_ttl_s), static)
+
+
+async def open_store(settings: NilaiSettings) -> SqlStore:
+    """Connect to the database and make sure its schema is current."""
+    url = settings.db_url
+    if url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    engine = make_engine(url)
+    try:
+        if settings.db_auto_migrate:
+            await upgrade(engine)
+        else:
+            await _require_current_schema(engine)
+    except BaseException:
+        await engine.dispose()
+        raise
+    return SqlStore(engine)
+
+
+async def _require_current_schema(engine: AsyncEngine) -> None:
+    if await current_revision(engine) != head_revision():
+        raise RuntimeError(
+            "the database schema is not current: run `nilai db upgrade` "
+            "(or set NILAI_DB_AUTO_MIGRATE=true)"
+        )
 
 
 @asynccontextmanager
@@ -62,6 +95,16 @@ async def build_services(settings: NilaiSettings) -> AsyncGenerator[Services]:
             RedisDiscovery(redis, settings.redis_prefix) if redis else MemoryDiscovery()
         )
         signer = await asyncio.to_thread(load_or_create_key, settings.key_path)
+        store = await open_store(settings)
+        stack.push_async_callback(store.aclose)
+        sink = UsageSink(
+            store,
+            capacity=settings.usage_queue_capacity,
+            batch_size=settings.usage_batch_size,
+            interval_s=settings.usage_flush_interval_s,
+        )
+        await sink.start()
+        stack.push_async_callback(sink.aclose)
         await _start_static_upstreams(stack, settings, discovery, http)
         snapshot = DiscoverySnapshot(
             discovery,
@@ -71,10 +114,10 @@ async def build_services(settings: NilaiSettings) -> AsyncGenerator[Services]:
         )
         await snapshot.start()
         stack.push_async_callback(snapshot.aclose)
-        authenticator = make_authenticator(settings)
-        if not len(authenticator):
-            logger.warning("no API keys configured (NILAI_API_KEY): every chat request gets 401")
-        chat = ChatService(http, snapshot, signer, request_timeout_s=settings.request_timeout_s)
+        authenticator = make_authenticator(settings, store)
+        chat = ChatService(
+            http, snapshot, signer, sink, request_timeout_s=settings.request_timeout_s
+        )
         yield Services(
             settings=settings,
             started_at=time.monotonic(),
@@ -84,6 +127,8 @@ async def build_services(settings: NilaiSettings) -> AsyncGenerator[Services]:
             snapshot=snapshot,
             signer=signer,
             authenticator=authenticator,
+            store=store,
+            usage_sink=sink,
             chat=chat,
         )
 

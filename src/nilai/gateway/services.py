@@ -13,6 +13,8 @@ from nilai.discovery.base import Discovery
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.gateway.chat.service import ChatService
 from nilai.settings import NilaiSettings
+from nilai.store.base import Store
+from nilai.usage.sink import UsageSink
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,4 +29,6 @@ class Services:
     snapshot: DiscoverySnapshot
     signer: Signer
     authenticator: Authenticator
+    store: Store
+    usage_sink: UsageSink
     chat: ChatService

@@ -1,28 +1,44 @@
-"""What one chat request carries through the pipeline."""
+"""What one chat request carries through the pipeline: facts and outcome, never content."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
+import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from nilai.auth.base import Principal
+from nilai.errors import NilaiError
 from nilai.protocol.base import json_object
+from nilai.store.base import QueryLog
+
+CLIENT_CLOSED = 499
 
 
 @dataclass(slots=True)
 class RequestContext:
-    """Per-request facts: who, which request bytes, and what happened (no content)."""
+    """Per-request facts: who, which request bytes, and what happened."""
 
     request_id: str
     principal: Principal
     request_sha256: str
     started: float = field(default_factory=time.perf_counter)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    model: str = ""
+    streamed: bool = False
+    tools: bool = False
+    web_search: bool = False
+    nilrag: bool = False
+    multimodal: bool = False
     endpoint: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    usage_reported: bool = False
     first_token_s: float | None = None
     status: int = 200
+    error_kind: str | None = None
 
     @classmethod
     def begin(cls, request_id: str, principal: Principal, raw_body: bytes) -> RequestContext:
@@ -32,13 +48,52 @@ class RequestContext:
     def record_usage(self, usage: object) -> None:
         """Take token counts from an OpenAI ``usage`` object, if it is one."""
         counts = json_object(usage)
-        if counts is not None:
-            prompt = counts.get("prompt_tokens")
-            completion = counts.get("completion_tokens")
-            self.prompt_tokens = prompt if isinstance(prompt, int) else 0
-            self.completion_tokens = completion if isinstance(completion, int) else 0
+        if counts is None:
+            return
+        prompt = counts.get("prompt_tokens")
+        completion = counts.get("completion_tokens")
+        self.prompt_tokens = prompt if isinstance(prompt, int) else 0
+        self.completion_tokens = completion if isinstance(completion, int) else 0
+        self.usage_reported = True
+
+    def count_chunk(self) -> None:
+        """A content chunk arrived; counts as a token when the server reports no usage."""
+        if not self.usage_reported:
+            self.completion_tokens += 1
 
     def mark_first_token(self) -> None:
         """Note the time to the first streamed chunk."""
         if self.first_token_s is None:
             self.first_token_s = time.perf_counter() - self.started
+
+    def fail(self, error: BaseException) -> None:
+        """Record how the request ended badly."""
+        if isinstance(error, NilaiError):
+            self.status, self.error_kind = error.status, type(error).__name__
+        elif isinstance(error, (GeneratorExit, asyncio.CancelledError)):
+            self.status, self.error_kind = CLIENT_CLOSED, "ClientDisconnected"
+        else:
+            self.status, self.error_kind = 500, "InternalError"
+
+    def query_log(self) -> QueryLog:
+        """The accounting row for this request."""
+        ttft = None if self.first_token_s is None else self.first_token_s * 1000
+        return QueryLog(
+            id=uuid.uuid4().hex,
+            request_id=self.request_id,
+            account_id=self.principal.account_id,
+            api_key_id=self.principal.key_id,
+            model=self.model[:200],
+            started_at=self.started_at,
+            latency_ms=(time.perf_counter() - self.started) * 1000,
+            ttft_ms=ttft,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            status_code=self.status,
+            error_kind=self.error_kind,
+            streamed=self.streamed,
+            tools=self.tools,
+            web_search=self.web_search,
+            nilrag=self.nilrag,
+            multimodal=self.multimodal,
+        )

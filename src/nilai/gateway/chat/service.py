@@ -1,10 +1,13 @@
-"""The chat pipeline in order: validate and route, relay, sign, account."""
+"""The chat pipeline in order: validate and route, relay, sign, account.
+
+Every request that reaches the pipeline is accounted exactly once, in a ``finally``: completed,
+failed, or abandoned by the client.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -21,6 +24,7 @@ from nilai.gateway.chat.validate import ValidatedChat, validate_chat
 from nilai.protocol.base import json_object
 from nilai.protocol.chat import ChatCompletionRequest
 from nilai.upstream.sse import DONE, frame, iter_payloads
+from nilai.usage.sink import UsageSink
 
 logger = logging.getLogger(__name__)
 
@@ -33,68 +37,106 @@ class ChatService:
         http: httpx.AsyncClient,
         snapshot: DiscoverySnapshot,
         signer: Signer,
+        usage: UsageSink,
         *,
         request_timeout_s: float,
     ) -> None:
         self._snapshot = snapshot
         self._relay = Relay(http, snapshot)
         self._signer = signer
+        self._usage = usage
         self._timeout_s = request_timeout_s
 
-    def validate(self, request: ChatCompletionRequest) -> ValidatedChat:
-        """Resolve the model and check the request against it."""
+    def _validate(self, request: ChatCompletionRequest, ctx: RequestContext) -> ValidatedChat:
+        ctx.model = request.model
+        ctx.streamed = request.stream
+        ctx.tools = bool(request.tools)
+        ctx.web_search = request.web_search
+        ctx.nilrag = bool(request.nilrag)
+        ctx.multimodal = request.has_image()
         return validate_chat(request, self._snapshot)
 
-    async def complete(self, chat: ValidatedChat, ctx: RequestContext) -> bytes:
+    async def _send(self, chat: ValidatedChat, ctx: RequestContext) -> httpx.Response:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await self._relay.send(
+                    chat.model, chat.payload, ctx, stream=chat.request.stream
+                )
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"The request took longer than {self._timeout_s:g}s.") from exc
+
+    async def complete(self, request: ChatCompletionRequest, ctx: RequestContext) -> bytes:
         """Run a non-streaming completion and return the signed body."""
         try:
-            async with asyncio.timeout(self._timeout_s):
-                response = await self._relay.send(chat.model, chat.payload, ctx, stream=False)
-        except TimeoutError as exc:
-            raise UpstreamTimeout(f"The request took longer than {self._timeout_s:g}s.") from exc
-        body = parse_completion(response.content)
-        ctx.record_usage(body.get("usage"))
-        _log_done(ctx, chat)
-        return sign_completion(body, self._signer, ctx.request_sha256)
+            chat = self._validate(request, ctx)
+            response = await self._send(chat, ctx)
+            body = parse_completion(response.content)
+            ctx.record_usage(body.get("usage"))
+            return sign_completion(body, self._signer, ctx.request_sha256)
+        except BaseException as exc:
+            ctx.fail(exc)
+            raise
+        finally:
+            self.account(ctx)
 
-    async def stream(self, chat: ValidatedChat, ctx: RequestContext) -> AsyncIterator[bytes]:
+    async def stream(
+        self, request: ChatCompletionRequest, ctx: RequestContext
+    ) -> AsyncIterator[bytes]:
         """Open the upstream stream (failing with a real status) and return the SSE relay."""
         try:
-            async with asyncio.timeout(self._timeout_s):
-                response = await self._relay.send(chat.model, chat.payload, ctx, stream=True)
-        except TimeoutError as exc:
-            raise UpstreamTimeout(f"The request took longer than {self._timeout_s:g}s.") from exc
+            chat = self._validate(request, ctx)
+            response = await self._send(chat, ctx)
+        except BaseException as exc:
+            ctx.fail(exc)
+            self.account(ctx)
+            raise
         return self._relay_stream(response, chat, ctx)
 
     async def _relay_stream(
         self, response: httpx.Response, chat: ValidatedChat, ctx: RequestContext
     ) -> AsyncIterator[bytes]:
-        relay = _StreamRelay(StreamSigner(self._signer, ctx.request_sha256), ctx)
+        relay = _StreamRelay(StreamSigner(self._signer, ctx.request_sha256), ctx, chat.request)
         try:
             async for payload in iter_payloads(response.aiter_raw()):
                 if payload == DONE:
                     break
-                for out in relay.feed(payload, include_usage=chat.request.include_usage):
+                for out in relay.feed(payload):
                     yield frame(out)
             for out in relay.finish():
                 yield frame(out)
-        except asyncio.CancelledError:
-            ctx.status = 499  # the client went away; closing the response cancels upstream
-            raise
         except NilaiError as exc:
-            ctx.status = exc.status
+            ctx.fail(exc)
             yield frame(error_event(exc))
         except httpx.TimeoutException:
-            ctx.status = 504
-            yield frame(error_event(UpstreamTimeout("The model server stopped sending.")))
-        except httpx.HTTPError:
-            ctx.status = 502
-            error = UpstreamProtocolError("The model server broke the stream.")
+            error = UpstreamTimeout("The model server stopped sending.")
+            ctx.fail(error)
             yield frame(error_event(error))
+        except httpx.HTTPError:
+            error = UpstreamProtocolError("The model server broke the stream.")
+            ctx.fail(error)
+            yield frame(error_event(error))
+        except BaseException as exc:  # the client went away; closing the response cancels upstream
+            ctx.fail(exc)
+            raise
         finally:
             await response.aclose()
-            _log_done(ctx, chat)
+            self.account(ctx)
         yield frame(DONE)
+
+    def account(self, ctx: RequestContext) -> None:
+        """Queue the request's query log and write its log line (counts only, no content)."""
+        self._usage.put(ctx.query_log())
+        logger.info(
+            "chat model=%s endpoint=%s stream=%s status=%d prompt_tokens=%d "
+            "completion_tokens=%d ttft_ms=%s",
+            ctx.model,
+            ctx.endpoint,
+            ctx.streamed,
+            ctx.status,
+            ctx.prompt_tokens,
+            ctx.completion_tokens,
+            "-" if ctx.first_token_s is None else f"{ctx.first_token_s * 1000:.1f}",
+        )
 
 
 class _StreamRelay:
@@ -102,30 +144,46 @@ class _StreamRelay:
 
     A chunk that finishes the choice is held back until the upstream ends, because the
     signature goes on the last chunk the client receives, and only the end tells which one
-    that is. Every other chunk goes out at once, unchanged.
+    that is. Every other chunk goes out at once. Usage that the gateway asked for on its own
+    account (running totals on each chunk, the final usage chunk) is kept from clients that did
+    not ask for it.
     """
 
-    def __init__(self, signer: StreamSigner, ctx: RequestContext) -> None:
+    def __init__(
+        self, signer: StreamSigner, ctx: RequestContext, request: ChatCompletionRequest
+    ) -> None:
         self._signer = signer
         self._ctx = ctx
+        self._include_usage = request.include_usage
+        options = request.stream_options
+        extra = (options.model_extra or {}) if options else {}
+        self._continuous = bool(extra.get("continuous_usage_stats"))
         self._held: tuple[bytes, dict[str, Any]] | None = None
         self._usage_chunk: dict[str, Any] | None = None
 
-    def feed(self, payload: bytes, *, include_usage: bool) -> list[bytes]:
+    def feed(self, payload: bytes) -> list[bytes]:
         """Take one upstream payload; return the payloads to send now."""
         chunk = _parse_chunk(payload)
-        if b"\n" in payload or b"\r" in payload:
-            # One event per line is what clients and the verifier read; re-encode compactly.
-            payload = orjson.dumps(chunk)
         self._ctx.mark_first_token()
-        if chunk.get("usage"):
-            self._ctx.record_usage(chunk["usage"])
+        usage = chunk.get("usage")
+        if usage:
+            self._ctx.record_usage(usage)
         if not chunk.get("choices"):
-            if chunk.get("usage") is not None and include_usage:
+            if usage is not None and self._include_usage:
                 self._usage_chunk = chunk
             return []
+        finishing = _finishes(chunk)
+        keep_usage = self._continuous or (finishing and self._include_usage)
+        if "usage" in chunk and not keep_usage:
+            del chunk["usage"]
+            payload = orjson.dumps(chunk)
+        elif b"\n" in payload or b"\r" in payload:
+            # One event per line is what clients and the verifier read; re-encode compactly.
+            payload = orjson.dumps(chunk)
+        if _has_content(chunk):
+            self._ctx.count_chunk()
         out = self._release()
-        if _finishes(chunk):
+        if finishing:
             self._held = (payload, chunk)
         else:
             out.append(self._signer.sent(payload))
@@ -161,24 +219,20 @@ def _parse_chunk(payload: bytes) -> dict[str, Any]:
     return chunk
 
 
-def _finishes(chunk: dict[str, Any]) -> bool:
+def _choices(chunk: dict[str, Any]) -> list[dict[str, object]]:
     choices = chunk.get("choices")
     if not isinstance(choices, list):
-        return False
-    items = cast(list[object], choices)
-    return any((c := json_object(item)) and c.get("finish_reason") for item in items)
+        return []
+    return [c for item in cast(list[object], choices) if (c := json_object(item)) is not None]
 
 
-def _log_done(ctx: RequestContext, chat: ValidatedChat) -> None:
-    logger.info(
-        "chat model=%s endpoint=%s stream=%s status=%d prompt_tokens=%d completion_tokens=%d "
-        "ttft_ms=%s latency_ms=%.1f",
-        chat.model,
-        ctx.endpoint,
-        chat.request.stream,
-        ctx.status,
-        ctx.prompt_tokens,
-        ctx.completion_tokens,
-        "-" if ctx.first_token_s is None else f"{ctx.first_token_s * 1000:.1f}",
-        (time.perf_counter() - ctx.started) * 1000,
-    )
+def _finishes(chunk: dict[str, Any]) -> bool:
+    return any(choice.get("finish_reason") for choice in _choices(chunk))
+
+
+def _has_content(chunk: dict[str, Any]) -> bool:
+    for choice in _choices(chunk):
+        delta = json_object(choice.get("delta"))
+        if delta and delta.get("content"):
+            return True
+    return False

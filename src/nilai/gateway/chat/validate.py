@@ -68,7 +68,9 @@ def upstream_payload(request: ChatCompletionRequest) -> bytes:
     data = request.model_dump(mode="json", exclude_unset=True, exclude=exclude)
     data["model"] = request.model
     if request.stream:
+        # Running totals on every chunk let a stream the client abandons be accounted exactly.
         options = dict(data.get("stream_options") or {})
         options["include_usage"] = True
+        options["continuous_usage_stats"] = True
         data["stream_options"] = options
     return orjson.dumps(data)

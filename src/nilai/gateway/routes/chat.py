@@ -2,30 +2,45 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 
 from nilai.gateway.chat.context import RequestContext
 from nilai.gateway.deps import PrincipalDep, RequestIdDep, ServicesDep
+from nilai.gateway.errors import validation_error
 from nilai.protocol.chat import ChatCompletionRequest
 
 router = APIRouter(tags=["chat"])
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# The body is parsed in the handler (straight from bytes, and after authentication), so its
+# schema is declared here for the OpenAPI document.
+_BODY_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}},
+    }
+}
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, openapi_extra=_BODY_SCHEMA)
 async def chat_completions(
-    body: ChatCompletionRequest,
-    request: Request,
-    principal: PrincipalDep,
-    services: ServicesDep,
-    request_id: RequestIdDep,
+    request: Request, principal: PrincipalDep, services: ServicesDep, request_id: RequestIdDep
 ) -> Response:
     """Relay a chat completion and return it signed, whole or as a stream."""
-    chat = services.chat.validate(body)
-    ctx = RequestContext.begin(request_id, principal, await request.body())
+    raw = await request.body()
+    ctx = RequestContext.begin(request_id, principal, raw)
+    try:
+        body = ChatCompletionRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        error = validation_error(exc.errors())
+        ctx.fail(error)
+        services.chat.account(ctx)
+        raise error from None
     if body.stream:
-        events = await services.chat.stream(chat, ctx)
+        events = await services.chat.stream(body, ctx)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    return Response(await services.chat.complete(chat, ctx), media_type="application/json")
+    return Response(await services.chat.complete(body, ctx), media_type="application/json")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -38,9 +39,9 @@ async def healthz(services: ServicesDep) -> Liveness:
 @router.get("/v1/readyz", response_model=Readiness)
 async def readyz(services: ServicesDep) -> JSONResponse:
     """Readiness: shared state reachable and at least one model server answering."""
-    checks: dict[str, str] = {}
+    checks: dict[str, str] = {"database": await _check(services.store.ping)}
     if services.redis is not None:
-        checks["redis"] = await _check_redis(services)
+        checks["redis"] = await _check(services.discovery.ping)
     await services.snapshot.probe()
     healthy = services.snapshot.healthy_models()
     checks["models"] = f"ok ({len(healthy)} served)" if healthy else "no reachable model server"
@@ -49,10 +50,10 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
-async def _check_redis(services: Services) -> str:
+async def _check(ping: Callable[[], Awaitable[None]]) -> str:
     try:
         async with asyncio.timeout(READY_CHECK_TIMEOUT_S):
-            await services.discovery.ping()
+            await ping()
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         return f"unreachable ({type(exc).__name__})"
     return "ok"

@@ -179,6 +179,11 @@ class _Completion:
         self.created = int(time.time())
         self.model = model
         self.include_usage = body.include_usage
+        extra = (body.stream_options.model_extra or {}) if body.stream_options else {}
+        # Running usage on every chunk (vLLM's continuous_usage_stats); a text piece is at
+        # least one token, and the final chunk carries the exact count.
+        self.continuous_usage = bool(extra.get("continuous_usage_stats"))
+        self.pieces = 0
         self.prompt_tokens = prompt_tokens
 
     def _usage(self, finished: Finished) -> dict[str, int]:
@@ -206,9 +211,16 @@ class _Completion:
         body["usage"] = self._usage(finished)
         return orjson.dumps(body)
 
-    def _chunk(self, delta: dict[str, str], finish_reason: str | None = None) -> bytes:
+    def _chunk(
+        self,
+        delta: dict[str, str],
+        finish_reason: str | None = None,
+        usage: Finished | None = None,
+    ) -> bytes:
         chunk = self._envelope("chat.completion.chunk")
         chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
+        if self.continuous_usage and usage is not None:
+            chunk["usage"] = self._usage(usage)
         return orjson.dumps(chunk)
 
     async def stream(self, output: AsyncGenerator[str | Finished]) -> AsyncIterator[bytes]:
@@ -227,8 +239,9 @@ class _Completion:
 
     def _events(self, item: str | Finished) -> list[bytes]:
         if not isinstance(item, Finished):
-            return [self._chunk({"content": item})]
-        events = [self._chunk({}, _reason(item))]
+            self.pieces += 1
+            return [self._chunk({"content": item}, usage=Finished("stop", self.pieces))]
+        events = [self._chunk({}, _reason(item), usage=item)]
         if self.include_usage:
             chunk = self._envelope("chat.completion.chunk")
             chunk["choices"] = []

@@ -70,15 +70,23 @@ USAGE_ONLY = orjson.dumps(_usage_chunk())
 UPSTREAM = [ROLE, HEL, LO, FINISH, USAGE_ONLY]
 
 
-def _relay(signer: Signer, ctx: RequestContext) -> _StreamRelay:
-    return _StreamRelay(StreamSigner(signer, ctx.request_sha256), ctx)
+def _relay(signer: Signer, ctx: RequestContext, include_usage: bool = False) -> _StreamRelay:
+    request = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "x"}],
+            "stream": True,
+            "stream_options": {"include_usage": include_usage},
+        }
+    )
+    return _StreamRelay(StreamSigner(signer, ctx.request_sha256), ctx, request)
 
 
 def _run(
     signer: Signer, ctx: RequestContext, upstream: list[bytes], *, include_usage: bool
 ) -> tuple[list[list[bytes]], list[bytes]]:
-    relay = _relay(signer, ctx)
-    per_feed = [relay.feed(payload, include_usage=include_usage) for payload in upstream]
+    relay = _relay(signer, ctx, include_usage)
+    per_feed = [relay.feed(payload) for payload in upstream]
     return per_feed, relay.finish()
 
 
@@ -124,9 +132,9 @@ def test_with_usage_sends_every_choice_chunk_and_signs_usage_chunk(
 
 def test_finish_chunk_is_held_until_finish(signer: Signer, ctx: RequestContext):
     relay = _relay(signer, ctx)
-    assert relay.feed(HEL, include_usage=False) == [HEL]
-    assert relay.feed(FINISH, include_usage=False) == []
-    assert relay.feed(USAGE_ONLY, include_usage=False) == []
+    assert relay.feed(HEL) == [HEL]
+    assert relay.feed(FINISH) == []
+    assert relay.feed(USAGE_ONLY) == []
     final = relay.finish()
     assert json.loads(final[0])["choices"][0]["finish_reason"] == "stop"
 
@@ -136,9 +144,9 @@ def test_held_chunk_is_released_unchanged_when_more_choices_follow(
 ):
     first_finish = orjson.dumps(_chunk({"content": "a"}, "length"))
     relay = _relay(signer, ctx)
-    assert relay.feed(first_finish, include_usage=False) == []
-    assert relay.feed(HEL, include_usage=False) == [first_finish, HEL]
-    assert relay.feed(FINISH, include_usage=False) == []
+    assert relay.feed(first_finish) == []
+    assert relay.feed(HEL) == [first_finish, HEL]
+    assert relay.feed(FINISH) == []
     final = relay.finish()
     raw = b"".join(frame(p) for p in [first_finish, HEL, *final])
     assert verify_stream(raw, signer.public_key_b64, request=REQUEST).kind == "stream"
@@ -187,9 +195,9 @@ def test_usage_is_recorded_into_the_context(signer: Signer, ctx: RequestContext)
 
 @pytest.mark.parametrize("include_usage", [True, False])
 def test_stream_without_final_chunk_fails(signer: Signer, ctx: RequestContext, include_usage: bool):
-    relay = _relay(signer, ctx)
-    assert relay.feed(ROLE, include_usage=include_usage) == [ROLE]
-    assert relay.feed(HEL, include_usage=include_usage) == [HEL]
+    relay = _relay(signer, ctx, include_usage)
+    assert relay.feed(ROLE) == [ROLE]
+    assert relay.feed(HEL) == [HEL]
     with pytest.raises(UpstreamProtocolError, match="without a final chunk"):
         relay.finish()
 
@@ -216,9 +224,9 @@ def test_empty_stream_fails(signer: Signer, ctx: RequestContext):
 )
 def test_bad_chunks_raise(signer: Signer, ctx: RequestContext, payload: bytes, message: str):
     relay = _relay(signer, ctx)
-    relay.feed(HEL, include_usage=False)
+    relay.feed(HEL)
     with pytest.raises(UpstreamProtocolError, match=message):
-        relay.feed(payload, include_usage=False)
+        relay.feed(payload)
 
 
 # --- through ChatService, with a mock model server ------------------------------------------
@@ -241,11 +249,23 @@ async def _service_stream(
     async with httpx.AsyncClient(transport=httpx.MockTransport(recording)) as http:
         snapshot = DiscoverySnapshot(discovery, http, refresh_s=60, eject_s=1)
         await snapshot.refresh()
-        service = ChatService(http, snapshot, signer, request_timeout_s=5)
-        chat = service.validate(ChatCompletionRequest.model_validate(body))
+        sink = ListSink()
+        service = ChatService(http, snapshot, signer, sink, request_timeout_s=5)  # type: ignore[arg-type]
         ctx = RequestContext.begin("r", Principal("acct", "api_key"), raw_request)
-        out = b"".join([part async for part in await service.stream(chat, ctx)])
+        request = ChatCompletionRequest.model_validate(body)
+        out = b"".join([part async for part in await service.stream(request, ctx)])
+        assert len(sink.logs) == 1
     return out, ctx, seen
+
+
+class ListSink:
+    """Collects query logs instead of writing them."""
+
+    def __init__(self) -> None:
+        self.logs: list[Any] = []
+
+    def put(self, log: Any) -> None:
+        self.logs.append(log)
 
 
 def _sse_response(events: list[bytes]) -> Callable[[httpx.Request], httpx.Response]:
@@ -265,7 +285,10 @@ async def test_service_stream_is_verifiable(signer: Signer):
     raw, ctx, seen = await _service_stream(signer, _sse_response(events), body)
     assert raw.endswith(b"data: [DONE]\n\n")
     assert verify_stream(raw, signer.public_key_b64, request=json.dumps(body).encode())
-    assert json.loads(seen[0])["stream_options"] == {"include_usage": True}
+    assert json.loads(seen[0])["stream_options"] == {
+        "include_usage": True,
+        "continuous_usage_stats": True,
+    }
     assert ctx.completion_tokens == 3
     assert ctx.status == 200
 
@@ -300,6 +323,6 @@ def test_non_list_choices_are_never_the_final_chunk(
 ):
     payload = orjson.dumps({"id": "x", "choices": choices})
     relay = _relay(signer, ctx)
-    assert relay.feed(payload, include_usage=False) == [payload]
+    assert relay.feed(payload) == [payload]
     with pytest.raises(UpstreamProtocolError, match="without a final chunk"):
         relay.finish()

@@ -90,12 +90,22 @@ def test_payload_keeps_message_extras():
 def test_stream_forces_include_usage():
     payload = _payload(stream=True)
     assert payload["stream"] is True
-    assert payload["stream_options"] == {"include_usage": True}
+    assert payload["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
 
 
 def test_stream_overrides_include_usage_false_and_keeps_other_options():
     payload = _payload(stream=True, stream_options={"include_usage": False, "continuous": True})
-    assert payload["stream_options"] == {"include_usage": True, "continuous": True}
+    assert payload["stream_options"] == {
+        "include_usage": True,
+        "continuous": True,
+        "continuous_usage_stats": True,
+    }
+
+
+def test_running_usage_is_asked_for_even_when_the_client_declines_it():
+    options = {"include_usage": True, "continuous_usage_stats": False}
+    payload = _payload(stream=True, stream_options=options)
+    assert payload["stream_options"]["continuous_usage_stats"] is True
 
 
 def test_non_stream_request_gets_no_stream_options():

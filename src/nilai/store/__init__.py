@@ -1,0 +1,1 @@
+"""Storage: accounts, API keys, query logs and usage totals (PostgreSQL or SQLite)."""

@@ -1,0 +1,151 @@
+"""What the rest of nilai needs from storage, as plain records and small Protocols."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """An account and its rate-limit overrides (None: the configured default)."""
+
+    id: str
+    name: str
+    created_at: datetime
+    active: bool
+    rate_limit_minute: int | None = None
+    rate_limit_hour: int | None = None
+    rate_limit_day: int | None = None
+    rate_limit_lifetime: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """An API key's record; never the key itself."""
+
+    id: str
+    account_id: str
+    prefix: str
+    hash: str
+    name: str | None
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueryLog:
+    """One request's accounting row."""
+
+    id: str
+    request_id: str
+    account_id: str
+    api_key_id: str | None
+    model: str
+    started_at: datetime
+    latency_ms: float
+    ttft_ms: float | None
+    prompt_tokens: int
+    completion_tokens: int
+    status_code: int
+    error_kind: str | None
+    streamed: bool
+    tools: bool = False
+    web_search: bool = False
+    nilrag: bool = False
+    multimodal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token and query totals."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queries: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.queries + other.queries,
+        )
+
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens - other.prompt_tokens,
+            self.completion_tokens - other.completion_tokens,
+            self.queries - other.queries,
+        )
+
+
+class AccountRepo(Protocol):
+    """Accounts."""
+
+    async def create_account(self, name: str, limits: dict[str, int | None]) -> Account:
+        """Create an account; ``ValueError`` if the name is taken."""
+        ...
+
+    async def get_account(self, id_or_name: str) -> Account | None:
+        """Find an account by id or name."""
+        ...
+
+    async def list_accounts(self) -> list[Account]:
+        """Every account, oldest first."""
+        ...
+
+    async def set_active(self, account_id: str, active: bool) -> None:
+        """Enable or disable an account (and so all its keys)."""
+        ...
+
+
+class ApiKeyRepo(Protocol):
+    """API keys."""
+
+    async def add_key(self, key: ApiKey) -> None:
+        """Store a new key record."""
+        ...
+
+    async def key_by_prefix(self, prefix: str) -> tuple[ApiKey, Account] | None:
+        """The key with this prefix and its account, if any."""
+        ...
+
+    async def list_keys(self, account_id: str | None = None) -> list[ApiKey]:
+        """Keys, of one account or of all."""
+        ...
+
+    async def revoke_key(self, id_or_prefix: str) -> ApiKey | None:
+        """Revoke a key now; None if there is no such key."""
+        ...
+
+
+class QueryLogRepo(Protocol):
+    """Query logs and the usage totals kept with them."""
+
+    async def write_logs(self, logs: Sequence[QueryLog]) -> int:
+        """Write a batch atomically (rows already written are skipped); return rows added."""
+        ...
+
+    async def usage(self, account_id: str) -> Usage:
+        """Totals for an account."""
+        ...
+
+
+class Store(AccountRepo, ApiKeyRepo, QueryLogRepo, Protocol):
+    """All repositories over one database."""
+
+    async def ping(self) -> None:
+        """Raise if the database cannot be reached."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...

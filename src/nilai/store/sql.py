@@ -1,0 +1,255 @@
+"""The SQLAlchemy implementation of the store; the URL picks PostgreSQL or SQLite."""
+
+from __future__ import annotations
+
+import secrets
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from nilai.store.base import Account, ApiKey, QueryLog, Usage
+from nilai.store.tables import AccountRow, ApiKeyRow, QueryLogRow, UsageTotalRow
+
+
+def new_id(kind: str) -> str:
+    """A random id with a readable kind, e.g. ``acct_3f9a0c12d4e5b6a7``."""
+    return f"{kind}_{secrets.token_hex(8)}"
+
+
+def now() -> datetime:
+    """The current time, timezone-aware."""
+    return datetime.now(UTC)
+
+
+def make_engine(url: str) -> AsyncEngine:
+    """An async engine with a pool sized for a gateway process."""
+    if url.startswith("sqlite"):
+        return create_async_engine(url, connect_args={"timeout": 15})
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+class SqlStore:
+    """Accounts, keys, logs and totals in one SQL database."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._dialect = engine.dialect.name
+
+    def session(self) -> AsyncSession:
+        """A new session (use as ``async with``)."""
+        return self._sessions()
+
+    async def ping(self) -> None:
+        """Raise if the database cannot be reached."""
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+        await self.engine.dispose()
+
+    # accounts
+
+    async def create_account(self, name: str, limits: dict[str, int | None]) -> Account:
+        """Create an account; ``ValueError`` if the name is taken."""
+        row = AccountRow(id=new_id("acct"), name=name, created_at=now(), active=True, **limits)
+        async with self.session() as session:
+            session.add(row)
+            try:
+                await session.commit()
+            except IntegrityError as exc:
+                raise ValueError(f"an account named {name!r} already exists") from exc
+        return _account(row)
+
+    async def get_account(self, id_or_name: str) -> Account | None:
+        """Find an account by id or name."""
+        query = select(AccountRow).where(
+            or_(AccountRow.id == id_or_name, AccountRow.name == id_or_name)
+        )
+        async with self.session() as session:
+            row = (await session.execute(query)).scalars().first()
+        return _account(row) if row else None
+
+    async def list_accounts(self) -> list[Account]:
+        """Every account, oldest first."""
+        async with self.session() as session:
+            rows = (
+                await session.execute(select(AccountRow).order_by(AccountRow.created_at))
+            ).scalars()
+            return [_account(row) for row in rows]
+
+    async def set_active(self, account_id: str, active: bool) -> None:
+        """Enable or disable an account."""
+        async with self.session() as session:
+            await session.execute(
+                update(AccountRow).where(AccountRow.id == account_id).values(active=active)
+            )
+            await session.commit()
+
+    # keys
+
+    async def add_key(self, key: ApiKey) -> None:
+        """Store a new key record."""
+        async with self.session() as session:
+            session.add(ApiKeyRow(**_fields(key)))
+            await session.commit()
+
+    async def key_by_prefix(self, prefix: str) -> tuple[ApiKey, Account] | None:
+        """The key with this prefix and its account, if any."""
+        query = (
+            select(ApiKeyRow, AccountRow)
+            .join(AccountRow, AccountRow.id == ApiKeyRow.account_id)
+            .where(ApiKeyRow.prefix == prefix)
+        )
+        async with self.session() as session:
+            found = (await session.execute(query)).first()
+        if found is None:
+            return None
+        key_row, account_row = found.tuple()
+        return _key(key_row), _account(account_row)
+
+    async def list_keys(self, account_id: str | None = None) -> list[ApiKey]:
+        """Keys, of one account or of all."""
+        query = select(ApiKeyRow).order_by(ApiKeyRow.created_at)
+        if account_id is not None:
+            query = query.where(ApiKeyRow.account_id == account_id)
+        async with self.session() as session:
+            return [_key(row) for row in (await session.execute(query)).scalars()]
+
+    async def revoke_key(self, id_or_prefix: str) -> ApiKey | None:
+        """Revoke a key now; None if there is no such key."""
+        match = or_(ApiKeyRow.id == id_or_prefix, ApiKeyRow.prefix == id_or_prefix)
+        async with self.session() as session:
+            row = (await session.execute(select(ApiKeyRow).where(match))).scalars().first()
+            if row is None:
+                return None
+            if row.revoked_at is None:
+                row.revoked_at = now()
+            await session.commit()
+            return _key(row)
+
+    # logs and usage
+
+    async def write_logs(self, logs: Sequence[QueryLog]) -> int:
+        """Insert a batch and add it to the totals in one transaction.
+
+        Rows whose id is already stored are skipped and not counted again, so a batch retried
+        after an ambiguous failure (the commit may have landed) is never double-counted.
+        """
+        if not logs:
+            return 0
+        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+        rows = [_fields(log) for log in logs]
+        async with self.session() as session, session.begin():
+            statement = (
+                insert(QueryLogRow)
+                .on_conflict_do_nothing(index_elements=["id"])
+                .returning(QueryLogRow.id)
+            )
+            added = set((await session.execute(statement, rows)).scalars())
+            fresh = [log for log in logs if log.id in added]
+            await self._add_totals(session, insert, fresh)
+            await self._touch_keys(session, fresh)
+        return len(fresh)
+
+    async def _add_totals(
+        self, session: AsyncSession, insert: Any, logs: Sequence[QueryLog]
+    ) -> None:
+        # Any: the dialect-specific insert constructs share no public type.
+        sums: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+        for log in logs:
+            total = sums[log.account_id]
+            total[0] += log.prompt_tokens
+            total[1] += log.completion_tokens
+            total[2] += 1
+        for account_id, (prompt, completion, queries) in sorted(sums.items()):
+            statement = insert(UsageTotalRow).values(
+                account_id=account_id,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                queries=queries,
+            )
+            table = UsageTotalRow.__table__
+            statement = statement.on_conflict_do_update(
+                index_elements=["account_id"],
+                set_={
+                    "prompt_tokens": table.c.prompt_tokens + prompt,
+                    "completion_tokens": table.c.completion_tokens + completion,
+                    "queries": table.c.queries + queries,
+                },
+            )
+            await session.execute(statement)
+
+    async def _touch_keys(self, session: AsyncSession, logs: Sequence[QueryLog]) -> None:
+        latest: dict[str, datetime] = {}
+        for log in logs:
+            if log.api_key_id is not None:
+                latest[log.api_key_id] = max(
+                    latest.get(log.api_key_id, log.started_at), log.started_at
+                )
+        for key_id, used in sorted(latest.items()):
+            await session.execute(
+                update(ApiKeyRow)
+                .where(ApiKeyRow.id == key_id)
+                .where(or_(ApiKeyRow.last_used_at.is_(None), ApiKeyRow.last_used_at < used))
+                .values(last_used_at=used)
+            )
+
+    async def usage(self, account_id: str) -> Usage:
+        """Totals for an account: one primary-key lookup, however many logs there are."""
+        async with self.session() as session:
+            row = await session.get(UsageTotalRow, account_id)
+        if row is None:
+            return Usage()
+        return Usage(row.prompt_tokens, row.completion_tokens, row.queries)
+
+
+def _fields(record: Any) -> dict[str, Any]:
+    """A slotted dataclass as a dict of its fields."""
+    # Any: any of the record dataclasses.
+    return {name: getattr(record, name) for name in record.__dataclass_fields__}
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; everything stored is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def _account(row: AccountRow) -> Account:
+    return Account(
+        id=row.id,
+        name=row.name,
+        created_at=_utc(row.created_at) or row.created_at,
+        active=row.active,
+        rate_limit_minute=row.rate_limit_minute,
+        rate_limit_hour=row.rate_limit_hour,
+        rate_limit_day=row.rate_limit_day,
+        rate_limit_lifetime=row.rate_limit_lifetime,
+    )
+
+
+def _key(row: ApiKeyRow) -> ApiKey:
+    return ApiKey(
+        id=row.id,
+        account_id=row.account_id,
+        prefix=row.prefix,
+        hash=row.hash,
+        name=row.name,
+        created_at=_utc(row.created_at) or row.created_at,
+        last_used_at=_utc(row.last_used_at),
+        revoked_at=_utc(row.revoked_at),
+    )

@@ -1,0 +1,1 @@
+"""Accounting off the request path: query logs are queued and written in batches."""
