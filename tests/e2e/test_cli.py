@@ -97,14 +97,14 @@ def test_verify_reports_unreachable_gateway(tmp_path, capsys):
 def test_announce_needs_redis(capsys, monkeypatch):
     monkeypatch.delenv("NILAI_REDIS_URL", raising=False)
     assert main(["announce", "--url", "http://127.0.0.1:1"]) == 2
-    assert "NILAI_REDIS_URL" in capsys.readouterr().out
+    assert "NILAI_REDIS_URL" in capsys.readouterr().err
     assert main(["announce", "--url", "ftp://nope"]) == 2
 
 
 def test_api_rejects_invalid_settings(capsys, monkeypatch):
     monkeypatch.setenv("NILAI_AUTH_STRATEGIES", "telepathy")
     assert main(["api"]) == 2
-    assert "auth_strategies" in capsys.readouterr().out
+    assert "auth_strategies" in capsys.readouterr().err
 
 
 @pytest.mark.integration

@@ -7,8 +7,7 @@ import asyncio
 import signal
 from typing import Any
 
-from pydantic import ValidationError
-
+from nilai.cli.common import fail, load_settings
 from nilai.discovery.announcer import Announcer, ModelOverrides
 from nilai.discovery.redis import RedisDiscovery
 from nilai.gateway.lifespan import make_redis
@@ -35,19 +34,16 @@ def register(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Announce until SIGTERM or SIGINT, then withdraw."""
     if not str(args.url).startswith(("http://", "https://")):
-        print(f"nilai announce: --url must start with http:// or https:// (got {args.url!r})")
-        return 2
-    try:
-        settings = NilaiSettings()
-    except (ValidationError, ValueError) as exc:
-        print(f"nilai announce: invalid settings:\n{exc}")
+        return fail("announce", f"--url must start with http:// or https:// (got {args.url!r})")
+    settings = load_settings("announce")
+    if settings is None:
         return 2
     if settings.redis_url is None:
-        print(
-            "nilai announce: NILAI_REDIS_URL is not set. Gateways without Redis keep discovery "
-            "in-process; list the server in NILAI_UPSTREAM_URLS for them instead."
+        return fail(
+            "announce",
+            "NILAI_REDIS_URL is not set. Gateways without Redis keep discovery in-process; "
+            "list the server in NILAI_UPSTREAM_URLS for them instead.",
         )
-        return 2
     configure_logging(settings.log_level, settings.log_format)
     overrides = ModelOverrides(
         tool_support=args.tool_support,

@@ -7,10 +7,9 @@ import os
 from typing import Any
 
 import uvicorn
-from pydantic import ValidationError
 
+from nilai.cli.common import load_settings
 from nilai.logging import configure_logging
-from nilai.settings import NilaiSettings
 
 
 def register(commands: Any) -> None:
@@ -32,10 +31,8 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             # Worker processes rebuild the settings from the environment.
             os.environ[f"NILAI_{name.upper()}"] = str(value)
-    try:
-        settings = NilaiSettings()
-    except (ValidationError, ValueError) as exc:
-        print(f"nilai api: invalid settings:\n{exc}")
+    settings = load_settings("api")
+    if settings is None:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(

@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 import uvicorn
-from pydantic import ValidationError
 
+from nilai.cli.common import load_settings
 from nilai.gateway.app import create_app
 from nilai.logging import configure_logging
 from nilai.settings import NilaiSettings
@@ -47,10 +47,8 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Start the worker, wait for it, then serve the gateway until interrupted."""
-    try:
-        settings = NilaiSettings()
-    except (ValidationError, ValueError) as exc:
-        print(f"nilai serve: invalid settings:\n{exc}")
+    settings = load_settings("serve")
+    if settings is None:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     model = args.model or settings.model or str(ensure_tiny_model(settings))

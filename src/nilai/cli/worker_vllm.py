@@ -8,10 +8,8 @@ import shlex
 import sys
 from typing import Any
 
-from pydantic import ValidationError
-
+from nilai.cli.common import load_settings
 from nilai.logging import configure_logging
-from nilai.settings import NilaiSettings
 from nilai.workers.vllm_launcher import (
     VLLM_BIN_VARIABLE,
     LaunchOptions,
@@ -116,9 +114,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(shlex.join(plan.argv))
         return 0
-    try:
-        settings = NilaiSettings()
-    except (ValidationError, ValueError) as exc:
-        return _fail(f"invalid settings:\n{exc}")
+    settings = load_settings("worker vllm")
+    if settings is None:
+        return 2
     configure_logging(settings.log_level, settings.log_format)
     return run_worker(plan, settings, _report)
