@@ -22,3 +22,22 @@ def json_object(value: object) -> dict[str, object] | None:
     if isinstance(value, dict):
         return cast(dict[str, object], value)
     return None
+
+
+def inline_json_schema(model: type[BaseModel]) -> dict[str, object]:
+    """The model's JSON schema with its ``$defs`` inlined, to embed in an OpenAPI document."""
+    schema = model.model_json_schema()
+    defs = cast(dict[str, object], schema.pop("$defs", {}))
+
+    def resolve(node: object) -> object:
+        if isinstance(node, dict):
+            items = cast(dict[str, object], node)
+            ref = items.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in items.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in cast(list[object], node)]
+        return node
+
+    return cast(dict[str, object], resolve(schema))

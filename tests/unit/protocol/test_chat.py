@@ -166,3 +166,15 @@ def test_chat_message_content_shapes():
 )
 def test_other_bounds(field: str, value: float):
     assert (field,) in _error_locs(_rejected(**{field: value}))
+
+
+def test_inline_json_schema_has_no_dangling_refs():
+    import json
+
+    from nilai.protocol.base import inline_json_schema
+
+    schema = inline_json_schema(ChatCompletionRequest)
+    text = json.dumps(schema)
+    assert "$ref" not in text
+    assert "$defs" not in text
+    assert schema["properties"]["messages"]["items"]["properties"]["role"]["enum"]

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from nilai.gateway.chat.context import RequestContext
 from nilai.gateway.deps import PrincipalDep, RequestIdDep, ServicesDep
 from nilai.gateway.errors import validation_error
+from nilai.protocol.base import inline_json_schema
 from nilai.protocol.chat import ChatCompletionRequest
 
 router = APIRouter(tags=["chat"])
@@ -21,7 +22,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _BODY_SCHEMA: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}},
+        "content": {"application/json": {"schema": inline_json_schema(ChatCompletionRequest)}},
     }
 }
 
