@@ -43,6 +43,9 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     if services.redis is not None:
         checks["redis"] = await _check(services.discovery.ping)
     await services.snapshot.probe()
+    sink = services.usage_sink
+    # Informational: a backlog means the database is slow or down (its own check says which).
+    checks["usage_log"] = f"ok ({sink.depth} queued, {sink.dropped} dropped)"
     healthy = services.snapshot.healthy_models()
     checks["models"] = f"ok ({len(healthy)} served)" if healthy else "no reachable model server"
     ready = all(value.startswith("ok") for value in checks.values())
