@@ -93,6 +93,10 @@ def start_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayHandle]]:
             "discovery_refresh_s": 0.2,
             "discovery_ttl_s": 3.0,
             "endpoint_eject_s": 2.0,
+            # Limits are off unless a test is about them (0 switches a limit off).
+            "rate_limit_minute": 0,
+            "rate_limit_hour": 0,
+            "rate_limit_day": 0,
         }
         values.update(overrides)
         settings = NilaiSettings(**values)

@@ -11,13 +11,18 @@ exception class with a readable message.
 - ``UpstreamUnavailable`` (503): no healthy model server could take the request.
 - ``UpstreamProtocolError`` (502): the model server answered with something unusable.
 - ``UpstreamTimeout`` (504): the time limit passed.
+- ``RateLimited`` (429): a rate or concurrency limit is reached; ``Retry-After`` says when.
 - ``NotSupported`` (501): a nilai extra (web search, nilRAG) this gateway does not offer.
 - ``InternalError`` (500): anything else; the message never carries internal detail.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import math
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from nilai.limits.base import Decision
 
 
 class NilaiError(Exception):
@@ -124,3 +129,40 @@ class NotSupported(NilaiError):
     status = 501
     type = "invalid_request_error"
     default_code = "not_supported"
+
+
+class RateLimited(NilaiError):
+    """A limit is reached; the decision says which and for how long."""
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, decision: Decision) -> None:
+        limit = decision.limit
+        what = f"{limit.count} {limit.name}" if limit else "the rate limit"
+        retry = decision.retry_after_s
+        super().__init__(
+            f"Rate limit reached: {what}. Retry after {retry} s.",
+            headers={"Retry-After": str(retry), **rate_limit_headers(decision)},
+        )
+        self.decision = decision
+
+
+class LimitsUnavailable(NilaiError):
+    """The rate-limit store cannot be reached and the gateway fails closed."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "rate_limiter_unavailable"
+
+
+def rate_limit_headers(decision: Decision) -> dict[str, str]:
+    """``X-RateLimit-*`` headers for the limit that decided (reset in whole seconds)."""
+    if decision.limit is None:
+        return {}
+    return {
+        "X-RateLimit-Limit": str(decision.limit.count),
+        "X-RateLimit-Remaining": str(max(0, decision.remaining)),
+        "X-RateLimit-Reset": str(math.ceil(max(0.0, decision.reset_s))),
+    }

@@ -72,6 +72,20 @@ class NilaiSettings(BaseSettings):
     usage_batch_size: int = Field(default=500, ge=1)
     usage_flush_interval_s: float = Field(default=1.0, gt=0)
 
+    # rate limits (0 switches a limit off) and concurrency
+    rate_limit_minute: int = Field(default=100, ge=0)
+    rate_limit_hour: int = Field(default=1000, ge=0)
+    rate_limit_day: int = Field(default=10000, ge=0)
+    rate_limit_lifetime: int = Field(default=0, ge=0)
+    model_concurrency: int = Field(default=50, ge=1)
+    model_concurrency_limits: CommaList = Field(default_factory=list)
+    web_search_rps: int = Field(default=20, ge=0)
+    web_search_rate_limit_minute: int = Field(default=10, ge=0)
+    web_search_rate_limit_hour: int = Field(default=100, ge=0)
+    web_search_rate_limit_day: int = Field(default=1000, ge=0)
+    rate_limit_fail_open: bool = False
+    concurrency_lease_ttl_s: float = Field(default=15.0, gt=0, le=30)
+
     # shared state (limits, discovery); unset means in-process
     redis_url: SecretStr | None = None
     redis_prefix: str = Field(default="nilai:", min_length=1)
@@ -123,6 +137,7 @@ class NilaiSettings(BaseSettings):
         "api_key_hashes",
         "upstream_urls",
         "cors_origins",
+        "model_concurrency_limits",
         mode="before",
     )
     @classmethod
@@ -145,6 +160,15 @@ class NilaiSettings(BaseSettings):
                 raise ValueError("api_key_hashes must be hex SHA-256 digests (64 characters)")
         return [digest.lower() for digest in value]
 
+    @field_validator("model_concurrency_limits")
+    @classmethod
+    def _check_concurrency(cls, value: list[str]) -> list[str]:
+        for item in value:
+            model, sep, count = item.rpartition("=")
+            if not sep or not model or not count.isdigit() or int(count) < 1:
+                raise ValueError(f"model_concurrency_limits entry {item!r} must be MODEL=N, N >= 1")
+        return value
+
     @model_validator(mode="after")
     def _check_strategies(self) -> Self:
         if not self.auth_strategies:
@@ -157,6 +181,12 @@ class NilaiSettings(BaseSettings):
         if self.database_url is not None:
             return self.database_url.get_secret_value()
         return f"sqlite+aiosqlite:///{self.data_dir / 'nilai.db'}"
+
+    @property
+    def concurrency_overrides(self) -> dict[str, int]:
+        """Per-model concurrency from ``model_concurrency_limits`` (``MODEL=N`` entries)."""
+        pairs = (item.rpartition("=") for item in self.model_concurrency_limits)
+        return {model: int(count) for model, _, count in pairs}
 
     @property
     def key_path(self) -> Path:

@@ -16,6 +16,8 @@ class Principal:
     method: str
     key_id: str | None = None
     account: Account | None = None
+    token_uses: tuple[str, int] | None = None
+    """A usage limit carried by a token: (token id, uses allowed)."""
 
 
 class Authenticator(Protocol):

@@ -23,6 +23,10 @@ from nilai.discovery.redis import RedisDiscovery
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.gateway.chat.service import ChatService
 from nilai.gateway.services import Services
+from nilai.limits.base import ConcurrencyLimiter, RateLimiter
+from nilai.limits.memory import MemoryConcurrencyLimiter, MemoryRateLimiter
+from nilai.limits.policy import Admission, LimitDefaults
+from nilai.limits.redis import RedisConcurrencyLimiter, RedisRateLimiter
 from nilai.settings import NilaiSettings
 from nilai.store.base import ApiKeyRepo
 from nilai.store.migrate import current_revision, head_revision, upgrade
@@ -55,6 +59,32 @@ def make_authenticator(settings: NilaiSettings, store: ApiKeyRepo) -> Authentica
         )
     static = StaticApiKeys(settings.static_api_keys, settings.api_key_hashes)
     return StoredOrStatic(StoredApiKeys(store, ttl_s=settings.key_cache_ttl_s), static)
+
+
+def make_admission(settings: NilaiSettings, redis: Redis | None) -> Admission:
+    """Limits in Redis when configured (shared by replicas), else in this process."""
+    defaults = LimitDefaults(
+        minute=settings.rate_limit_minute or None,
+        hour=settings.rate_limit_hour or None,
+        day=settings.rate_limit_day or None,
+        lifetime=settings.rate_limit_lifetime or None,
+        model_concurrency=settings.model_concurrency,
+        model_concurrency_overrides=tuple(settings.concurrency_overrides.items()),
+        web_search_rps=settings.web_search_rps or None,
+        web_search_minute=settings.web_search_rate_limit_minute or None,
+        web_search_hour=settings.web_search_rate_limit_hour or None,
+        web_search_day=settings.web_search_rate_limit_day or None,
+    )
+    rate: RateLimiter
+    concurrency: ConcurrencyLimiter
+    if redis is None:
+        rate, concurrency = MemoryRateLimiter(), MemoryConcurrencyLimiter()
+    else:
+        prefix = settings.redis_prefix
+        rate = RedisRateLimiter(redis, prefix)
+        ttl = settings.concurrency_lease_ttl_s
+        concurrency = RedisConcurrencyLimiter(redis, prefix, ttl_s=ttl)
+    return Admission(rate, concurrency, defaults, fail_open=settings.rate_limit_fail_open)
 
 
 async def open_store(settings: NilaiSettings) -> SqlStore:
@@ -115,8 +145,10 @@ async def build_services(settings: NilaiSettings) -> AsyncGenerator[Services]:
         await snapshot.start()
         stack.push_async_callback(snapshot.aclose)
         authenticator = make_authenticator(settings, store)
+        admission = make_admission(settings, redis)
+        stack.push_async_callback(admission.aclose)
         chat = ChatService(
-            http, snapshot, signer, sink, request_timeout_s=settings.request_timeout_s
+            http, snapshot, signer, sink, admission, request_timeout_s=settings.request_timeout_s
         )
         yield Services(
             settings=settings,

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import Any, cast
 
 import httpx
@@ -16,11 +18,12 @@ import orjson
 
 from nilai.crypto.keys import Signer
 from nilai.discovery.snapshot import DiscoverySnapshot
-from nilai.errors import NilaiError, UpstreamProtocolError, UpstreamTimeout
+from nilai.errors import NilaiError, UpstreamProtocolError, UpstreamTimeout, rate_limit_headers
 from nilai.gateway.chat.context import RequestContext
 from nilai.gateway.chat.relay import Relay, error_event, parse_completion
 from nilai.gateway.chat.signing import StreamSigner, sign_completion
 from nilai.gateway.chat.validate import ValidatedChat, validate_chat
+from nilai.limits.policy import Admission
 from nilai.protocol.base import json_object
 from nilai.protocol.chat import ChatCompletionRequest
 from nilai.upstream.sse import DONE, frame, iter_payloads
@@ -38,6 +41,7 @@ class ChatService:
         snapshot: DiscoverySnapshot,
         signer: Signer,
         usage: UsageSink,
+        admission: Admission,
         *,
         request_timeout_s: float,
     ) -> None:
@@ -45,16 +49,21 @@ class ChatService:
         self._relay = Relay(http, snapshot)
         self._signer = signer
         self._usage = usage
+        self._admission = admission
         self._timeout_s = request_timeout_s
 
-    def _validate(self, request: ChatCompletionRequest, ctx: RequestContext) -> ValidatedChat:
+    async def _admit(
+        self, request: ChatCompletionRequest, ctx: RequestContext
+    ) -> tuple[ValidatedChat, dict[str, str]]:
+        """Describe the request, count it against the caller's limits, then check it."""
         ctx.model = request.model
         ctx.streamed = request.stream
         ctx.tools = bool(request.tools)
         ctx.web_search = request.web_search
         ctx.nilrag = bool(request.nilrag)
         ctx.multimodal = request.has_image()
-        return validate_chat(request, self._snapshot)
+        decision = await self._admission.admit(ctx.principal, web_search=request.web_search)
+        return validate_chat(request, self._snapshot), rate_limit_headers(decision)
 
     async def _send(self, chat: ValidatedChat, ctx: RequestContext) -> httpx.Response:
         try:
@@ -65,36 +74,44 @@ class ChatService:
         except TimeoutError as exc:
             raise UpstreamTimeout(f"The request took longer than {self._timeout_s:g}s.") from exc
 
-    async def complete(self, request: ChatCompletionRequest, ctx: RequestContext) -> bytes:
+    async def complete(self, request: ChatCompletionRequest, ctx: RequestContext) -> ChatResult:
         """Run a non-streaming completion and return the signed body."""
         try:
-            chat = self._validate(request, ctx)
-            response = await self._send(chat, ctx)
+            chat, headers = await self._admit(request, ctx)
+            async with self._admission.model_slot(chat.model):
+                response = await self._send(chat, ctx)
             body = parse_completion(response.content)
             ctx.record_usage(body.get("usage"))
-            return sign_completion(body, self._signer, ctx.request_sha256)
+            return ChatResult(sign_completion(body, self._signer, ctx.request_sha256), headers)
         except BaseException as exc:
             ctx.fail(exc)
             raise
         finally:
             self.account(ctx)
 
-    async def stream(
-        self, request: ChatCompletionRequest, ctx: RequestContext
-    ) -> AsyncIterator[bytes]:
-        """Open the upstream stream (failing with a real status) and return the SSE relay."""
+    async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> ChatStream:
+        """Open the upstream stream (failing with a real status) and return the SSE relay.
+
+        The model slot, the upstream response and the accounting belong to the returned
+        ``ChatStream`` and end with its ``aclose``, whether or not the events were consumed.
+        """
+        resources = AsyncExitStack()
         try:
-            chat = self._validate(request, ctx)
+            chat, headers = await self._admit(request, ctx)
+            await resources.enter_async_context(self._admission.model_slot(chat.model))
             response = await self._send(chat, ctx)
+            resources.push_async_callback(response.aclose)
         except BaseException as exc:
             ctx.fail(exc)
+            await resources.aclose()
             self.account(ctx)
             raise
-        return self._relay_stream(response, chat, ctx)
+        resources.callback(self.account, ctx)
+        return ChatStream(self._relay_stream(response, chat, ctx), resources, headers)
 
     async def _relay_stream(
         self, response: httpx.Response, chat: ValidatedChat, ctx: RequestContext
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes]:
         relay = _StreamRelay(StreamSigner(self._signer, ctx.request_sha256), ctx, chat.request)
         try:
             async for payload in iter_payloads(response.aiter_raw()):
@@ -118,9 +135,6 @@ class ChatService:
         except BaseException as exc:  # the client went away; closing the response cancels upstream
             ctx.fail(exc)
             raise
-        finally:
-            await response.aclose()
-            self.account(ctx)
         yield frame(DONE)
 
     def account(self, ctx: RequestContext) -> None:
@@ -137,6 +151,28 @@ class ChatService:
             ctx.completion_tokens,
             "-" if ctx.first_token_s is None else f"{ctx.first_token_s * 1000:.1f}",
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    """A signed completion body and the rate-limit headers to send with it."""
+
+    body: bytes
+    headers: dict[str, str]
+
+
+@dataclass(slots=True)
+class ChatStream:
+    """SSE events to send, and what must be released once they are sent (or abandoned)."""
+
+    events: AsyncGenerator[bytes]
+    resources: AsyncExitStack
+    headers: dict[str, str]
+
+    async def aclose(self) -> None:
+        """Stop the relay, close upstream, free the model slot and account the request."""
+        await self.events.aclose()
+        await self.resources.aclose()
 
 
 class _StreamRelay:

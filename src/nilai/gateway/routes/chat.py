@@ -5,18 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from nilai.gateway.chat.context import RequestContext
 from nilai.gateway.deps import PrincipalDep, RequestIdDep, ServicesDep
 from nilai.gateway.errors import validation_error
+from nilai.gateway.streaming import ChatStreamResponse
 from nilai.protocol.base import inline_json_schema
 from nilai.protocol.chat import ChatCompletionRequest
 
 router = APIRouter(tags=["chat"])
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # The body is parsed in the handler (straight from bytes, and after authentication), so its
 # schema is declared here for the OpenAPI document.
 _BODY_SCHEMA: dict[str, Any] = {
@@ -42,6 +41,6 @@ async def chat_completions(
         services.chat.account(ctx)
         raise error from None
     if body.stream:
-        events = await services.chat.stream(body, ctx)
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    return Response(await services.chat.complete(body, ctx), media_type="application/json")
+        return ChatStreamResponse(await services.chat.stream(body, ctx))
+    result = await services.chat.complete(body, ctx)
+    return Response(result.body, media_type="application/json", headers=result.headers)

@@ -17,6 +17,8 @@ from nilai.errors import UpstreamProtocolError
 from nilai.gateway.chat.context import RequestContext
 from nilai.gateway.chat.service import ChatService, _StreamRelay
 from nilai.gateway.chat.signing import StreamSigner
+from nilai.limits.memory import MemoryConcurrencyLimiter, MemoryRateLimiter
+from nilai.limits.policy import Admission, LimitDefaults
 from nilai.protocol.chat import ChatCompletionRequest
 from nilai.protocol.models import ModelCard
 from nilai.upstream.sse import DONE, frame
@@ -250,10 +252,15 @@ async def _service_stream(
         snapshot = DiscoverySnapshot(discovery, http, refresh_s=60, eject_s=1)
         await snapshot.refresh()
         sink = ListSink()
-        service = ChatService(http, snapshot, signer, sink, request_timeout_s=5)  # type: ignore[arg-type]
+        admission = Admission(
+            MemoryRateLimiter(), MemoryConcurrencyLimiter(), LimitDefaults(), fail_open=False
+        )
+        service = ChatService(http, snapshot, signer, sink, admission, request_timeout_s=5)  # type: ignore[arg-type]
         ctx = RequestContext.begin("r", Principal("acct", "api_key"), raw_request)
         request = ChatCompletionRequest.model_validate(body)
-        out = b"".join([part async for part in await service.stream(request, ctx)])
+        stream = await service.stream(request, ctx)
+        out = b"".join([part async for part in stream.events])
+        await stream.aclose()
         assert len(sink.logs) == 1
     return out, ctx, seen
 

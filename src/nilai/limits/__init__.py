@@ -1,0 +1,1 @@
+"""Rate limits and concurrency slots, in Redis (shared by replicas) or in memory."""

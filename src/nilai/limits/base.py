@@ -1,0 +1,60 @@
+"""What a limiter checks and decides, independent of where the counters live."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """At most ``count`` requests per ``window_s`` seconds (None: ever) under ``key``."""
+
+    key: str
+    name: str
+    count: int
+    window_s: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of a check: the limit that decides it, and what is left of it."""
+
+    allowed: bool
+    limit: Limit | None = None
+    remaining: int = 0
+    reset_s: float = 0.0
+
+    @property
+    def retry_after_s(self) -> int:
+        """Whole seconds to wait before a retry can succeed (at least 1)."""
+        return max(1, math.ceil(self.reset_s))
+
+
+ALLOWED = Decision(allowed=True)
+
+
+class RateLimiter(Protocol):
+    """Counts requests against several limits at once."""
+
+    async def hit(self, limits: Sequence[Limit], member: str) -> Decision:
+        """Admit one request if every limit has room (then count it in all), else refuse.
+
+        The decision names the refusing limit, or when admitted the one with least room.
+        """
+        ...
+
+
+class ConcurrencyLimiter(Protocol):
+    """Slots for requests in flight, held as leases that expire unless renewed."""
+
+    def lease(self, key: str, limit: int) -> AbstractAsyncContextManager[Decision]:
+        """Hold one of ``limit`` slots for the duration; raises ``RateLimited`` when full."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop renewing and release every slot this process holds."""
+        ...

@@ -1,0 +1,72 @@
+"""Limits in process memory, with the same behaviour as the Redis ones, for one process."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict, deque
+from collections.abc import AsyncGenerator, Sequence
+
+from nilai.errors import RateLimited
+from nilai.limits.base import Decision, Limit
+
+
+class MemoryRateLimiter:
+    """Sliding windows as deques of timestamps (the event loop makes each check atomic)."""
+
+    def __init__(self) -> None:
+        self._windows: dict[str, deque[float]] = defaultdict(deque)
+        self._totals: dict[str, int] = defaultdict(int)
+
+    async def hit(self, limits: Sequence[Limit], member: str) -> Decision:
+        """Admit one request if every limit has room."""
+        del member  # Redis needs a unique member per request; a deque does not
+        now = time.monotonic()
+        best: Decision | None = None
+        for limit in limits:
+            used, reset = self._usage(limit, now)
+            if used >= limit.count:
+                return Decision(False, limit, 0, reset)
+            remaining = limit.count - used - 1
+            if best is None or remaining < best.remaining:
+                best = Decision(
+                    True, limit, remaining, reset if used else float(limit.window_s or 0)
+                )
+        for limit in limits:
+            if limit.window_s is None:
+                self._totals[limit.key] += 1
+            else:
+                self._windows[limit.key].append(now)
+        return best or Decision(True)
+
+    def _usage(self, limit: Limit, now: float) -> tuple[int, float]:
+        if limit.window_s is None:
+            return self._totals[limit.key], 0.0
+        window = self._windows[limit.key]
+        while window and window[0] <= now - limit.window_s:
+            window.popleft()
+        reset = window[0] + limit.window_s - now if window else 0.0
+        return len(window), reset
+
+
+class MemoryConcurrencyLimiter:
+    """Counters of requests in flight; released when the block ends, whatever happens."""
+
+    def __init__(self) -> None:
+        self._in_flight: dict[str, int] = defaultdict(int)
+
+    @contextlib.asynccontextmanager
+    async def lease(self, key: str, limit: int) -> AsyncGenerator[Decision]:
+        """Hold one slot of ``key`` while the block runs."""
+        used = self._in_flight[key]
+        name = "concurrent requests for this model"
+        if used >= limit:
+            raise RateLimited(Decision(False, Limit(key, name, limit, None), 0, 1.0))
+        self._in_flight[key] = used + 1
+        try:
+            yield Decision(True, Limit(key, name, limit, None), limit - used - 1, 0.0)
+        finally:
+            self._in_flight[key] -= 1
+
+    async def aclose(self) -> None:
+        """Nothing outlives the process."""

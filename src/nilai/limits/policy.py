@@ -1,0 +1,145 @@
+"""Which limits apply to a request, and what happens when the limit store is down."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from nilai.auth.base import Principal
+from nilai.errors import LimitsUnavailable, RateLimited
+from nilai.limits.base import ALLOWED, ConcurrencyLimiter, Decision, Limit, RateLimiter
+
+logger = logging.getLogger(__name__)
+
+_WINDOWS = (("minute", 60), ("hour", 3600), ("day", 86400))
+
+
+@dataclass(frozen=True, slots=True)
+class LimitDefaults:
+    """Configured defaults; an account's own values override the request limits."""
+
+    minute: int | None = 100
+    hour: int | None = 1000
+    day: int | None = 10000
+    lifetime: int | None = None
+    model_concurrency: int = 50
+    model_concurrency_overrides: tuple[tuple[str, int], ...] = ()
+    web_search_rps: int | None = 20
+    web_search_minute: int | None = 10
+    web_search_hour: int | None = 100
+    web_search_day: int | None = 1000
+
+
+class Admission:
+    """Applies the limits: per account, per token, web search, and per-model concurrency."""
+
+    def __init__(
+        self,
+        rate: RateLimiter,
+        concurrency: ConcurrencyLimiter,
+        defaults: LimitDefaults,
+        *,
+        fail_open: bool,
+    ) -> None:
+        self._rate = rate
+        self._concurrency = concurrency
+        self._defaults = defaults
+        self._overrides = dict(defaults.model_concurrency_overrides)
+        self._fail_open = fail_open
+
+    def account_limits(self, principal: Principal, *, web_search: bool) -> list[Limit]:
+        """The limits one request of ``principal`` counts against."""
+        tag = f"{{acct:{principal.account_id}}}"
+        account = principal.account
+        d = self._defaults
+        counts = {
+            "minute": account.rate_limit_minute
+            if account and account.rate_limit_minute
+            else d.minute,
+            "hour": account.rate_limit_hour if account and account.rate_limit_hour else d.hour,
+            "day": account.rate_limit_day if account and account.rate_limit_day else d.day,
+        }
+        limits = [
+            Limit(f"{tag}:{window}", f"requests per {window} for this account", count, seconds)
+            for window, seconds in _WINDOWS
+            if (count := counts[window])
+        ]
+        lifetime = account.rate_limit_lifetime if account and account.rate_limit_lifetime else None
+        if lifetime := lifetime or d.lifetime:
+            limits.append(
+                Limit(f"{tag}:lifetime", "requests in total for this account", lifetime, None)
+            )
+        if principal.token_uses is not None:
+            token, uses = principal.token_uses
+            limits.append(Limit(f"{tag}:token:{token}", "uses of this token", uses, None))
+        if web_search:
+            searches = {
+                "minute": d.web_search_minute,
+                "hour": d.web_search_hour,
+                "day": d.web_search_day,
+            }
+            limits += [
+                Limit(f"{tag}:search:{window}", f"web searches per {window}", count, seconds)
+                for window, seconds in _WINDOWS
+                if (count := searches[window])
+            ]
+        return limits
+
+    async def admit(self, principal: Principal, *, web_search: bool = False) -> Decision:
+        """Count the request against its limits; raise ``RateLimited`` if one is full."""
+        member = uuid.uuid4().hex
+        if web_search and self._defaults.web_search_rps:
+            rps = Limit(
+                "{search}:second",
+                "web searches per second (all accounts)",
+                self._defaults.web_search_rps,
+                1,
+            )
+            await self._check([rps], member)
+        return await self._check(self.account_limits(principal, web_search=web_search), member)
+
+    async def _check(self, limits: list[Limit], member: str) -> Decision:
+        try:
+            decision = await self._rate.hit(limits, member)
+        except (RedisError, OSError) as exc:
+            return self._unavailable(exc)
+        if not decision.allowed:
+            raise RateLimited(decision)
+        return decision
+
+    def _unavailable(self, exc: BaseException) -> Decision:
+        if self._fail_open:
+            logger.warning("rate limits not checked (store unreachable: %s)", type(exc).__name__)
+            return ALLOWED
+        raise LimitsUnavailable(
+            "Rate limiting is unavailable right now (its Redis cannot be reached), so requests "
+            "are refused; try again shortly.",
+            headers={"Retry-After": "1"},
+        ) from exc
+
+    async def aclose(self) -> None:
+        """Release the concurrency slots this process holds."""
+        await self._concurrency.aclose()
+
+    @contextlib.asynccontextmanager
+    async def model_slot(self, model: str) -> AsyncGenerator[Decision]:
+        """Hold one of the model's concurrency slots while the block runs."""
+        limit = self._overrides.get(model, self._defaults.model_concurrency)
+        try:
+            lease = self._concurrency.lease(f"{{model:{model}}}:inflight", limit)
+            decision = await lease.__aenter__()
+        except (RedisError, OSError) as exc:
+            yield self._unavailable(exc)
+            return
+        try:
+            yield decision
+        except BaseException as exc:
+            if not await lease.__aexit__(type(exc), exc, exc.__traceback__):
+                raise
+        else:
+            await lease.__aexit__(None, None, None)

@@ -1,0 +1,115 @@
+"""Limits on a shared Redis: each check is one Lua script, so replicas never race.
+
+Scripts are registered once and run with EVALSHA (redis-py reloads them after a NOSCRIPT).
+Concurrency slots are leases in a sorted set scored by expiry: a process renews the leases it
+holds every third of their lifetime, so the slots of a replica that dies free themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncGenerator, Sequence
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+
+from nilai.errors import RateLimited
+from nilai.limits.base import Decision, Limit
+
+logger = logging.getLogger(__name__)
+
+
+def _script(name: str) -> str:
+    return resources.files("nilai.limits").joinpath("lua", name).read_text()
+
+
+class RedisRateLimiter:
+    """Sliding-window counters in Redis."""
+
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self._prefix = prefix
+        # Any: redis-py's Script objects are untyped.
+        self._hit: Any = redis.register_script(_script("sliding_window.lua"))  # pyright: ignore[reportUnknownMemberType]
+
+    async def hit(self, limits: Sequence[Limit], member: str) -> Decision:
+        """Admit one request if every limit has room, atomically."""
+        if not limits:
+            return Decision(allowed=True)
+        keys = [self._prefix + limit.key for limit in limits]
+        args: list[str | int] = [member]
+        for limit in limits:
+            args += [limit.count, (limit.window_s or 0) * 1000]
+        allowed, index, remaining, reset_ms = await self._hit(keys=keys, args=args)
+        return Decision(bool(allowed), limits[int(index) - 1], int(remaining), int(reset_ms) / 1000)
+
+
+class RedisConcurrencyLimiter:
+    """Concurrency leases in Redis, renewed in the background while held."""
+
+    def __init__(self, redis: Redis, prefix: str, *, ttl_s: float) -> None:
+        self._prefix = prefix
+        self._ttl_ms = int(ttl_s * 1000)
+        self._acquire: Any = redis.register_script(_script("lease_acquire.lua"))  # pyright: ignore[reportUnknownMemberType]
+        self._renew: Any = redis.register_script(_script("lease_renew.lua"))  # pyright: ignore[reportUnknownMemberType]
+        self._redis = redis
+        self._held: dict[str, str] = {}  # lease id -> key
+        self._keeper: asyncio.Task[None] | None = None
+
+    @contextlib.asynccontextmanager
+    async def lease(self, key: str, limit: int) -> AsyncGenerator[Decision]:
+        """Hold one slot of ``key`` while the block runs."""
+        full_key = self._prefix + key
+        lease_id = uuid.uuid4().hex
+        acquired, used, wait_ms = await self._acquire(
+            keys=[full_key], args=[lease_id, limit, self._ttl_ms]
+        )
+        decision = Decision(
+            bool(acquired),
+            Limit(key, "concurrent requests for this model", limit, None),
+            remaining=max(0, limit - int(used)),
+            reset_s=max(int(wait_ms), 0) / 1000,
+        )
+        if not acquired:
+            raise RateLimited(decision)
+        self._held[lease_id] = full_key
+        self._ensure_keeper()
+        try:
+            yield decision
+        finally:
+            self._held.pop(lease_id, None)
+            await _quietly(self._redis.zrem(full_key, lease_id))  # pyright: ignore[reportUnknownMemberType, reportUnknownArgumentType]
+
+    def _ensure_keeper(self) -> None:
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.create_task(self._keep(), name="lease-keeper")
+
+    async def _keep(self) -> None:
+        while self._held:
+            await asyncio.sleep(self._ttl_ms / 3000)
+            held = list(self._held.items())
+            if held:
+                keys = [key for _, key in held]
+                args = [self._ttl_ms, *(lease for lease, _ in held)]
+                await _quietly(self._renew(keys=keys, args=args))
+
+    async def aclose(self) -> None:
+        """Stop renewing; release what is still held."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+        for lease_id, key in list(self._held.items()):
+            await _quietly(self._redis.zrem(key, lease_id))  # pyright: ignore[reportUnknownMemberType, reportUnknownArgumentType]
+        self._held.clear()
+
+
+async def _quietly(call: Any) -> None:
+    """Await a Redis call whose failure only delays a slot's return (its lease expires)."""
+    try:
+        await call
+    except Exception as exc:  # noqa: BLE001 - best effort; the lease expiry is the backstop
+        logger.warning("releasing or renewing a concurrency slot failed: %s", type(exc).__name__)
