@@ -195,3 +195,11 @@ def test_env_takes_precedence_over_yaml(monkeypatch: pytest.MonkeyPatch, tmp_pat
 def test_init_arguments_take_precedence_over_env(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("NILAI_PORT", "9200")
     assert NilaiSettings(port=9300).port == 9300
+
+
+def test_every_setting_is_documented_in_env_sample():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / ".env.sample").read_text()
+    missing = [name for name in NilaiSettings.model_fields if f"NILAI_{name.upper()}=" not in text]
+    assert missing == []
