@@ -8,6 +8,7 @@ exception class with a readable message.
   the field.
 - ``AuthenticationFailed`` (401): missing or bad credentials; sent with ``WWW-Authenticate``.
 - ``NotFound`` (404): unknown model or route.
+- ``PayloadTooLarge`` (413): the body is over the size limit.
 - ``UpstreamUnavailable`` (503): no healthy model server could take the request.
 - ``UpstreamProtocolError`` (502): the model server answered with something unusable.
 - ``UpstreamTimeout`` (504): the time limit passed.
@@ -70,6 +71,14 @@ class AuthenticationFailed(NilaiError):
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message, code=code, headers={"WWW-Authenticate": "Bearer"})
+
+
+class PayloadTooLarge(NilaiError):
+    """The request body is over the configured limit."""
+
+    status = 413
+    type = "invalid_request_error"
+    default_code = "payload_too_large"
 
 
 class NotFound(NilaiError):

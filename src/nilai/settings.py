@@ -108,6 +108,13 @@ class NilaiSettings(BaseSettings):
     # signing
     signing_key_path: Path | None = None
 
+    # hardening
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    stream_first_byte_timeout_s: float = Field(default=60.0, gt=0)
+    stream_idle_timeout_s: float = Field(default=60.0, gt=0)
+    hsts: bool = False
+    docs_enabled: bool = True
+
     cors_origins: CommaList = Field(
         default_factory=lambda: ["http://localhost:3000", "http://localhost:8080"]
     )

@@ -13,6 +13,7 @@ from nilai.gateway.errors import install_error_handlers
 from nilai.gateway.lifespan import build_services
 from nilai.gateway.middleware import RequestIdMiddleware
 from nilai.gateway.routes import chat, health, keys, models, usage
+from nilai.gateway.security import BodySizeLimit, SecurityHeaders
 from nilai.settings import NilaiSettings
 
 
@@ -26,7 +27,15 @@ def create_app(settings: NilaiSettings | None = None) -> FastAPI:
             app.state.services = services
             yield
 
-    app = FastAPI(title="nilai", version=__version__, lifespan=lifespan)
+    docs = settings.docs_enabled
+    app = FastAPI(
+        title="nilai",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     install_error_handlers(app)
     for router in (health.router, keys.router, models.router, chat.router, usage.router):
         app.include_router(router)
@@ -39,7 +48,10 @@ def create_app(settings: NilaiSettings | None = None) -> FastAPI:
         allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         expose_headers=["X-Request-ID"],
     )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
+    # Outermost, so every response gets the headers, including those of the layers inside.
+    app.add_middleware(SecurityHeaders, hsts=settings.hsts)
     return app
 
 

@@ -7,9 +7,11 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 import httpx
 from redis.asyncio import Redis
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nilai.auth.api_keys import StaticApiKeys
@@ -90,8 +92,9 @@ def make_admission(settings: NilaiSettings, redis: Redis | None) -> Admission:
 async def open_store(settings: NilaiSettings) -> SqlStore:
     """Connect to the database and make sure its schema is current."""
     url = settings.db_url
-    if url.startswith("sqlite"):
-        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    database = make_url(url).database
+    if url.startswith("sqlite") and database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     engine = make_engine(url)
     try:
         if settings.db_auto_migrate:
@@ -148,7 +151,14 @@ async def build_services(settings: NilaiSettings) -> AsyncGenerator[Services]:
         admission = make_admission(settings, redis)
         stack.push_async_callback(admission.aclose)
         chat = ChatService(
-            http, snapshot, signer, sink, admission, request_timeout_s=settings.request_timeout_s
+            http,
+            snapshot,
+            signer,
+            sink,
+            admission,
+            request_timeout_s=settings.request_timeout_s,
+            first_byte_timeout_s=settings.stream_first_byte_timeout_s,
+            idle_timeout_s=settings.stream_idle_timeout_s,
         )
         yield Services(
             settings=settings,

@@ -117,7 +117,7 @@ class SqlStore:
             found = (await session.execute(query)).first()
         if found is None:
             return None
-        key_row, account_row = found.tuple()
+        key_row, account_row = found
         return _key(key_row), _account(account_row)
 
     async def list_keys(self, account_id: str | None = None) -> list[ApiKey]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 DONE = b"[DONE]"
 
@@ -12,7 +12,7 @@ def frame(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
-async def iter_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def iter_payloads(chunks: AsyncIterator[bytes]) -> AsyncGenerator[bytes]:
     r"""Yield each event's data (multi-line data joined by ``\\n``); comments are skipped."""
     buffer = b""
     data: list[bytes] = []

@@ -7,6 +7,7 @@ failed, or abandoned by the client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack
@@ -44,6 +45,8 @@ class ChatService:
         admission: Admission,
         *,
         request_timeout_s: float,
+        first_byte_timeout_s: float = 60.0,
+        idle_timeout_s: float = 60.0,
     ) -> None:
         self._snapshot = snapshot
         self._relay = Relay(http, snapshot)
@@ -51,6 +54,8 @@ class ChatService:
         self._usage = usage
         self._admission = admission
         self._timeout_s = request_timeout_s
+        self._first_byte_timeout_s = first_byte_timeout_s
+        self._idle_timeout_s = idle_timeout_s
 
     async def _admit(
         self, request: ChatCompletionRequest, ctx: RequestContext
@@ -114,7 +119,7 @@ class ChatService:
     ) -> AsyncGenerator[bytes]:
         relay = _StreamRelay(StreamSigner(self._signer, ctx.request_sha256), ctx, chat.request)
         try:
-            async for payload in iter_payloads(response.aiter_raw()):
+            async for payload in self._timed(iter_payloads(response.aiter_raw())):
                 if payload == DONE:
                     break
                 for out in relay.feed(payload):
@@ -136,6 +141,24 @@ class ChatService:
             ctx.fail(exc)
             raise
         yield frame(DONE)
+
+    async def _timed(self, payloads: AsyncGenerator[bytes]) -> AsyncGenerator[bytes]:
+        """Pass payloads on, ending with a timeout if the first or any next one is too late."""
+        limit = self._first_byte_timeout_s
+        async with contextlib.aclosing(payloads):
+            while True:
+                try:
+                    async with asyncio.timeout(limit):
+                        payload = await anext(payloads)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    what = "first token" if limit == self._first_byte_timeout_s else "next token"
+                    raise UpstreamTimeout(
+                        f"The model server did not send its {what} within {limit:g}s."
+                    ) from None
+                yield payload
+                limit = self._idle_timeout_s
 
     def account(self, ctx: RequestContext) -> None:
         """Queue the request's query log and write its log line (counts only, no content)."""

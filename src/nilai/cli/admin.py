@@ -1,0 +1,446 @@
+"""``nilai db``, ``nilai accounts`` and ``nilai keys``: the schema, accounts and API keys.
+
+Every failure is one line on stderr and a non-zero status: 2 for bad input (arguments,
+settings, database URL, revision), 1 for the rest (not found, conflicts, database errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic.util import CommandError
+from pydantic import ValidationError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from nilai.auth.stored_keys import generate_key
+from nilai.cli.common import fail
+from nilai.gateway.lifespan import open_store
+from nilai.settings import NilaiSettings
+from nilai.store import migrate
+from nilai.store.base import Account, ApiKey, Usage
+from nilai.store.sql import SqlStore, make_engine, new_id, now
+
+MAX_LIMIT = 2**31 - 1  # the rate-limit columns are 32-bit integers
+MAX_NAME = 200  # the name columns' length
+PERIODS = ("minute", "hour", "day", "lifetime")
+_ACCOUNT_ID = re.compile(r"acct_[0-9a-f]{16}")
+_DBAPI_TAG = re.compile(r"^\([\w.]+\)\s*")
+# What opening or using the database raises; reported in one line instead of a traceback.
+# RuntimeError: open_store's "schema is not current"; ImportError: a URL naming a missing driver.
+_DATABASE_ERRORS = (SQLAlchemyError, OSError, ImportError, CommandError, RuntimeError)
+
+StoreAction = Callable[[SqlStore], Awaitable[None]]
+EngineAction = Callable[[AsyncEngine, str], Awaitable[None]]
+
+
+class AdminError(Exception):
+    """A failure to report in one line, with the exit status to return."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# registration
+
+
+def register(commands: Any) -> None:
+    """Add the ``db``, ``accounts`` and ``keys`` subcommands."""
+    # Any: argparse's subparsers action type is private.
+    _register_db(_group(commands, "db", "database schema migrations"))
+    _register_accounts(_group(commands, "accounts", "accounts and their rate limits"))
+    _register_keys(_group(commands, "keys", "API keys (shown once, stored as hashes)"))
+
+
+def _group(commands: Any, name: str, summary: str) -> Any:
+    parser: argparse.ArgumentParser = commands.add_parser(name, help=summary, description=summary)
+    return parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+
+def _action(
+    actions: Any, name: str, summary: str, body: Callable[[argparse.Namespace], None]
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = actions.add_parser(name, help=summary, description=summary)
+    parser.set_defaults(handler=run, body=body)
+    return parser
+
+
+def _register_db(actions: Any) -> None:
+    upgrade = _action(actions, "upgrade", "migrate the schema up", _db_upgrade)
+    upgrade.add_argument("revision", nargs="?", default="head", help="target (default: head)")
+    downgrade = _action(actions, "downgrade", "migrate the schema down", _db_downgrade)
+    downgrade.add_argument(
+        "revision", help="target: a revision id, -1 for one step, or base (drops every table)"
+    )
+    _action(actions, "current", "print the schema revision, or none", _db_current)
+
+
+def _register_accounts(actions: Any) -> None:
+    add = _action(actions, "add", "create an account", _accounts_add)
+    add.add_argument("name", help=f"unique name, 1 to {MAX_NAME} characters")
+    for period in PERIODS:
+        add.add_argument(
+            f"--rate-limit-{period}",
+            metavar="N",
+            help=f"requests per {period} (default: the gateway's setting)",
+        )
+    _action(actions, "list", "list accounts with their usage", _accounts_list)
+    for name, summary, body in (
+        ("show", "show an account, its usage and its keys", _accounts_show),
+        ("disable", "disable an account and so all its keys", _accounts_disable),
+        ("enable", "enable a disabled account", _accounts_enable),
+    ):
+        _action(actions, name, summary, body).add_argument("account", metavar="ID_OR_NAME")
+
+
+def _register_keys(actions: Any) -> None:
+    create = _action(actions, "create", "create an API key; it is shown once", _keys_create)
+    create.add_argument("account", metavar="ACCOUNT", help="account id or name")
+    create.add_argument("--name", metavar="LABEL", help="a label to recognise the key by")
+    listing = _action(actions, "list", "list API keys (never the keys themselves)", _keys_list)
+    listing.add_argument("--account", metavar="ID_OR_NAME", help="only this account's keys")
+    revoke = _action(actions, "revoke", "revoke an API key", _keys_revoke)
+    revoke.add_argument("key", metavar="KEY_ID_OR_PREFIX")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one admin action; report a failure in one line on stderr and return its status."""
+    command = f"{args.command} {args.action}"
+    try:
+        args.body(args)
+    except AdminError as exc:
+        return fail(command, str(exc), exc.status)
+    except _DATABASE_ERRORS as exc:
+        message, status = _describe(exc)
+        return fail(command, message, status)
+    return 0
+
+
+# plumbing
+
+
+def _settings() -> NilaiSettings:
+    try:
+        return NilaiSettings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"NILAI_{'.'.join(map(str, error['loc'])).upper()}: {error['msg']}"
+            if error["loc"]
+            else error["msg"]
+            for error in exc.errors()
+        )
+        raise AdminError(f"invalid settings: {problems}", 2) from exc
+    except ValueError as exc:
+        raise AdminError(f"invalid settings: {_first_line(exc)}", 2) from exc
+
+
+def _with_store(action: StoreAction) -> None:
+    """Open the store (migrating it when NILAI_DB_AUTO_MIGRATE), run ``action``, close it."""
+    settings = _settings()
+
+    async def session() -> None:
+        store = await open_store(settings)
+        try:
+            await action(store)
+        finally:
+            await store.aclose()
+
+    asyncio.run(session())
+
+
+def _with_engine(action: EngineAction) -> None:
+    """Run ``action`` on an engine for the configured database and its printable URL."""
+    url = _settings().db_url
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    shown = parsed.render_as_string(hide_password=True)
+
+    async def session() -> None:
+        engine = make_engine(url)
+        try:
+            await action(engine, shown)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(session())
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return _DBAPI_TAG.sub("", lines[0]) if lines else type(exc).__name__
+
+
+def _describe(exc: Exception) -> tuple[str, int]:
+    """A database failure as one line and an exit status."""
+    if isinstance(exc, ArgumentError | ImportError):
+        return f"invalid database URL (NILAI_DATABASE_URL): {_first_line(exc)}", 2
+    if isinstance(exc, OSError):
+        return f"cannot reach the database: {_first_line(exc)}", 1
+    if isinstance(exc, RuntimeError | CommandError):
+        return _first_line(exc), 1
+    return f"database error: {_first_line(exc)}", 1
+
+
+def _when(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [
+        max([len(header), *(len(row[i]) for row in rows)]) for i, header in enumerate(headers)
+    ]
+    for line in (headers, *rows):
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
+
+
+# db
+
+
+def _db_upgrade(args: argparse.Namespace) -> None:
+    """``nilai db upgrade [REVISION]``."""
+    revision = str(args.revision)
+    _with_engine(lambda engine, url: _migrate(engine, url, migrate.upgrade, revision))
+
+
+def _db_downgrade(args: argparse.Namespace) -> None:
+    """``nilai db downgrade REVISION``."""
+    revision = str(args.revision)
+    _with_engine(lambda engine, url: _migrate(engine, url, migrate.downgrade, revision))
+
+
+def _db_current(args: argparse.Namespace) -> None:
+    """``nilai db current``: the bare revision, so scripts can compare it."""
+
+    async def show(engine: AsyncEngine, _url: str) -> None:
+        print(await migrate.current_revision(engine) or "none")
+
+    _with_engine(show)
+
+
+async def _migrate(engine: AsyncEngine, url: str, step: EngineAction, revision: str) -> None:
+    before = await migrate.current_revision(engine)
+    try:
+        await step(engine, revision)
+    except CommandError as exc:
+        raise AdminError(f"cannot migrate: {_first_line(exc)}", 2) from exc
+    after = await migrate.current_revision(engine)
+    if after == before:
+        print(f"database {url} already at revision {after or 'none'}")
+    else:
+        print(f"database {url} at revision {after or 'none'} (was {before or 'none'})")
+
+
+# accounts
+
+
+def _account_name(name: str) -> str:
+    if not name.strip() or len(name) > MAX_NAME:
+        raise AdminError(f"an account name must be 1 to {MAX_NAME} characters, not blank", 2)
+    if _ACCOUNT_ID.fullmatch(name):
+        raise AdminError(f"{name!r} looks like an account id; choose another name", 2)
+    return name
+
+
+def _limit(value: str | None, period: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 0 < number <= MAX_LIMIT:
+        raise AdminError(
+            f"--rate-limit-{period} must be a whole number from 1 to {MAX_LIMIT}, got {value!r}",
+            2,
+        )
+    return number
+
+
+def _limits_text(account: Account) -> str:
+    limits = {
+        "minute": account.rate_limit_minute,
+        "hour": account.rate_limit_hour,
+        "day": account.rate_limit_day,
+        "lifetime": account.rate_limit_lifetime,
+    }
+    text = ", ".join(f"{period}={value}" for period, value in limits.items() if value is not None)
+    return text or "defaults"
+
+
+def _label(account: Account) -> str:
+    return f"{account.name} ({account.id})"
+
+
+async def _find_account(store: SqlStore, id_or_name: str) -> Account:
+    account = await store.get_account(id_or_name)
+    if account is None:
+        raise AdminError(f"no account with id or name {id_or_name!r}")
+    return account
+
+
+def _accounts_add(args: argparse.Namespace) -> None:
+    """``nilai accounts add NAME [--rate-limit-PERIOD N ...]``."""
+    name = _account_name(str(args.name))
+    limits = {
+        f"rate_limit_{period}": _limit(getattr(args, f"rate_limit_{period}"), period)
+        for period in PERIODS
+    }
+
+    async def add(store: SqlStore) -> None:
+        try:
+            account = await store.create_account(name, limits)
+        except ValueError as exc:
+            raise AdminError(str(exc)) from exc
+        print(f"created account {_label(account)}; limits: {_limits_text(account)}")
+
+    _with_store(add)
+
+
+def _accounts_list(args: argparse.Namespace) -> None:
+    """``nilai accounts list``."""
+
+    async def listing(store: SqlStore) -> None:
+        accounts = await store.list_accounts()
+        if not accounts:
+            print("no accounts")
+            return
+        rows = [_account_row(account, await store.usage(account.id)) for account in accounts]
+        headers = ["ID", "NAME", "ACTIVE", "CREATED", "LIMITS", "QUERIES", "TOKENS"]
+        _table(headers, rows)
+
+    _with_store(listing)
+
+
+def _account_row(account: Account, usage: Usage) -> list[str]:
+    active = "yes" if account.active else "no"
+    created = _when(account.created_at)
+    limits = _limits_text(account)
+    totals = [str(usage.queries), str(usage.total_tokens)]
+    return [account.id, account.name, active, created, limits, *totals]
+
+
+def _accounts_show(args: argparse.Namespace) -> None:
+    """``nilai accounts show ID_OR_NAME``: details, usage totals and keys."""
+    id_or_name = str(args.account)
+
+    async def show(store: SqlStore) -> None:
+        account = await _find_account(store, id_or_name)
+        usage = await store.usage(account.id)
+        print(f"id:       {account.id}")
+        print(f"name:     {account.name}")
+        print(f"active:   {'yes' if account.active else 'no'}")
+        print(f"created:  {_when(account.created_at)}")
+        print(f"limits:   {_limits_text(account)}")
+        print(
+            f"usage:    {usage.queries} queries, {usage.prompt_tokens} prompt + "
+            f"{usage.completion_tokens} completion = {usage.total_tokens} tokens"
+        )
+        keys = await store.list_keys(account.id)
+        print(f"keys:     {len(keys)}")
+        if keys:
+            _key_table(keys, {account.id: account.name})
+
+    _with_store(show)
+
+
+def _accounts_disable(args: argparse.Namespace) -> None:
+    """``nilai accounts disable ID_OR_NAME``."""
+    _set_active(str(args.account), active=False)
+
+
+def _accounts_enable(args: argparse.Namespace) -> None:
+    """``nilai accounts enable ID_OR_NAME``."""
+    _set_active(str(args.account), active=True)
+
+
+def _set_active(id_or_name: str, *, active: bool) -> None:
+    state = "enabled" if active else "disabled"
+
+    async def change(store: SqlStore) -> None:
+        account = await _find_account(store, id_or_name)
+        if account.active == active:
+            print(f"account {_label(account)} was already {state}")
+            return
+        await store.set_active(account.id, active)
+        print(f"account {_label(account)} {state}")
+
+    _with_store(change)
+
+
+# keys
+
+
+def _key_table(keys: Sequence[ApiKey], names: dict[str, str]) -> None:
+    rows = [
+        [
+            *(key.id, key.prefix, names.get(key.account_id, key.account_id), key.name or "-"),
+            *(_when(key.created_at), _when(key.last_used_at), _when(key.revoked_at)),
+        ]
+        for key in keys
+    ]
+    _table(["ID", "PREFIX", "ACCOUNT", "NAME", "CREATED", "LAST USED", "REVOKED"], rows)
+
+
+def _keys_create(args: argparse.Namespace) -> None:
+    """``nilai keys create ACCOUNT [--name LABEL]``: print the new key once."""
+    id_or_name = str(args.account)
+    label: str | None = args.name
+    if label is not None and not 0 < len(label) <= MAX_NAME:
+        raise AdminError(f"--name must be 1 to {MAX_NAME} characters", 2)
+
+    async def create(store: SqlStore) -> None:
+        account = await _find_account(store, id_or_name)
+        if not account.active:
+            raise AdminError(f"account {_label(account)} is disabled; enable it first")
+        new = generate_key()
+        key = ApiKey(new_id("key"), account.id, new.prefix, new.hash, label, now(), None, None)
+        await store.add_key(key)
+        print(f"created API key {key.id} (prefix {key.prefix}) for account {_label(account)}:")
+        print(new.value)
+        print("Store it now: this key will not be shown again.")
+
+    _with_store(create)
+
+
+def _keys_list(args: argparse.Namespace) -> None:
+    """``nilai keys list [--account ID_OR_NAME]``: records only, never a key or its hash."""
+    id_or_name: str | None = args.account
+
+    async def listing(store: SqlStore) -> None:
+        account = await _find_account(store, id_or_name) if id_or_name is not None else None
+        keys = await store.list_keys(account.id if account else None)
+        if not keys:
+            print("no API keys")
+            return
+        _key_table(keys, {a.id: a.name for a in await store.list_accounts()})
+
+    _with_store(listing)
+
+
+def _keys_revoke(args: argparse.Namespace) -> None:
+    """``nilai keys revoke KEY_ID_OR_PREFIX``."""
+    target = str(args.key)
+
+    async def revoke(store: SqlStore) -> None:
+        started = now()
+        key = await store.revoke_key(target)
+        if key is None:
+            raise AdminError(f"no API key with id or prefix {target!r}")
+        shown = f"API key {key.id} (prefix {key.prefix})"
+        if key.revoked_at is not None and key.revoked_at < started:
+            print(f"{shown} was already revoked at {_when(key.revoked_at)}")
+        else:
+            print(f"revoked {shown}")
+
+    _with_store(revoke)
