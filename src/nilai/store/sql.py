@@ -148,6 +148,7 @@ class SqlStore:
         Rows whose id is already stored are skipped and not counted again, so a batch retried
         after an ambiguous failure (the commit may have landed) is never double-counted.
         """
+        logs = list({log.id: log for log in logs}.values())  # a row counts once per batch
         if not logs:
             return 0
         insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
@@ -217,9 +218,13 @@ class SqlStore:
 
 
 def _fields(record: Any) -> dict[str, Any]:
-    """A slotted dataclass as a dict of its fields."""
+    """A slotted dataclass as a dict of its fields, times in UTC (SQLite drops offsets)."""
     # Any: any of the record dataclasses.
-    return {name: getattr(record, name) for name in record.__dataclass_fields__}
+    fields = {name: getattr(record, name) for name in record.__dataclass_fields__}
+    for name, value in fields.items():
+        if isinstance(value, datetime) and value.tzinfo is not None:
+            fields[name] = value.astimezone(UTC)
+    return fields
 
 
 def _utc(value: datetime | None) -> datetime | None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Awaitable
 
 from nilai.store.base import QueryLog, QueryLogRepo, Usage
 
@@ -39,8 +40,13 @@ class UsageSink:
         self._pending: dict[str, Usage] = defaultdict(Usage)
         self._task: asyncio.Task[None] | None = None
         self._batch: list[QueryLog] = []
+        # The writer is only cancelled while it waits, never in the middle of a write.
+        self._waiting = False
+        self._stopping = False
         self.dropped = 0
         self.written = 0
+        self.version = 0
+        """Bumped after each write, so a reader can tell a batch landed between two reads."""
 
     @property
     def depth(self) -> int:
@@ -70,23 +76,34 @@ class UsageSink:
         """Write what is queued (for at most ``timeout_s``), then stop."""
         if self._task is None:
             return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        self._stopping = True
         try:
             async with asyncio.timeout(timeout_s):
+                if self._waiting:
+                    self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
                 while self._batch or not self._queue.empty():
                     self._fill_batch()
                     await self._write_with_retry()
         except TimeoutError:
+            self._task.cancel()
             logger.error("shutdown: %d query logs could not be written", self.depth)  # noqa: TRY400
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             if not self._batch:
-                self._batch.append(await self._queue.get())
+                self._batch.append(await self._wait(self._queue.get()))
                 await self._gather()
             await self._write_with_retry()
+
+    async def _wait[T](self, awaitable: Awaitable[T]) -> T:
+        """Await something that may be cancelled safely (no write in progress)."""
+        self._waiting = True
+        try:
+            return await awaitable
+        finally:
+            self._waiting = False
 
     async def _gather(self) -> None:
         """Top up the batch for up to ``interval_s`` or until it is full."""
@@ -99,7 +116,7 @@ class UsageSink:
                 return
             try:
                 async with asyncio.timeout(remaining):
-                    self._batch.append(await self._queue.get())
+                    self._batch.append(await self._wait(self._queue.get()))
             except TimeoutError:
                 return
 
@@ -119,7 +136,7 @@ class UsageSink:
                     type(exc).__name__,
                     delay,
                 )
-                await asyncio.sleep(delay)
+                await self._wait(asyncio.sleep(delay))
                 delay = min(delay * 2, self._max_backoff_s)
             else:
                 return
@@ -135,6 +152,7 @@ class UsageSink:
             else:
                 del self._pending[log.account_id]
         self.written += len(self._batch)
+        self.version += 1
         self._batch = []
 
 

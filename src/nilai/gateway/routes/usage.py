@@ -6,6 +6,7 @@ from fastapi import APIRouter
 
 from nilai.gateway.deps import PrincipalDep, ServicesDep
 from nilai.protocol.usage import UsageReport
+from nilai.store.base import Usage
 
 router = APIRouter(tags=["usage"])
 
@@ -13,8 +14,14 @@ router = APIRouter(tags=["usage"])
 @router.get("/v1/usage")
 async def usage(services: ServicesDep, principal: PrincipalDep) -> UsageReport:
     """Totals from the database plus this process's rows not yet written."""
-    stored = await services.store.usage(principal.account_id)
-    total = stored + services.usage_sink.pending(principal.account_id)
+    sink = services.usage_sink
+    total = Usage()
+    for _ in range(3):  # a batch landing between the two reads would count twice or not at all
+        version = sink.version
+        total = await services.store.usage(principal.account_id)
+        total += sink.pending(principal.account_id)
+        if sink.version == version:
+            break
     return UsageReport(
         prompt_tokens=total.prompt_tokens,
         completion_tokens=total.completion_tokens,
