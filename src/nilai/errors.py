@@ -151,8 +151,10 @@ class RateLimited(NilaiError):
         limit = decision.limit
         what = f"{limit.count} {limit.name}" if limit else "the rate limit"
         retry = decision.retry_after_s
+        resets = limit is None or limit.resets
+        when = f"Retry after {retry} s." if resets else "This limit does not reset."
         super().__init__(
-            f"Rate limit reached: {what}. Retry after {retry} s.",
+            f"Rate limit reached: {what}. {when}",
             headers={"Retry-After": str(retry), **rate_limit_headers(decision)},
         )
         self.decision = decision

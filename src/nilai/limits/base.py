@@ -17,6 +17,13 @@ class Limit:
     name: str
     count: int
     window_s: int | None
+    concurrent: bool = False
+    """A cap on requests in flight rather than a count over time."""
+
+    @property
+    def resets(self) -> bool:
+        """Whether waiting can help (False for lifetime and token-use counts)."""
+        return self.concurrent or self.window_s is not None
 
 
 @dataclass(frozen=True, slots=True)

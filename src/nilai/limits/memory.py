@@ -61,10 +61,14 @@ class MemoryConcurrencyLimiter:
         used = self._in_flight[key]
         name = "concurrent requests for this model"
         if used >= limit:
-            raise RateLimited(Decision(False, Limit(key, name, limit, None), 0, 1.0))
+            raise RateLimited(
+                Decision(False, Limit(key, name, limit, None, concurrent=True), 0, 1.0)
+            )
         self._in_flight[key] = used + 1
         try:
-            yield Decision(True, Limit(key, name, limit, None), limit - used - 1, 0.0)
+            yield Decision(
+                True, Limit(key, name, limit, None, concurrent=True), limit - used - 1, 0.0
+            )
         finally:
             self._in_flight[key] -= 1
 

@@ -64,14 +64,15 @@ class RedisConcurrencyLimiter:
         """Hold one slot of ``key`` while the block runs."""
         full_key = self._prefix + key
         lease_id = uuid.uuid4().hex
-        acquired, used, wait_ms = await self._acquire(
+        acquired, used, _ = await self._acquire(
             keys=[full_key], args=[lease_id, limit, self._ttl_ms]
         )
         decision = Decision(
             bool(acquired),
-            Limit(key, "concurrent requests for this model", limit, None),
+            Limit(key, "concurrent requests for this model", limit, None, concurrent=True),
             remaining=max(0, limit - int(used)),
-            reset_s=max(int(wait_ms), 0) / 1000,
+            # Held slots are renewed, so their expiry says nothing about when one frees.
+            reset_s=1.0,
         )
         if not acquired:
             raise RateLimited(decision)

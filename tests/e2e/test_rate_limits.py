@@ -1,0 +1,388 @@
+"""Rate and concurrency limits as clients see them: through gateways, and across replicas.
+
+In-process gateways run over both backends (process memory, and this machine's Redis under a
+unique prefix); replicas are real ``nilai api`` processes sharing one Redis; outages stop a
+private ``redis-server`` started here, never the shared one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import redis
+
+from tests.conftest import REDIS_URL, TEST_API_KEY, FakeHandle, GatewayHandle
+from tests.integration.test_limits import PrivateRedis
+from tests.support.servers import free_port, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+NILAI = str(Path(sys.executable).parent / "nilai")
+MESSAGES = [{"role": "user", "content": "hi"}]
+AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
+ERROR_FIELDS = {"message", "type", "param", "code"}
+
+
+def chat(url: str, *, stream: bool = False, timeout: float = 10) -> httpx.Response:
+    """One chat request, read to the end."""
+    body = {"model": "fake-model", "messages": MESSAGES, "stream": stream}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=timeout)
+
+
+@contextlib.contextmanager
+def open_stream(client: httpx.Client, url: str) -> Iterator[Iterator[bytes]]:
+    """A streamed chat held open after its first bytes arrived; yields the rest of it.
+
+    The iterator must stay referenced: dropping a started ``iter_raw`` closes the connection.
+    """
+    body = {"model": "fake-model", "messages": MESSAGES, "stream": True}
+    with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=AUTH) as resp:
+        assert resp.status_code == 200, resp.read()
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = resp.iter_raw()
+        assert next(events).startswith(b"data: ")
+        yield events
+
+
+def assert_rate_limited(response: httpx.Response, limit_text: str) -> int:
+    """An OpenAI-shaped 429 naming the limit; returns its Retry-After."""
+    assert response.status_code == 429, response.text
+    error = response.json()["error"]
+    assert set(error) == ERROR_FIELDS
+    assert error["type"] == "rate_limit_error"
+    assert error["code"] == "rate_limit_exceeded"
+    assert limit_text in error["message"]
+    retry_after = response.headers["Retry-After"]
+    assert retry_after.isdigit(), retry_after
+    assert int(retry_after) >= 1
+    assert response.headers["X-RateLimit-Remaining"] == "0"
+    assert response.headers["X-RateLimit-Limit"].isdigit()
+    assert response.headers["X-RateLimit-Reset"].isdigit()
+    return int(retry_after)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest, redis_prefix: str) -> dict[str, Any]:
+    """Gateway settings for the limit store: this process, or the shared Redis."""
+    if request.param == "memory":
+        return {}
+    return {"redis_url": REDIS_URL, "redis_prefix": redis_prefix}
+
+
+# --- in-process gateways, both backends ---------------------------------------------------
+
+
+def test_minute_limit_admits_five_then_429(
+    backend: dict[str, Any],  # first: its Redis keys are deleted after the gateway stops
+    start_fake: Callable[..., FakeHandle],
+    start_gateway: Callable[..., GatewayHandle],
+):
+    fake = start_fake()
+    gateway = start_gateway(upstream_urls=[fake.url], rate_limit_minute=5, **backend)
+    first_done = 0.0
+    for i in range(5):
+        response = chat(gateway.url, stream=i % 2 == 1)
+        first_done = first_done or time.monotonic()
+        assert response.status_code == 200, response.text
+        assert response.headers["X-RateLimit-Limit"] == "5"
+        assert response.headers["X-RateLimit-Remaining"] == str(4 - i)
+        assert 0 <= int(response.headers["X-RateLimit-Reset"]) <= 60
+        if i % 2:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.text.rstrip().endswith("data: [DONE]")
+
+    sent = time.monotonic()
+    refused = chat(gateway.url)
+    retry_after = assert_rate_limited(refused, "5 requests per minute for this account")
+    assert refused.headers["X-RateLimit-Limit"] == "5"
+    assert retry_after <= 61
+    # Never later than the first request actually leaves the window (whole seconds, rounded up).
+    assert retry_after <= 60 - (sent - first_done) + 1
+    assert 1 <= int(refused.headers["X-RateLimit-Reset"]) <= 60
+    assert_rate_limited(chat(gateway.url, stream=True), "per minute")
+
+    client = gateway.client()
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.chat.completions.create(model="fake-model", messages=MESSAGES)
+    assert raised.value.status_code == 429
+    assert "requests per minute" in raised.value.message
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="fake-model", messages=MESSAGES, stream=True)
+
+
+def test_model_concurrency_refuses_the_third_until_a_stream_ends(
+    backend: dict[str, Any],  # first: its Redis keys are deleted after the gateway stops
+    start_fake: Callable[..., FakeHandle],
+    start_gateway: Callable[..., GatewayHandle],
+):
+    fake = start_fake(tokens=50, token_delay_s=0.05)
+    gateway = start_gateway(upstream_urls=[fake.url], model_concurrency=2, **backend)
+    with httpx.Client(timeout=10) as client, contextlib.ExitStack() as streams:
+        first = streams.enter_context(open_stream(client, gateway.url))
+        streams.enter_context(open_stream(client, gateway.url))
+
+        assert_rate_limited(chat(gateway.url), "2 concurrent requests for this model")
+        assert_rate_limited(chat(gateway.url, stream=True), "concurrent requests")
+        with pytest.raises(openai.RateLimitError):
+            gateway.client().chat.completions.create(
+                model="fake-model", messages=MESSAGES, stream=True
+            )
+
+        stats = fake.state.stats
+        assert (stats.streams_started, stats.cancelled) == (2, 0)  # both still streaming
+
+        rest = b"".join(first)  # the first stream runs to its end
+        assert rest.rstrip().endswith(b"data: [DONE]")
+        # The slot is returned as the response finishes; allow the server that moment.
+        admitted = wait_until(
+            lambda: (r := chat(gateway.url)).status_code == 200 and r, timeout_s=3
+        )
+        assert admitted.headers["content-type"].startswith("application/json")
+
+
+# --- replicas: real `nilai api` processes on one Redis ------------------------------------
+
+
+@dataclass
+class Replica:
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture
+def start_replica(tmp_path: Path, redis_prefix: str) -> Iterator[Callable[..., Replica]]:
+    """Start ``nilai api`` processes on the shared Redis, all under one test prefix.
+
+    Every one still running is stopped afterwards, before the prefix's keys are deleted.
+    """
+    started: list[Replica] = []
+
+    def start(name: str, **env: str) -> Replica:
+        port = free_port()
+        data = tmp_path / name
+        data.mkdir()
+        log = tmp_path / f"{name}.log"
+        variables = {
+            **os.environ,
+            "NILAI_API_KEY": TEST_API_KEY,
+            "NILAI_DATA_DIR": str(data),
+            "NILAI_REDIS_URL": REDIS_URL,
+            "NILAI_REDIS_PREFIX": redis_prefix,
+            "NILAI_DISCOVERY_REFRESH_S": "0.2",
+            "NILAI_DISCOVERY_TTL_S": "3",
+            "NILAI_RATE_LIMIT_MINUTE": "0",
+            "NILAI_RATE_LIMIT_HOUR": "0",
+            "NILAI_RATE_LIMIT_DAY": "0",
+            "NILAI_LOG_LEVEL": "warning",
+            **env,
+        }
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [NILAI, "api", "--port", str(port)],
+                env=variables,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        replica = Replica(process, f"http://127.0.0.1:{port}", log)
+        started.append(replica)
+        return replica
+
+    yield start
+    for replica in started:
+        process = replica.process
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+
+
+def wait_serving(*replicas: Replica, timeout_s: float = 20) -> None:
+    """Wait until every replica lists the fake model (listing models counts against nothing)."""
+
+    def serving(replica: Replica) -> bool:
+        if replica.process.poll() is not None:
+            raise AssertionError(f"nilai api exited:\n{replica.tail()}")
+        try:
+            response = httpx.get(f"{replica.url}/v1/models", headers=AUTH, timeout=2)
+        except httpx.TransportError:
+            return False
+        return response.status_code == 200 and [m["id"] for m in response.json()["data"]] == [
+            "fake-model"
+        ]
+
+    for replica in replicas:
+        wait_until(lambda r=replica: serving(r), timeout_s=timeout_s, interval_s=0.1)
+
+
+def test_two_replicas_share_the_minute_limit(
+    start_fake: Callable[..., FakeHandle], start_replica: Callable[..., Replica]
+):
+    fake = start_fake()
+    env = {"NILAI_UPSTREAM_URLS": fake.url, "NILAI_RATE_LIMIT_MINUTE": "20"}
+    replicas = [start_replica("a", **env), start_replica("b", **env)]
+    wait_serving(*replicas)
+    targets = [replicas[i % 2].url for i in range(60)]
+
+    def timed(url: str) -> tuple[float, float, httpx.Response]:
+        sent = time.monotonic()
+        response = chat(url)
+        return sent, time.monotonic(), response
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(timed, targets))
+
+    responses = [response for _, _, response in results]
+    statuses = Counter(r.status_code for r in responses)
+    assert statuses == {200: 20, 429: 40}, statuses
+    # The oldest admitted request was counted before the first 200 came back, so no refusal
+    # may ask for a wait longer than what is left of its minute, rounded up, plus a second.
+    first_admitted = min(done for _, done, r in results if r.status_code == 200)
+    for sent, _, response in results:
+        if response.status_code == 429:
+            retry_after = assert_rate_limited(response, "20 requests per minute")
+            assert 1 <= retry_after <= 61
+            assert retry_after <= 60 - (sent - first_admitted) + 1
+        else:
+            assert response.headers["X-RateLimit-Limit"] == "20"
+    remaining = sorted(int(r.headers["X-RateLimit-Remaining"]) for r in responses if r.is_success)
+    assert remaining == list(range(20))  # every admitted request saw the shared count
+
+
+def test_killed_replica_frees_its_slots_within_30s(
+    start_fake: Callable[..., FakeHandle], start_replica: Callable[..., Replica]
+):
+    fake = start_fake(tokens=400, token_delay_s=0.05)  # streams of 20 s
+    env = {
+        "NILAI_UPSTREAM_URLS": fake.url,
+        "NILAI_MODEL_CONCURRENCY": "3",
+        "NILAI_CONCURRENCY_LEASE_TTL_S": "5",
+    }
+    doomed, survivor = start_replica("doomed", **env), start_replica("survivor", **env)
+    wait_serving(doomed, survivor)
+    with httpx.Client(timeout=30) as client, contextlib.ExitStack() as streams:
+        for _ in range(3):
+            streams.enter_context(open_stream(client, doomed.url))
+        assert_rate_limited(chat(doomed.url), "3 concurrent requests for this model")
+
+        doomed.process.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        doomed.process.wait(timeout=5)
+        # Its slots are still held: nothing released them.
+        retry_after = assert_rate_limited(chat(survivor.url), "3 concurrent requests")
+        assert retry_after <= 6  # the earliest lease ends within its 5 s lifetime
+
+        wait_until(lambda: chat(survivor.url).status_code == 200, timeout_s=30, interval_s=0.1)
+        recovered_s = time.monotonic() - killed
+        print(f"\nslots of the SIGKILLed replica were free again after {recovered_s:.2f} s")
+        assert recovered_s < 30
+        with contextlib.suppress(httpx.HTTPError):
+            streams.close()
+    # All three expired, not just one: three streams fit again.
+    with httpx.Client(timeout=30) as client, contextlib.ExitStack() as streams:
+        for _ in range(3):
+            streams.enter_context(open_stream(client, survivor.url))
+
+
+# --- Redis outages -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_redis_outage_fails_closed_and_service_returns_with_redis(
+    private_redis: PrivateRedis,  # first: it stops after the gateway
+    start_fake: Callable[..., FakeHandle],
+    start_gateway: Callable[..., GatewayHandle],
+):
+    fake = start_fake()
+    gateway = start_gateway(
+        upstream_urls=[fake.url], redis_url=private_redis.url, rate_limit_minute=1000
+    )
+    assert chat(gateway.url).status_code == 200
+
+    private_redis.stop()
+    stopped = time.monotonic()
+    refused = chat(gateway.url)
+    assert time.monotonic() - stopped < 5
+    assert refused.status_code == 503, refused.text
+    error = refused.json()["error"]
+    assert set(error) == ERROR_FIELDS
+    assert error["type"] == "service_unavailable"
+    assert error["code"] == "rate_limiter_unavailable"
+    assert "Rate limiting is unavailable" in error["message"]
+    assert "Redis" in error["message"]
+    assert refused.headers["Retry-After"] == "1"
+    assert chat(gateway.url, stream=True).status_code == 503
+    ready = httpx.get(f"{gateway.url}/readyz", timeout=5)
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["redis"].startswith("unreachable")
+
+    private_redis.start()  # the same port; the gateway is not restarted
+    restarted = time.monotonic()
+    wait_until(lambda: chat(gateway.url).status_code == 200, timeout_s=15, interval_s=0.2)
+    print(f"\nserving again {time.monotonic() - restarted:.2f} s after Redis restarted")
+    # The new Redis starts empty, so discovery may lose the model for a moment until the
+    # gateway announces its upstream again; once it has, everything is served.
+    fresh = redis.Redis.from_url(private_redis.url)
+    try:
+        wait_until(lambda: fresh.exists("nilai:discovery:index"), timeout_s=10)
+    finally:
+        fresh.close()
+    wait_until(lambda: chat(gateway.url).status_code == 200, timeout_s=5, interval_s=0.2)
+    assert chat(gateway.url, stream=True).status_code == 200
+    wait_until(
+        lambda: httpx.get(f"{gateway.url}/readyz", timeout=5).status_code == 200, timeout_s=5
+    )
+
+
+def test_redis_outage_fail_open_keeps_serving(
+    private_redis: PrivateRedis,
+    start_fake: Callable[..., FakeHandle],
+    start_gateway: Callable[..., GatewayHandle],
+):
+    fake = start_fake(tokens=20, token_delay_s=0.05)
+    gateway = start_gateway(
+        upstream_urls=[fake.url],
+        redis_url=private_redis.url,
+        rate_limit_minute=3,
+        model_concurrency=1,
+        rate_limit_fail_open=True,
+    )
+    assert chat(gateway.url).status_code == 200
+    private_redis.stop()
+    for stream in (False, True, False, True, False):  # more than the minute allows
+        response = chat(gateway.url, stream=stream)
+        assert response.status_code == 200, response.text
+        assert "X-RateLimit-Limit" not in response.headers  # nothing was counted
+    with httpx.Client(timeout=10) as client, contextlib.ExitStack() as streams:
+        for _ in range(2):  # more than the model's one slot: no slot is taken either
+            streams.enter_context(open_stream(client, gateway.url))
+        assert chat(gateway.url).status_code == 200
+    assert httpx.get(f"{gateway.url}/readyz", timeout=5).status_code == 503

@@ -1,0 +1,629 @@
+"""The limiters and the admission policy, on process memory and on this machine's real Redis.
+
+Every behavioural test runs on both backends (the in-memory ones must behave like the Redis
+ones); the lease-expiry, ``aclose`` and NOSCRIPT cases exist only for Redis. Redis keys live
+under a unique prefix and are deleted afterwards; a case that must flush scripts or stop Redis
+uses a private ``redis-server`` of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from nilai.auth.base import Principal
+from nilai.errors import LimitsUnavailable, RateLimited
+from nilai.limits.base import ConcurrencyLimiter, Decision, Limit, RateLimiter
+from nilai.limits.memory import MemoryConcurrencyLimiter, MemoryRateLimiter
+from nilai.limits.policy import Admission, LimitDefaults
+from nilai.limits.redis import RedisConcurrencyLimiter, RedisRateLimiter
+from nilai.store.base import Account
+from tests.conftest import REDIS_URL
+from tests.support.servers import free_port
+
+pytestmark = pytest.mark.integration
+
+LEASE_TTL_S = 1.5
+OFF = LimitDefaults(
+    minute=None,
+    hour=None,
+    day=None,
+    lifetime=None,
+    model_concurrency=50,
+    web_search_rps=None,
+    web_search_minute=None,
+    web_search_hour=None,
+    web_search_day=None,
+)
+"""Every request limit switched off; each test switches on the ones it is about."""
+
+
+class PrivateRedis:
+    """A ``redis-server`` of this test's own on a free port, which it may stop and flush."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._directory = directory
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> PrivateRedis:
+        self._directory.mkdir(parents=True, exist_ok=True)
+        self._process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
+                str(self._directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"redis-server on port {self.port} exited at start-up")
+            client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+            try:
+                if client.ping():
+                    return self
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+            finally:
+                client.close()
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Backend:
+    name: str
+    rate: RateLimiter
+    concurrency: ConcurrencyLimiter
+    redis: Redis | None
+    prefix: str
+
+    def another_concurrency(self) -> ConcurrencyLimiter:
+        """A second limiter on the same store, as another replica would hold."""
+        if self.redis is None:
+            raise ValueError("process memory is not shared")
+        return RedisConcurrencyLimiter(self.redis, self.prefix, ttl_s=LEASE_TTL_S)
+
+    def admission(self, defaults: LimitDefaults = OFF, *, fail_open: bool = False) -> Admission:
+        return Admission(self.rate, self.concurrency, defaults, fail_open=fail_open)
+
+
+@asynccontextmanager
+async def redis_backend() -> AsyncIterator[Backend]:
+    """Limiters on this machine's Redis under a fresh prefix, deleted afterwards."""
+    prefix = f"nilai-test-limits-{uuid.uuid4().hex[:12]}:"
+    client = Redis.from_url(REDIS_URL)
+    concurrency = RedisConcurrencyLimiter(client, prefix, ttl_s=LEASE_TTL_S)
+    try:
+        yield Backend("redis", RedisRateLimiter(client, prefix), concurrency, client, prefix)
+    finally:
+        await concurrency.aclose()
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=500)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    if request.param == "memory":
+        limiter = MemoryConcurrencyLimiter()
+        yield Backend("memory", MemoryRateLimiter(), limiter, None, "")
+        await limiter.aclose()
+        return
+    async with redis_backend() as shared:
+        yield shared
+
+
+@pytest.fixture
+async def shared_redis() -> AsyncIterator[Backend]:
+    """The Redis backend alone, for what only a shared store does (leases outliving a holder)."""
+    async with redis_backend() as shared:
+        yield shared
+
+
+def _key() -> str:
+    return f"k-{uuid.uuid4().hex[:8]}"
+
+
+def _member() -> str:
+    return uuid.uuid4().hex
+
+
+async def _hits(rate: RateLimiter, limits: list[Limit], n: int) -> list[Decision]:
+    return [await rate.hit(limits, _member()) for _ in range(n)]
+
+
+# --- sliding windows ----------------------------------------------------------------------
+
+
+async def test_window_admits_exactly_n_then_names_the_refusing_limit(backend: Backend):
+    minute = Limit(_key(), "requests per minute", 5, 60)
+    decisions = await _hits(backend.rate, [minute], 5)
+    assert all(d.allowed for d in decisions)
+    assert [d.remaining for d in decisions] == [4, 3, 2, 1, 0]
+    assert all(d.limit == minute for d in decisions)
+    assert all(0 < d.reset_s <= 60 for d in decisions)
+
+    refused = await backend.rate.hit([minute], _member())
+    assert not refused.allowed
+    assert refused.limit == minute
+    assert refused.remaining == 0
+    assert 0 < refused.reset_s <= 60
+    assert 1 <= refused.retry_after_s <= 60
+    # Refused requests are not counted: the window stays full at exactly five.
+    again = await backend.rate.hit([minute], _member())
+    assert not again.allowed
+    assert again.reset_s <= refused.reset_s
+
+
+async def test_several_limits_are_all_or_nothing(backend: Backend):
+    small = Limit(_key(), "requests per minute", 3, 60)
+    large = Limit(_key(), "requests per hour", 10, 3600)
+    admitted = await _hits(backend.rate, [large, small], 3)
+    # An admitted request names the limit with the least room left.
+    assert [(d.limit, d.remaining) for d in admitted] == [(small, 2), (small, 1), (small, 0)]
+
+    for _ in range(5):
+        refused = await backend.rate.hit([large, small], _member())
+        assert not refused.allowed
+        assert refused.limit == small
+
+    # The five refusals took nothing from the hour: 3 used, so 7 are left.
+    left = await _hits(backend.rate, [large], 7)
+    assert [d.remaining for d in left] == [6, 5, 4, 3, 2, 1, 0]
+    refused = await backend.rate.hit([large], _member())
+    assert (refused.allowed, refused.limit) == (False, large)
+
+
+async def test_a_full_later_limit_refuses_without_counting_the_earlier_ones(backend: Backend):
+    first = Limit(_key(), "requests per minute", 10, 60)
+    full = Limit(_key(), "requests in total", 1, None)
+    assert (await backend.rate.hit([full], _member())).allowed
+    for _ in range(3):
+        refused = await backend.rate.hit([first, full], _member())
+        assert (refused.allowed, refused.limit) == (False, full)
+    assert (await backend.rate.hit([first], _member())).remaining == 9
+
+
+async def test_window_slides_and_lifetime_never_resets(backend: Backend):
+    second = Limit(_key(), "requests per second", 2, 1)
+    total = Limit(_key(), "requests in total", 4, None)
+    start = time.monotonic()
+    assert (await backend.rate.hit([second, total], _member())).allowed
+    await asyncio.sleep(0.5)
+    assert (await backend.rate.hit([second, total], _member())).allowed
+    refused = await backend.rate.hit([second, total], _member())
+    assert (refused.allowed, refused.limit) == (False, second)
+    # Sliding, not fixed: room returns when the oldest request leaves the window.
+    assert 0 < refused.reset_s <= 1 - (time.monotonic() - start) + 0.05
+    await asyncio.sleep(refused.reset_s + 0.05)
+    assert (await backend.rate.hit([second, total], _member())).allowed
+    still = await backend.rate.hit([second, total], _member())
+    assert (still.allowed, still.limit) == (False, second)  # the 0.5 s one is still inside
+
+    await asyncio.sleep(1.05)
+    assert (await backend.rate.hit([second, total], _member())).allowed  # 4th in total
+    await asyncio.sleep(1.05)
+    spent = await backend.rate.hit([second, total], _member())
+    assert (spent.allowed, spent.limit, spent.remaining) == (False, total, 0)
+    assert spent.reset_s == 0
+    assert spent.retry_after_s == 1
+
+
+async def test_windows_of_different_keys_are_independent(backend: Backend):
+    one, two = Limit(_key(), "a", 1, 60), Limit(_key(), "b", 1, 60)
+    assert (await backend.rate.hit([one], _member())).allowed
+    assert (await backend.rate.hit([two], _member())).allowed
+    assert not (await backend.rate.hit([one], _member())).allowed
+
+
+async def test_concurrent_hits_admit_exactly_n(backend: Backend):
+    limit = Limit(_key(), "requests per minute", 7, 60)
+    decisions = await asyncio.gather(*(backend.rate.hit([limit], _member()) for _ in range(30)))
+    assert sum(d.allowed for d in decisions) == 7
+
+
+# --- concurrency leases -------------------------------------------------------------------
+
+
+async def test_leases_hold_k_slots_and_release_them(backend: Backend):
+    key = _key()
+    async with AsyncExitStack() as stack:
+        held = [await stack.enter_async_context(backend.concurrency.lease(key, 3)) for _ in "abc"]
+        assert all(d.allowed for d in held)
+        assert [d.remaining for d in held] == [2, 1, 0]
+
+        with pytest.raises(RateLimited) as refused:
+            async with backend.concurrency.lease(key, 3):
+                pytest.fail("a fourth slot was granted")
+        error = refused.value
+        assert error.status == 429
+        assert error.decision.retry_after_s >= 1
+        assert error.decision.limit is not None
+        assert error.decision.limit.count == 3
+        assert "concurrent requests for this model" in error.message
+        assert int(error.headers["Retry-After"]) >= 1
+        assert error.headers["X-RateLimit-Remaining"] == "0"
+
+        async with backend.concurrency.lease(_key(), 3) as other:  # other keys are separate
+            assert other.allowed
+    # All three returned on leaving the block: three fit again.
+    async with AsyncExitStack() as stack:
+        for _ in range(3):
+            await stack.enter_async_context(backend.concurrency.lease(key, 3))
+
+
+async def test_releasing_one_lease_admits_the_next(backend: Backend):
+    key = _key()
+    async with AsyncExitStack() as stack:
+        first = AsyncExitStack()
+        await first.enter_async_context(backend.concurrency.lease(key, 2))
+        await stack.enter_async_context(backend.concurrency.lease(key, 2))
+        with pytest.raises(RateLimited):
+            await stack.enter_async_context(backend.concurrency.lease(key, 2))
+        await first.aclose()
+        await stack.enter_async_context(backend.concurrency.lease(key, 2))
+        with pytest.raises(RateLimited):
+            await stack.enter_async_context(backend.concurrency.lease(key, 2))
+
+
+async def test_a_lease_is_released_when_its_block_raises(backend: Backend):
+    key = _key()
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="boom"):
+            async with backend.concurrency.lease(key, 1):
+                raise RuntimeError("boom")
+    task_started = asyncio.Event()
+
+    async def hold() -> None:
+        async with backend.concurrency.lease(key, 1):
+            task_started.set()
+            await asyncio.sleep(30)
+
+    task = asyncio.create_task(hold())
+    await task_started.wait()
+    with pytest.raises(RateLimited):
+        async with backend.concurrency.lease(key, 1):
+            pass
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    async with backend.concurrency.lease(key, 1) as decision:  # cancellation released it
+        assert decision.allowed
+
+
+async def test_redis_lease_expires_when_its_holder_stops_renewing(shared_redis: Backend):
+    backend = shared_redis
+    dead = backend.another_concurrency()
+    alive = backend.another_concurrency()
+    other = backend.another_concurrency()
+    abandoned_key, renewed_key = _key(), _key()
+    abandoned = dead.lease(abandoned_key, 1)
+    await abandoned.__aenter__()
+    # The replica "dies": its renewals stop and it never releases.
+    keeper = dead._keeper  # the renewing task: what a dead replica loses
+    assert keeper is not None
+    keeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await keeper
+    try:
+        async with alive.lease(renewed_key, 1):
+            started = time.monotonic()
+            with pytest.raises(RateLimited) as refused:
+                async with other.lease(abandoned_key, 1):
+                    pass
+            assert 1 <= refused.value.decision.retry_after_s <= 2  # until the lease expires
+
+            freed_after = None
+            while time.monotonic() - started < 3 * LEASE_TTL_S:
+                if freed_after is None:
+                    try:
+                        async with other.lease(abandoned_key, 1):
+                            freed_after = time.monotonic() - started
+                    except RateLimited:
+                        pass
+                # The held one is renewed in the background and survives several lifetimes.
+                with pytest.raises(RateLimited):
+                    async with other.lease(renewed_key, 1):
+                        pass
+                await asyncio.sleep(0.1)
+            assert freed_after is not None
+            assert freed_after <= LEASE_TTL_S + 0.5
+    finally:
+        await abandoned.__aexit__(None, None, None)
+        await dead.aclose()
+        await alive.aclose()
+        await other.aclose()
+    async with other.lease(renewed_key, 1):
+        pass
+
+
+async def test_redis_aclose_releases_every_held_slot(shared_redis: Backend):
+    backend = shared_redis
+    replica, other = backend.another_concurrency(), backend.another_concurrency()
+    key = _key()
+    held = [replica.lease(key, 2) for _ in range(2)]
+    for lease in held:
+        await lease.__aenter__()
+    with pytest.raises(RateLimited):
+        async with other.lease(key, 2):
+            pass
+    await replica.aclose()
+    async with other.lease(key, 2), other.lease(key, 2):
+        pass
+    for lease in held:
+        await lease.__aexit__(None, None, None)
+    await other.aclose()
+
+
+async def test_redis_scripts_are_reloaded_after_a_script_flush(private_redis: PrivateRedis):
+    client = Redis.from_url(private_redis.url)
+    rate = RedisRateLimiter(client, "p:")
+    concurrency = RedisConcurrencyLimiter(client, "p:", ttl_s=LEASE_TTL_S)
+    limit = Limit("k", "requests per minute", 3, 60)
+    try:
+        assert (await rate.hit([limit], _member())).allowed
+        async with concurrency.lease("slots", 1):
+            pass
+        await client.script_flush()  # this server is private to the test
+        assert (await rate.hit([limit], _member())).remaining == 1
+        async with concurrency.lease("slots", 1):
+            await client.script_flush()
+            await asyncio.sleep(LEASE_TTL_S / 3 + 0.2)  # one renewal after the flush
+            assert await client.zcard("p:slots") == 1
+    finally:
+        await concurrency.aclose()
+        await client.aclose()
+
+
+# --- the admission policy -----------------------------------------------------------------
+
+
+def _account(**limits: int | None) -> Account:
+    return Account(
+        id=f"acct-{uuid.uuid4().hex[:8]}",
+        name="test",
+        created_at=datetime.now(UTC),
+        active=True,
+        **limits,
+    )
+
+
+def _principal(
+    account: Account | None = None, *, token_uses: tuple[str, int] | None = None
+) -> Principal:
+    account_id = account.id if account else f"acct-{uuid.uuid4().hex[:8]}"
+    return Principal(account_id, "api_key", account=account, token_uses=token_uses)
+
+
+async def _admit_until_refused(admission: Admission, principal: Principal, **kwargs: bool) -> int:
+    for admitted in range(100):
+        try:
+            await admission.admit(principal, **kwargs)
+        except RateLimited:
+            return admitted
+    raise AssertionError("never refused")
+
+
+async def test_account_overrides_beat_the_defaults(backend: Backend):
+    defaults = replace(OFF, minute=5, hour=4, lifetime=10)
+    admission = backend.admission(defaults)
+
+    plain = _principal()
+    assert await _admit_until_refused(admission, plain) == 4  # the hour default decides
+
+    roomy = _account(rate_limit_minute=3, rate_limit_hour=100)
+    assert await _admit_until_refused(admission, _principal(roomy)) == 3
+    with pytest.raises(RateLimited) as refused:
+        await admission.admit(_principal(roomy))
+    assert "3 requests per minute for this account" in refused.value.message
+    assert refused.value.status == 429
+
+    lifetime = _account(rate_limit_lifetime=2, rate_limit_minute=50)
+    assert await _admit_until_refused(admission, _principal(lifetime)) == 2
+    with pytest.raises(RateLimited) as spent:
+        await admission.admit(_principal(lifetime))
+    assert "2 requests in total for this account" in spent.value.message
+
+
+async def test_a_switched_off_default_can_be_set_per_account(backend: Backend):
+    admission = backend.admission(OFF)
+    unlimited = _principal()
+    for _ in range(20):
+        decision = await admission.admit(unlimited)
+        assert decision.allowed
+        assert decision.limit is None
+    limited = _account(rate_limit_day=2)
+    assert await _admit_until_refused(admission, _principal(limited)) == 2
+
+
+async def test_token_uses_admit_n_then_refuse(backend: Backend):
+    admission = backend.admission(OFF)
+    account = _account()
+    token = _principal(account, token_uses=("tok-1", 3))
+    decisions = [await admission.admit(token) for _ in range(3)]
+    assert [d.remaining for d in decisions] == [2, 1, 0]
+    with pytest.raises(RateLimited) as refused:
+        await admission.admit(token)
+    assert "3 uses of this token" in refused.value.message
+    assert refused.value.decision.retry_after_s >= 1
+    # Another token of the same account has its own count; the account itself is not limited.
+    assert (await admission.admit(_principal(account, token_uses=("tok-2", 1)))).allowed
+    assert (await admission.admit(_principal(account))).allowed
+
+
+async def test_web_search_limits_count_only_web_search_requests(backend: Backend):
+    defaults = replace(OFF, minute=6, web_search_minute=2)
+    admission = backend.admission(defaults)
+    principal = _principal()
+    for _ in range(2):
+        assert (await admission.admit(principal)).allowed
+    for _ in range(2):
+        assert (await admission.admit(principal, web_search=True)).allowed
+    with pytest.raises(RateLimited) as refused:
+        await admission.admit(principal, web_search=True)
+    assert "2 web searches per minute" in refused.value.message
+    # Plain requests still pass until the account's own minute (6) is spent.
+    assert await _admit_until_refused(admission, principal) == 2
+
+
+async def test_web_search_per_second_is_global(backend: Backend):
+    defaults = replace(OFF, web_search_rps=3)
+    admission = backend.admission(defaults)
+    for _ in range(3):
+        assert (await admission.admit(_principal(), web_search=True)).allowed
+    with pytest.raises(RateLimited) as refused:
+        await admission.admit(_principal(), web_search=True)
+    assert "3 web searches per second (all accounts)" in refused.value.message
+    assert refused.value.decision.retry_after_s == 1
+    assert (await admission.admit(_principal())).allowed  # not a search: not counted
+    await asyncio.sleep(refused.value.decision.reset_s + 0.05)
+    assert (await admission.admit(_principal(), web_search=True)).allowed
+
+
+async def test_a_refused_request_uses_no_global_web_search_budget(backend: Backend):
+    defaults = replace(OFF, minute=1, web_search_rps=3)
+    admission = backend.admission(defaults)
+    greedy = _principal()
+    assert (await admission.admit(greedy, web_search=True)).allowed
+    for _ in range(2):
+        with pytest.raises(RateLimited):
+            await admission.admit(greedy, web_search=True)  # over its own minute
+    # Only one search was admitted in this second, so another account still has two.
+    assert (await admission.admit(_principal(), web_search=True)).allowed
+
+
+async def test_model_slots_use_the_per_model_override(backend: Backend):
+    defaults = replace(OFF, model_concurrency=2, model_concurrency_overrides=(("big", 1),))
+    admission = backend.admission(defaults)
+    async with admission.model_slot("big") as decision:
+        assert (decision.allowed, decision.remaining) == (True, 0)
+        with pytest.raises(RateLimited) as refused:
+            async with admission.model_slot("big"):
+                pass
+        assert "1 concurrent requests for this model" in refused.value.message
+        async with admission.model_slot("small"), admission.model_slot("small"):
+            with pytest.raises(RateLimited):
+                async with admission.model_slot("small"):
+                    pass
+    with pytest.raises(ValueError, match="inside"):
+        async with admission.model_slot("big"):
+            raise ValueError("inside")
+    async with admission.model_slot("big"):
+        pass
+
+
+@pytest.fixture
+async def unreachable() -> AsyncIterator[Redis]:
+    client = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    yield client
+    await client.aclose()
+
+
+def _redis_admission(client: Redis, *, fail_open: bool) -> Admission:
+    defaults = replace(OFF, minute=5, web_search_rps=2)
+    return Admission(
+        RedisRateLimiter(client, "p:"),
+        RedisConcurrencyLimiter(client, "p:", ttl_s=LEASE_TTL_S),
+        defaults,
+        fail_open=fail_open,
+    )
+
+
+async def test_unreachable_redis_fails_closed(unreachable: Redis):
+    admission = _redis_admission(unreachable, fail_open=False)
+    for web_search in (False, True):
+        started = time.monotonic()
+        with pytest.raises(LimitsUnavailable) as refused:
+            await admission.admit(_principal(), web_search=web_search)
+        assert time.monotonic() - started < 3
+        error = refused.value
+        assert error.status == 503
+        assert "Redis" in error.message
+        assert "Rate limiting" in error.message
+        assert error.headers["Retry-After"] == "1"
+    with pytest.raises(LimitsUnavailable):
+        async with admission.model_slot("m"):
+            pytest.fail("a slot was granted without Redis")
+    await admission.aclose()
+
+
+async def test_unreachable_redis_fails_open_when_configured(unreachable: Redis):
+    admission = _redis_admission(unreachable, fail_open=True)
+    for _ in range(10):  # more than the minute allows: nothing is counted
+        decision = await admission.admit(_principal(), web_search=True)
+        assert decision.allowed
+        assert decision.limit is None
+    async with admission.model_slot("m") as slot:
+        assert slot.allowed
+    await admission.aclose()
+
+
+async def test_admission_recovers_when_redis_comes_back(tmp_path: Path):
+    server = PrivateRedis(tmp_path / "redis").start()
+    client = Redis.from_url(server.url, socket_connect_timeout=1, socket_timeout=1)
+    admission = _redis_admission(client, fail_open=False)
+    try:
+        assert (await admission.admit(_principal())).allowed
+        server.stop()
+        with pytest.raises(LimitsUnavailable):
+            await admission.admit(_principal())
+        server.start()  # the same port, a new process with nothing in it
+        # A fresh server has no scripts loaded: EVALSHA's NOSCRIPT is answered by a reload.
+        assert (await admission.admit(_principal())).allowed
+        async with admission.model_slot("m") as slot:
+            assert slot.allowed
+    finally:
+        await admission.aclose()
+        await client.aclose()
+        server.stop()
