@@ -337,15 +337,6 @@ def assert_client_error(response: httpx.Response) -> None:
     assert set(response.json()["error"]) >= {"message", "type", "param", "code"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: src/nilai/gateway/chat/validate.py upstream_payload() calls orjson.dumps, which "
-        "raises TypeError('Integer exceeds 64-bit range') for an integer outside "
-        "[-2**63, 2**64) in any forwarded field (top_k, message extras, stream_options extras, "
-        "tools, response_format...); the request ends as 500 internal_error instead of a 4xx"
-    ),
-)
 @pytest.mark.parametrize(
     "extra",
     [
@@ -365,15 +356,6 @@ def test_integer_beyond_64_bits_in_an_ignored_field_is_served(gateway_url):
     assert response.status_code == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: src/nilai/protocol/chat.py ChatMessage.has_image() tests "
-        "`part.get('type') in {...}`, which raises TypeError (unhashable) when a content "
-        "part's type is a list or an object; ChatService._admit calls it before any check, so "
-        "the request ends as 500 internal_error instead of a 4xx naming messages"
-    ),
-)
 @pytest.mark.parametrize("part_type", [["image_url"], {"a": 1}], ids=["list", "object"])
 @pytest.mark.parametrize("model", [KNOWN_MODEL, "no-such-model"])
 def test_content_part_type_that_is_not_a_string_is_a_client_error(gateway_url, part_type, model):
@@ -381,16 +363,6 @@ def test_content_part_type_that_is_not_a_string_is_a_client_error(gateway_url, p
     assert_client_error(chat(gateway_url, {"model": model, "messages": messages}))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "FINDING: web_search=true and a non-empty nilrag are valid by the schema but answered "
-        "501 (NotSupported in src/nilai/errors.py, raised in "
-        "src/nilai/gateway/chat/validate.py _check_capabilities); the acceptance asks for no "
-        "5xx, the error type is already invalid_request_error, and the openai SDK raises "
-        "InternalServerError for it. A 4xx (400, code not_supported) would fit"
-    ),
-)
 @pytest.mark.parametrize(
     "extra", [{"web_search": True}, {"nilrag": {"nodes": []}}], ids=["web_search", "nilrag"]
 )

@@ -301,15 +301,6 @@ def test_oversized_body_is_refused_before_authentication(start_gateway):
     assert_openai_error(response, 413)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: src/nilai/gateway/app.py adds BodySizeLimit after (so outside) CORSMiddleware; the "
-        "413 sent on Content-Length carries no Access-Control-Allow-Origin, so a browser page "
-        "on an allowed origin sees a CORS failure instead of a readable 413 (the chunked 413, "
-        "raised inside, has the header)"
-    ),
-)
 def test_413_by_content_length_is_readable_by_an_allowed_origin(stack):
     _, gateway = stack
     origin = DEFAULT_ORIGINS[0]
@@ -406,15 +397,6 @@ def test_security_headers_on_504(start_fake, start_gateway):
     assert_security_headers(response)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: the catch-all handler for Exception (src/nilai/gateway/errors.py, "
-        "install_error_handlers) runs in Starlette's ServerErrorMiddleware, which wraps every "
-        "middleware added in src/nilai/gateway/app.py; an unexpected 500 therefore leaves "
-        "without the security headers and without X-Request-ID"
-    ),
-)
 def test_security_headers_on_an_unexpected_500(start_gateway):
     gateway = start_gateway()
 
@@ -494,17 +476,7 @@ def test_docs_have_their_own_policy_and_the_schema_is_served(start_gateway):
     "path",
     [
         "/docs",
-        pytest.param(
-            "/redoc",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "BUG: DOCS_CSP in src/nilai/gateway/security.py allows no "
-                    "https://fonts.googleapis.com (style-src) nor fonts.gstatic.com (font-src), "
-                    "which FastAPI's ReDoc page links; its fonts are blocked"
-                ),
-            ),
-        ),
+        pytest.param("/redoc"),
     ],
 )
 def test_docs_page_loads_only_what_its_policy_allows(start_gateway, path):

@@ -39,6 +39,8 @@ def create_app(settings: NilaiSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in (health.router, keys.router, models.router, chat.router, usage.router):
         app.include_router(router)
+    # Middleware runs outermost-last-added: headers, request id, CORS, body limit, errors.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     allow_any = "*" in settings.cors_origins
     app.add_middleware(
         CORSMiddleware,
@@ -48,7 +50,6 @@ def create_app(settings: NilaiSettings | None = None) -> FastAPI:
         allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         expose_headers=["X-Request-ID"],
     )
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     # Outermost, so every response gets the headers, including those of the layers inside.
     app.add_middleware(SecurityHeaders, hsts=settings.hsts)

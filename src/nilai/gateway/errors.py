@@ -11,6 +11,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nilai.errors import (
     InvalidRequest,
@@ -30,7 +32,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(NilaiError, _nilai_error)  # pyright: ignore[reportArgumentType]
     app.add_exception_handler(RequestValidationError, _validation_error)  # pyright: ignore[reportArgumentType]
     app.add_exception_handler(HTTPException, _http_error)  # pyright: ignore[reportArgumentType]
-    app.add_exception_handler(Exception, _unexpected_error)
+    # Call before adding other middleware: this one must be the innermost.
+    app.add_middleware(InternalErrors)
 
 
 async def _nilai_error(_request: Request, exc: NilaiError) -> JSONResponse:
@@ -73,7 +76,37 @@ async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
     )
 
 
-async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
-    logger.error("unexpected error", exc_info=exc)
-    body = error_body("The server had an internal error.", "server_error", code="internal_error")
-    return JSONResponse(body, status_code=500)
+class InternalErrors:
+    """Turn an unexpected exception into the OpenAI-shaped 500, never a trace.
+
+    Added as the innermost middleware rather than as an ``Exception`` handler: Starlette runs
+    that handler outside every middleware, so its 500 would miss their headers.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            raise
+        except Exception:
+            logger.exception("unexpected error")
+            if started:
+                raise  # too late for a status: the server closes the connection
+            body = error_body(
+                "The server had an internal error.", "server_error", code="internal_error"
+            )
+            await JSONResponse(body, status_code=500)(scope, receive, send)

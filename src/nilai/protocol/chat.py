@@ -12,11 +12,20 @@ Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 NonBlank = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
 
+IMAGE_PARTS = ("image_url", "input_image")
+
+
+class ContentPart(OpenAIBaseModel):
+    """One part of a multi-part message (text, image, ...); other fields pass through."""
+
+    type: str
+
+
 class ChatMessage(OpenAIBaseModel):
     """One message of the conversation; extra fields travel to the model server unchanged."""
 
     role: Role
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
@@ -25,7 +34,7 @@ class ChatMessage(OpenAIBaseModel):
         """Whether the content carries an image part."""
         if not isinstance(self.content, list):
             return False
-        return any(part.get("type") in {"image_url", "input_image"} for part in self.content)
+        return any(part.type in IMAGE_PARTS for part in self.content)
 
 
 class StreamOptions(BaseModel):

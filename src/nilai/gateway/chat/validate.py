@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import orjson
 
 from nilai.discovery.snapshot import DiscoverySnapshot
-from nilai.errors import InvalidRequest, NotFound, NotSupported, ValidationFailed
+from nilai.errors import InvalidRequest, NotFound, ValidationFailed
 from nilai.protocol.chat import NILAI_ONLY_FIELDS, ChatCompletionRequest
 from nilai.protocol.models import ModelCard
 
@@ -53,9 +53,13 @@ def _check_capabilities(request: ChatCompletionRequest, card: ModelCard) -> None
             f"{param} is {wanted}, above the model's limit of {limit} tokens.", param=param
         )
     if request.web_search:
-        raise NotSupported("web_search is not available on this gateway.", param="web_search")
+        raise InvalidRequest(
+            "web_search is not available on this gateway.", param="web_search", code="not_supported"
+        )
     if request.nilrag:
-        raise NotSupported("nilrag is not available on this gateway.", param="nilrag")
+        raise InvalidRequest(
+            "nilrag is not available on this gateway.", param="nilrag", code="not_supported"
+        )
 
 
 def upstream_payload(request: ChatCompletionRequest) -> bytes:
@@ -73,4 +77,9 @@ def upstream_payload(request: ChatCompletionRequest) -> bytes:
         options["include_usage"] = True
         options["continuous_usage_stats"] = True
         data["stream_options"] = options
-    return orjson.dumps(data)
+    try:
+        return orjson.dumps(data)
+    except TypeError as exc:  # orjson refuses integers beyond 64 bits
+        raise ValidationFailed(
+            "The request holds a number outside the 64-bit integer range.", code="invalid_value"
+        ) from exc

@@ -4,7 +4,7 @@ import orjson
 import pytest
 
 from nilai.discovery.snapshot import DiscoverySnapshot
-from nilai.errors import InvalidRequest, NotFound, NotSupported, ValidationFailed
+from nilai.errors import InvalidRequest, NotFound, ValidationFailed
 from nilai.gateway.chat.validate import upstream_payload, validate_chat
 from nilai.protocol.chat import ChatCompletionRequest
 from nilai.protocol.models import ModelCard
@@ -177,14 +177,16 @@ def test_max_tokens_unbounded_when_model_length_unknown():
 
 
 def test_web_search_is_not_supported():
-    with pytest.raises(NotSupported) as info:
+    with pytest.raises(InvalidRequest) as info:
         _validate(_req(web_search=True))
-    assert info.value.status == 501
+    assert info.value.status == 400
+    assert info.value.code == "not_supported"
     assert info.value.param == "web_search"
     assert _validate(_req(web_search=False)).model == "m"
 
 
 def test_nilrag_is_not_supported():
-    with pytest.raises(NotSupported) as info:
+    with pytest.raises(InvalidRequest) as info:
         _validate(_req(nilrag={"nodes": ["a"]}))
     assert info.value.param == "nilrag"
+    assert info.value.status == 400
