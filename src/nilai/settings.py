@@ -108,6 +108,12 @@ class NilaiSettings(BaseSettings):
     # signing
     signing_key_path: Path | None = None
 
+    # attestation (DESIGN §5)
+    attestation_provider: Literal["simulated", "http", "tsm"] = "simulated"
+    attestation_url: str | None = None
+    attestation_tsm_path: Path = Path("/sys/kernel/config/tsm/report")
+    attestation_timeout_s: float = Field(default=10.0, gt=0)
+
     # hardening
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     stream_first_byte_timeout_s: float = Field(default=60.0, gt=0)

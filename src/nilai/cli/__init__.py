@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from nilai import __version__
-from nilai.cli import admin, announce, api, serve, verify, worker
+from nilai.cli import admin, announce, api, attest, serve, verify, worker
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"nilai {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (serve, api, announce, worker, verify, admin):
+    for module in (serve, api, announce, worker, verify, attest, admin):
         module.register(commands)
     return parser
 

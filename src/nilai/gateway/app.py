@@ -12,7 +12,7 @@ from nilai import __version__
 from nilai.gateway.errors import install_error_handlers
 from nilai.gateway.lifespan import build_services
 from nilai.gateway.middleware import RequestIdMiddleware
-from nilai.gateway.routes import chat, health, keys, models, usage
+from nilai.gateway.routes import attestation, chat, health, keys, models, usage
 from nilai.gateway.security import BodySizeLimit, SecurityHeaders
 from nilai.settings import NilaiSettings
 
@@ -37,8 +37,8 @@ def create_app(settings: NilaiSettings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if docs else None,
     )
     install_error_handlers(app)
-    for router in (health.router, keys.router, models.router, chat.router, usage.router):
-        app.include_router(router)
+    for module in (health, keys, models, chat, usage, attestation):
+        app.include_router(module.router)
     # Middleware runs outermost-last-added: headers, request id, CORS, body limit, errors.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     allow_any = "*" in settings.cors_origins

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, cast
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPBearer
 
 from nilai.auth.base import Principal
 from nilai.errors import AuthenticationFailed
@@ -34,7 +35,16 @@ def bearer_credential(request: Request) -> str:
     return credential
 
 
-async def authenticate(request: Request, services: ServicesDep) -> Principal:
+# Declares the bearer scheme in the OpenAPI document; the header is parsed below, so that each
+# failure gets its own message.
+_bearer_scheme = HTTPBearer(auto_error=False, description="An API key (or NUC token).")
+
+
+async def authenticate(
+    request: Request,
+    services: ServicesDep,
+    _scheme: Annotated[object, Security(_bearer_scheme)],
+) -> Principal:
     """Authenticate the caller with the configured strategies."""
     return await services.authenticator.authenticate(bearer_credential(request))
 

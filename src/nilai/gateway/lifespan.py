@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from nilai.attestation.factory import make_attestation_provider
 from nilai.auth.api_keys import StaticApiKeys
 from nilai.auth.base import Authenticator
 from nilai.auth.stored_keys import StoredApiKeys, StoredOrStatic
@@ -128,6 +129,14 @@ async def build_services(settings: NilaiSettings) -> AsyncGenerator[Services]:
             RedisDiscovery(redis, settings.redis_prefix) if redis else MemoryDiscovery()
         )
         signer = await asyncio.to_thread(load_or_create_key, settings.key_path)
+        attestation = make_attestation_provider(
+            settings.attestation_provider,
+            signer=signer,
+            http=http,
+            url=settings.attestation_url,
+            tsm_path=settings.attestation_tsm_path,
+            timeout_s=settings.attestation_timeout_s,
+        )
         store = await open_store(settings)
         stack.push_async_callback(store.aclose)
         sink = UsageSink(
@@ -172,6 +181,7 @@ async def build_services(settings: NilaiSettings) -> AsyncGenerator[Services]:
             store=store,
             usage_sink=sink,
             chat=chat,
+            attestation=attestation,
         )
 
 

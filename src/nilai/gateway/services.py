@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import httpx
 from redis.asyncio import Redis
 
+from nilai.attestation.base import AttestationProvider
 from nilai.auth.base import Authenticator
 from nilai.crypto.keys import Signer
 from nilai.discovery.base import Discovery
@@ -32,3 +33,4 @@ class Services:
     store: Store
     usage_sink: UsageSink
     chat: ChatService
+    attestation: AttestationProvider

@@ -13,6 +13,7 @@ from nilai.gateway.errors import validation_error
 from nilai.gateway.streaming import ChatStreamResponse
 from nilai.protocol.base import inline_json_schema
 from nilai.protocol.chat import ChatCompletionRequest
+from nilai.protocol.errors import error_responses
 
 router = APIRouter(tags=["chat"])
 
@@ -26,7 +27,27 @@ _BODY_SCHEMA: dict[str, Any] = {
 }
 
 
-@router.post("/v1/chat/completions", response_model=None, openapi_extra=_BODY_SCHEMA)
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The signed completion, or with stream=true its signed SSE stream.",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            # Each event's data is one JSON chunk, then the literal [DONE].
+            "text/event-stream": {
+                "schema": {"type": "object", "properties": {"data": {"type": "string"}}}
+            },
+        },
+    },
+    **error_responses(400, 401, 404, 413, 422, 429, 500, 502, 503, 504),
+}
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses=_RESPONSES,
+    openapi_extra=_BODY_SCHEMA,
+)
 async def chat_completions(
     request: Request, principal: PrincipalDep, services: ServicesDep, request_id: RequestIdDep
 ) -> Response:

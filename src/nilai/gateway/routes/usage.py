@@ -5,13 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from nilai.gateway.deps import PrincipalDep, ServicesDep
+from nilai.protocol.errors import error_responses
 from nilai.protocol.usage import UsageReport
 from nilai.store.base import Usage
 
 router = APIRouter(tags=["usage"])
 
 
-@router.get("/v1/usage")
+@router.get("/v1/usage", responses=error_responses(401))
 async def usage(services: ServicesDep, principal: PrincipalDep) -> UsageReport:
     """Totals from the database plus this process's rows not yet written."""
     sink = services.usage_sink

@@ -1,0 +1,71 @@
+"""Choose the attestation provider from the operator's settings, refusing unusable ones."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import httpx
+
+from nilai.attestation.base import AttestationProvider
+from nilai.attestation.http import HttpAttester
+from nilai.attestation.simulated import SimulatedProvider
+from nilai.attestation.tsm import TsmProvider
+from nilai.crypto.keys import Signer
+
+logger = logging.getLogger(__name__)
+
+PROVIDERS = ("simulated", "http", "tsm")
+
+
+def make_attestation_provider(
+    provider: str,
+    *,
+    signer: Signer,
+    http: httpx.AsyncClient,
+    url: str | None,
+    tsm_path: Path | str,
+    timeout_s: float,
+) -> AttestationProvider:
+    """Build the provider named ``provider`` (``simulated``, ``http`` or ``tsm``).
+
+    Args:
+        provider: ``NILAI_ATTESTATION_PROVIDER``.
+        signer: The gateway's signer (signs simulated evidence).
+        http: The process's shared HTTP client (used by ``http``).
+        url: ``NILAI_ATTESTATION_URL``, the attester for ``http``.
+        tsm_path: ``NILAI_ATTESTATION_TSM_PATH``, the configfs-tsm report directory.
+        timeout_s: ``NILAI_ATTESTATION_TIMEOUT_S``, the time limit for one report.
+
+    Returns:
+        The provider.
+
+    Raises:
+        ValueError: The name is unknown, or the provider lacks what it needs.
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"NILAI_ATTESTATION_TIMEOUT_S must be positive, not {timeout_s}")
+    if provider == "simulated":
+        logger.warning("attestation is SIMULATED: reports carry no hardware guarantee")
+        return SimulatedProvider(signer)
+    if provider == "http":
+        if not url:
+            raise ValueError(
+                "NILAI_ATTESTATION_PROVIDER=http needs NILAI_ATTESTATION_URL "
+                "(the attester's report URL)"
+            )
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"NILAI_ATTESTATION_URL {url!r} must start with http:// or https://")
+        return HttpAttester(url, http, timeout_s=timeout_s)
+    if provider == "tsm":
+        root = Path(tsm_path)
+        if not root.is_dir():
+            raise ValueError(
+                f"NILAI_ATTESTATION_PROVIDER=tsm: {root} is not a directory; this needs a "
+                "SEV-SNP or TDX guest with configfs mounted and TSM reports in the kernel "
+                "(or set NILAI_ATTESTATION_TSM_PATH)"
+            )
+        return TsmProvider(root, timeout_s=timeout_s)
+    raise ValueError(
+        f"NILAI_ATTESTATION_PROVIDER={provider!r} is unknown; use one of {', '.join(PROVIDERS)}"
+    )

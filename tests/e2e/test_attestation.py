@@ -1,0 +1,285 @@
+"""``GET /v1/attestation/report`` on the real gateway, and ``nilai attest verify`` against it."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import secrets
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from coincurve import PrivateKey
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from nilai.attestation.simulated import NOTICE, verify_document
+from nilai.attestation.verify import verify_report
+from nilai.cli import attest
+from tests.conftest import TEST_API_KEY
+from tests.support.fake_tsm import FakeConfigfs
+from tests.support.servers import ServerThread, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def get_report(
+    gateway, nonce: str | None = None, *, headers: dict[str, str] | None = None, params=None
+) -> httpx.Response:
+    params = params if params is not None else {} if nonce is None else {"nonce": nonce}
+    headers = gateway.auth if headers is None else headers
+    return httpx.get(
+        f"{gateway.url}/v1/attestation/report", params=params, headers=headers, timeout=10
+    )
+
+
+def public_key(gateway) -> bytes:
+    return base64.b64decode(httpx.get(f"{gateway.url}/v1/public_key", timeout=10).json())
+
+
+def attest_verify(*argv: str) -> int:
+    """Run ``nilai attest verify`` as the command line would."""
+    parser = argparse.ArgumentParser(prog="nilai")
+    attest.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["attest", "verify", *argv])
+    return args.handler(args)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Starlette], ServerThread]]:
+    started: list[ServerThread] = []
+
+    def start(app: Starlette) -> ServerThread:
+        thread = ServerThread(app).start()
+        started.append(thread)
+        return thread
+
+    yield start
+    for thread in started:
+        thread.stop()
+
+
+# --- the endpoint --------------------------------------------------------------------------
+
+
+def test_report_echoes_the_nonce_and_binds_it_to_the_signing_key(start_gateway):
+    gateway = start_gateway()
+    nonce = secrets.token_bytes(32)
+    response = get_report(gateway, nonce.hex())
+    assert response.status_code == 200
+    body = response.json()
+    key = public_key(gateway)
+    assert body["verifying_key"] == base64.b64encode(key).decode()
+    assert body["nonce"] == nonce.hex()
+    bound = hashlib.sha256(key + nonce).digest()
+    assert body["report_data"] == bound.hex()
+    assert (body["provider"], body["simulated"]) == ("simulated", True)
+    verify_document(body["cpu_attestation"], kind="cpu", public_key=key, report_data=bound)
+    verify_document(body["gpu_attestation"], kind="gpu", public_key=key, report_data=bound)
+    assert verify_report(response.content, public_key=key, nonce=nonce).simulated
+
+
+@pytest.mark.parametrize("nonce", ["00", "AB" * 64])
+def test_nonce_bounds_and_case(start_gateway, nonce):
+    gateway = start_gateway()
+    body = get_report(gateway, nonce).json()
+    assert body["nonce"] == nonce.lower()
+    expected = hashlib.sha256(public_key(gateway) + bytes.fromhex(nonce)).hexdigest()
+    assert body["report_data"] == expected
+
+
+def test_without_a_nonce_the_server_picks_32_fresh_bytes(start_gateway):
+    gateway = start_gateway()
+    first, second = get_report(gateway).json(), get_report(gateway).json()
+    assert len(bytes.fromhex(first["nonce"])) == 32
+    assert first["nonce"] != second["nonce"]
+    key = public_key(gateway)
+    nonce = bytes.fromhex(first["nonce"])
+    assert first["report_data"] == hashlib.sha256(key + nonce).hexdigest()
+
+
+@pytest.mark.parametrize("nonce", ["xyz", "abc", "ab cd", "0x1234", "", "00" * 65])
+def test_bad_nonce_is_422_naming_the_param(start_gateway, nonce):
+    gateway = start_gateway()
+    response = get_report(gateway, nonce)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["param"] == "nonce"
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ([("nonce", "00"), ("nonce", "11")], "nonce"),
+        ([("nonce", "00"), ("extra", "1")], "extra"),
+    ],
+)
+def test_ambiguous_queries_are_422(start_gateway, params, param):
+    gateway = start_gateway()
+    response = get_report(gateway, params=params)
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong-key-0123456789"}, {"Authorization": "x"}]
+)
+def test_unauthenticated_is_401(start_gateway, headers):
+    gateway = start_gateway()
+    response = get_report(gateway, "00", headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["error"]["type"] == "authentication_error"
+
+
+# --- nilai attest verify -------------------------------------------------------------------
+
+
+def test_attest_verify_passes_and_says_simulated(start_gateway, capsys):
+    gateway = start_gateway()
+    assert attest_verify(gateway.url, "--api-key", TEST_API_KEY) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("OK:")
+    assert NOTICE in out
+
+
+def test_attest_verify_reads_the_key_from_the_environment_and_pins(
+    start_gateway, capsys, monkeypatch, tmp_path
+):
+    gateway = start_gateway()
+    monkeypatch.setenv("NILAI_API_KEY", TEST_API_KEY)
+    key = base64.b64encode(public_key(gateway)).decode()
+    saved = tmp_path / "report.json"
+    assert attest_verify(f"{gateway.url}/v1/", "--public-key", key, "--save", str(saved)) == 0
+    assert "pinned key" in capsys.readouterr().out
+    assert json.loads(saved.read_bytes())["verifying_key"] == key
+
+
+def test_attest_verify_fails_for_a_wrong_public_key(start_gateway, capsys):
+    gateway = start_gateway()
+    other = base64.b64encode(PrivateKey().public_key.format()).decode()
+    assert attest_verify(gateway.url, "--api-key", TEST_API_KEY, "--public-key", other) == 1
+    assert capsys.readouterr().out.startswith("FAIL: wrong key")
+
+
+def stale_server(recorded: dict[str, Any], key_b64: str, *, echo_nonce: bool) -> Starlette:
+    """A gateway impostor that replays a report recorded earlier."""
+
+    async def report(request: Request) -> JSONResponse:
+        body = dict(recorded)
+        if echo_nonce:
+            body["nonce"] = request.query_params["nonce"]
+        return JSONResponse(body)
+
+    async def key(request: Request) -> JSONResponse:
+        return JSONResponse(key_b64)
+
+    return Starlette(routes=[Route("/v1/attestation/report", report), Route("/v1/public_key", key)])
+
+
+@pytest.mark.parametrize(
+    ("echo_nonce", "reason"), [(False, "FAIL: nonce mismatch"), (True, "FAIL: report_data")]
+)
+def test_attest_verify_fails_for_a_replayed_report(
+    start_gateway, serve, capsys, echo_nonce, reason
+):
+    gateway = start_gateway()
+    recorded = get_report(gateway, secrets.token_hex(32)).json()
+    impostor = serve(stale_server(recorded, recorded["verifying_key"], echo_nonce=echo_nonce))
+    assert attest_verify(impostor.url, "--api-key", TEST_API_KEY) == 1
+    assert capsys.readouterr().out.startswith(reason)
+
+
+def test_attest_verify_usage_and_connection_errors_are_2(start_gateway, capsys, monkeypatch):
+    gateway = start_gateway()
+    monkeypatch.delenv("NILAI_API_KEY", raising=False)
+    assert attest_verify(gateway.url) == 2
+    assert "no API key" in capsys.readouterr().err
+    assert attest_verify(gateway.url, "--api-key", "wrong-key-0123456789") == 2
+    assert "401" in capsys.readouterr().err
+    assert attest_verify(gateway.url, "--api-key", "k", "--public-key", "nope") == 2
+    nothing = f"http://127.0.0.1:{free_port()}"
+    assert attest_verify(nothing, "--api-key", TEST_API_KEY) == 2
+    assert "cannot reach" in capsys.readouterr().err
+
+
+# --- hardware providers behind the real gateway --------------------------------------------
+
+
+def nilcc_attester(*, fail: bool = False) -> Starlette:
+    """A nilCC-style attester: GET ?nonce=<hex report_data> → CPU report and GPU token."""
+
+    async def report(request: Request) -> JSONResponse:
+        if fail:
+            return JSONResponse({"error": "attester internal detail"}, status_code=500)
+        nonce = request.query_params["nonce"]
+        return JSONResponse(
+            {"report": {"report_data": nonce, "kind": "cpu"}, "gpu_token": f"gpu:{nonce}"}
+        )
+
+    return Starlette(routes=[Route("/v2/report", report)])
+
+
+def test_http_attester_evidence_through_the_gateway(start_gateway, serve, capsys):
+    attester = serve(nilcc_attester())
+    gateway = start_gateway(
+        attestation_provider="http", attestation_url=f"{attester.url}/v2/report"
+    )
+    nonce = secrets.token_bytes(16)
+    body = get_report(gateway, nonce.hex()).json()
+    bound = hashlib.sha256(public_key(gateway) + nonce).hexdigest()
+    assert (body["provider"], body["simulated"]) == ("http", False)
+    assert json.loads(body["cpu_attestation"]) == {"report_data": bound, "kind": "cpu"}
+    assert body["gpu_attestation"] == f"gpu:{bound}"
+
+    assert attest_verify(gateway.url, "--api-key", TEST_API_KEY) == 0
+    out = capsys.readouterr().out
+    assert "not verified here" in out
+    assert "SIMULATED" not in out
+
+
+def test_failing_attester_is_a_502_without_detail(start_gateway, serve):
+    attester = serve(nilcc_attester(fail=True))
+    gateway = start_gateway(
+        attestation_provider="http", attestation_url=f"{attester.url}/v2/report"
+    )
+    response = get_report(gateway, "00")
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert "detail" not in error["message"]
+    assert attester.url not in error["message"]
+
+
+def test_unreachable_attester_is_a_502(start_gateway):
+    url = f"http://127.0.0.1:{free_port()}/v2/report"
+    gateway = start_gateway(attestation_provider="http", attestation_url=url)
+    response = get_report(gateway, "00")
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "attester_unreachable"
+
+
+def test_tsm_quote_through_the_gateway(start_gateway, tmp_path, monkeypatch, capsys):
+    fake = FakeConfigfs(tmp_path / "tsm" / "report", monkeypatch)
+    gateway = start_gateway(attestation_provider="tsm", attestation_tsm_path=fake.root)
+    assert attest_verify(gateway.url, "--api-key", TEST_API_KEY) == 0
+    out = capsys.readouterr().out
+    assert "provider      tsm (sev_guest)" in out
+    assert "SEV-SNP quote's user-data field holds report_data" in out
+    assert len(fake.inblobs) == 1
+    assert fake.entries() == []
+
+
+async def test_gateway_refuses_to_start_with_http_provider_and_no_url(tmp_path):
+    from nilai.gateway.lifespan import build_services
+    from nilai.settings import NilaiSettings
+
+    settings = NilaiSettings(data_dir=tmp_path, attestation_provider="http")
+    with pytest.raises(ValueError, match="needs NILAI_ATTESTATION_URL"):
+        async with build_services(settings):
+            pass
