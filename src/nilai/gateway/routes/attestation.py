@@ -15,6 +15,7 @@ from nilai.attestation.report import (
     parse_nonce,
 )
 from nilai.gateway.deps import PrincipalDep, ServicesDep
+from nilai.protocol.errors import error_responses
 
 router = APIRouter(tags=["attestation"])
 
@@ -23,11 +24,7 @@ _NONCE = Query(
     description=f"Hex nonce, 1 to {MAX_NONCE_BYTES} bytes; without it the server picks 32.",
     json_schema_extra={"pattern": NONCE_PATTERN, "minLength": 2, "maxLength": 2 * MAX_NONCE_BYTES},
 )
-_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or rejected credentials."},
-    502: {"description": "The attestation provider failed."},
-    504: {"description": "The attestation provider took too long."},
-}
+_RESPONSES: dict[int | str, dict[str, Any]] = error_responses(401, 422, 502, 504)
 
 
 @router.get("/v1/attestation/report", responses=_RESPONSES)
