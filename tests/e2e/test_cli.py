@@ -14,7 +14,7 @@ import pytest
 
 from nilai.cli import main
 from tests.conftest import REDIS_URL, TEST_API_KEY
-from tests.support.servers import free_port, wait_until
+from tests.support.servers import free_port, stop_process, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -141,11 +141,6 @@ def test_api_and_announce_processes(start_fake, tmp_path, redis_prefix):
         wait_until(lambda: list(client.models.list()) == [], timeout_s=5)
     finally:
         for process in (announce, api):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            stop_process(process)
     # uvicorn re-raises SIGTERM after a clean shutdown
     assert api.returncode in (0, -signal.SIGTERM)

@@ -27,7 +27,7 @@ import redis
 
 from tests.conftest import REDIS_URL, TEST_API_KEY, FakeHandle, GatewayHandle
 from tests.integration.test_limits import PrivateRedis
-from tests.support.servers import free_port, wait_until
+from tests.support.servers import free_port, stop_process, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -207,14 +207,7 @@ def start_replica(tmp_path: Path, redis_prefix: str) -> Iterator[Callable[..., R
 
     yield start
     for replica in started:
-        process = replica.process
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        stop_process(replica.process)
 
 
 def wait_serving(*replicas: Replica, timeout_s: float = 20) -> None:

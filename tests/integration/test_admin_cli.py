@@ -10,7 +10,6 @@ import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -21,9 +20,9 @@ from nilai.auth.base import Principal
 from nilai.auth.stored_keys import StoredApiKeys
 from nilai.cli import main
 from nilai.errors import AuthenticationFailed
-from nilai.store.base import QueryLog
 from nilai.store.migrate import head_revision
-from nilai.store.sql import SqlStore, make_engine, new_id
+from nilai.store.sql import SqlStore, make_engine
+from tests.support.records import query_log
 
 pytestmark = pytest.mark.integration
 
@@ -151,24 +150,7 @@ def rejection(url: str, credential: str) -> str | None:
 
 async def _write_logs(url: str, account: str, tokens: list[tuple[int, int]]) -> None:
     store = SqlStore(make_engine(url))
-    logs = [
-        QueryLog(
-            id=new_id("log"),
-            request_id=new_id("req"),
-            account_id=account,
-            api_key_id=None,
-            model="m",
-            started_at=datetime.now(UTC),
-            latency_ms=1.0,
-            ttft_ms=None,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            status_code=200,
-            error_kind=None,
-            streamed=False,
-        )
-        for prompt, completion in tokens
-    ]
+    logs = [query_log(account, prompt, completion) for prompt, completion in tokens]
     try:
         await store.write_logs(logs)
     finally:

@@ -18,6 +18,7 @@ from nilai.store.base import ApiKey, QueryLog, Usage
 from nilai.store.migrate import current_revision, downgrade, head_revision, upgrade
 from nilai.store.sql import SqlStore, make_engine, new_id, now
 from nilai.store.tables import ApiKeyRow, Base, QueryLogRow, UsageTotalRow
+from tests.support.records import query_log
 
 pytestmark = pytest.mark.integration
 
@@ -42,20 +43,16 @@ def _log(
     started_at: datetime = T0,
     status: int = 200,
 ) -> QueryLog:
-    return QueryLog(
-        id=uuid.uuid4().hex,
-        request_id=uuid.uuid4().hex,
-        account_id=account_id,
+    return query_log(
+        account_id,
+        prompt,
+        completion,
         api_key_id=key_id,
-        model="fake-model",
         started_at=started_at,
         latency_ms=12.5,
         ttft_ms=3.0,
-        prompt_tokens=prompt,
-        completion_tokens=completion,
         status_code=status,
         error_kind=None if status == 200 else "Failure",
-        streamed=False,
     )
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import func, select
@@ -15,6 +13,7 @@ from nilai.store.base import QueryLog, Usage
 from nilai.store.sql import SqlStore
 from nilai.store.tables import QueryLogRow
 from nilai.usage.sink import UsageSink
+from tests.support.records import query_log
 
 pytestmark = pytest.mark.integration
 
@@ -23,21 +22,7 @@ BOB = "acct_bob"
 
 
 def _log(account_id: str = ALICE, prompt: int = 3, completion: int = 5) -> QueryLog:
-    return QueryLog(
-        id=uuid.uuid4().hex,
-        request_id=uuid.uuid4().hex,
-        account_id=account_id,
-        api_key_id=None,
-        model="fake-model",
-        started_at=datetime.now(UTC),
-        latency_ms=10.0,
-        ttft_ms=None,
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        status_code=200,
-        error_kind=None,
-        streamed=False,
-    )
+    return query_log(account_id, prompt, completion)
 
 
 def _sum(logs: Sequence[QueryLog], account_id: str) -> Usage:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 import threading
 import time
 from typing import Any
@@ -74,3 +76,15 @@ def wait_until(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.05
 
 def get_json(url: str, **kwargs: Any) -> Any:
     return httpx.get(url, timeout=5, **kwargs).json()
+
+
+def stop_process(process: Any, timeout_s: float = 10.0) -> None:
+    """SIGTERM a subprocess if it still runs; SIGKILL it if it does not stop in time."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)

@@ -1,0 +1,30 @@
+"""Factories for store records used by several test modules."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from nilai.store.base import QueryLog
+
+
+def query_log(account_id: str, prompt: int = 3, completion: int = 5, **fields: Any) -> QueryLog:
+    """A successful, non-streamed query log with fresh ids; ``fields`` override any field."""
+    log = QueryLog(
+        id=uuid.uuid4().hex,
+        request_id=uuid.uuid4().hex,
+        account_id=account_id,
+        api_key_id=None,
+        model="fake-model",
+        started_at=datetime.now(UTC),
+        latency_ms=10.0,
+        ttft_ms=None,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        status_code=200,
+        error_kind=None,
+        streamed=False,
+    )
+    return dataclasses.replace(log, **fields)
