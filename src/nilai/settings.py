@@ -63,6 +63,8 @@ class NilaiSettings(BaseSettings):
     api_key: SecretStr | None = None
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list[SecretStr])
     api_key_hashes: CommaList = Field(default_factory=list)
+    nuc_auto_accounts: bool = True
+    nuc_root_issuers: CommaList = Field(default_factory=list)
 
     # storage: accounts, keys, query logs
     database_url: SecretStr | None = None
@@ -148,6 +150,7 @@ class NilaiSettings(BaseSettings):
         "auth_strategies",
         "api_keys",
         "api_key_hashes",
+        "nuc_root_issuers",
         "upstream_urls",
         "cors_origins",
         "model_concurrency_limits",
@@ -172,6 +175,20 @@ class NilaiSettings(BaseSettings):
             if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
                 raise ValueError("api_key_hashes must be hex SHA-256 digests (64 characters)")
         return [digest.lower() for digest in value]
+
+    @field_validator("nuc_root_issuers")
+    @classmethod
+    def _check_root_issuers(cls, value: list[str]) -> list[str]:
+        dids: list[str] = []
+        for item in value:
+            hex_key = item.removeprefix("did:nil:")
+            if not re.fullmatch(r"0[23][0-9a-fA-F]{64}", hex_key):
+                raise ValueError(
+                    "nuc_root_issuers must be did:nil:<hex> DIDs or hex compressed public keys "
+                    "(66 hex characters starting 02 or 03)"
+                )
+            dids.append("did:nil:" + hex_key.lower())
+        return dids
 
     @field_validator("model_concurrency_limits")
     @classmethod

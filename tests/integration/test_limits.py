@@ -23,7 +23,7 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from nilai.auth.base import Principal
+from nilai.auth.base import Principal, TokenLimit
 from nilai.errors import LimitsUnavailable, RateLimited
 from nilai.limits.base import ConcurrencyLimiter, Decision, Limit, RateLimiter
 from nilai.limits.memory import MemoryConcurrencyLimiter, MemoryRateLimiter
@@ -440,10 +440,10 @@ def _account(**limits: int | None) -> Account:
 
 
 def _principal(
-    account: Account | None = None, *, token_uses: tuple[str, int] | None = None
+    account: Account | None = None, *, token_limits: tuple[TokenLimit, ...] = ()
 ) -> Principal:
     account_id = account.id if account else f"acct-{uuid.uuid4().hex[:8]}"
-    return Principal(account_id, "api_key", account=account, token_uses=token_uses)
+    return Principal(account_id, "api_key", account=account, token_limits=token_limits)
 
 
 async def _admit_until_refused(admission: Admission, principal: Principal, **kwargs: bool) -> int:
@@ -490,7 +490,7 @@ async def test_a_switched_off_default_can_be_set_per_account(backend: Backend):
 async def test_token_uses_admit_n_then_refuse(backend: Backend):
     admission = backend.admission(OFF)
     account = _account()
-    token = _principal(account, token_uses=("tok-1", 3))
+    token = _principal(account, token_limits=(TokenLimit("tok-1", 3),))
     decisions = [await admission.admit(token) for _ in range(3)]
     assert [d.remaining for d in decisions] == [2, 1, 0]
     with pytest.raises(RateLimited) as refused:
@@ -498,8 +498,32 @@ async def test_token_uses_admit_n_then_refuse(backend: Backend):
     assert "3 uses of this token" in refused.value.message
     assert refused.value.decision.retry_after_s >= 1
     # Another token of the same account has its own count; the account itself is not limited.
-    assert (await admission.admit(_principal(account, token_uses=("tok-2", 1)))).allowed
+    assert (
+        await admission.admit(_principal(account, token_limits=(TokenLimit("tok-2", 1),)))
+    ).allowed
     assert (await admission.admit(_principal(account))).allowed
+
+
+async def test_token_use_count_is_dropped_with_its_token(backend: Backend):
+    """A counter for a token lives until the token expires (plus a skew margin), no longer."""
+    gone = datetime.fromtimestamp(time.time() - 3600, UTC)
+    expired = Limit(f"{{acct:x}}:token:{uuid.uuid4().hex}", "uses", 1, None, expires_at=1.0)
+    assert (await backend.rate.hit([expired], "m1")).allowed
+    # The count is dropped at once: a second use is admitted rather than refused forever.
+    assert (await backend.rate.hit([expired], "m2")).allowed
+    if backend.redis is not None:
+        assert await backend.redis.exists(backend.prefix + expired.key) == 0
+        live = _principal(_account(), token_limits=(TokenLimit("tok-live", 1, gone),))
+        key = backend.prefix + backend.admission(OFF).account_limits(live, web_search=False)[0].key
+        assert (await backend.admission(OFF).admit(live)).allowed
+        ttl_ms = await backend.redis.pttl(key)
+        # Expired an hour ago plus a 300 s margin: still gone at once. A live token keeps it.
+        assert ttl_ms == -2
+        future = datetime.fromtimestamp(time.time() + 60, UTC)
+        live = _principal(_account(), token_limits=(TokenLimit("tok-future", 1, future),))
+        key = backend.prefix + backend.admission(OFF).account_limits(live, web_search=False)[0].key
+        assert (await backend.admission(OFF).admit(live)).allowed
+        assert 350_000 <= await backend.redis.pttl(key) <= 361_000
 
 
 async def test_web_search_limits_count_only_web_search_requests(backend: Backend):

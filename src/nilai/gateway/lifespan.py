@@ -15,9 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nilai.attestation.factory import make_attestation_provider
-from nilai.auth.api_keys import StaticApiKeys
-from nilai.auth.base import Authenticator
-from nilai.auth.stored_keys import StoredApiKeys, StoredOrStatic
+from nilai.auth.strategies import make_authenticator
 from nilai.crypto.keys import load_or_create_key
 from nilai.discovery.announcer import Announcer
 from nilai.discovery.base import Discovery
@@ -31,7 +29,6 @@ from nilai.limits.memory import MemoryConcurrencyLimiter, MemoryRateLimiter
 from nilai.limits.policy import Admission, LimitDefaults
 from nilai.limits.redis import RedisConcurrencyLimiter, RedisRateLimiter
 from nilai.settings import NilaiSettings
-from nilai.store.base import ApiKeyRepo
 from nilai.store.migrate import current_revision, head_revision, upgrade
 from nilai.store.sql import SqlStore, make_engine
 from nilai.upstream.http import make_http_client
@@ -50,18 +47,6 @@ def make_redis(settings: NilaiSettings) -> Redis | None:
         socket_timeout=2.0,
         health_check_interval=30,
     )
-
-
-def make_authenticator(settings: NilaiSettings, store: ApiKeyRepo) -> Authenticator:
-    """The authenticator for the configured strategies; refuses ones this build lacks."""
-    missing = [name for name in settings.auth_strategies if name != "api_key"]
-    if missing:
-        raise ValueError(
-            f"NILAI_AUTH_STRATEGIES names {', '.join(missing)}, which this gateway does not "
-            "support yet; use api_key"
-        )
-    static = StaticApiKeys(settings.static_api_keys, settings.api_key_hashes)
-    return StoredOrStatic(StoredApiKeys(store, ttl_s=settings.key_cache_ttl_s), static)
 
 
 def make_admission(settings: NilaiSettings, redis: Redis | None) -> Admission:
@@ -156,7 +141,7 @@ async def build_services(settings: NilaiSettings) -> AsyncGenerator[Services]:
         )
         await snapshot.start()
         stack.push_async_callback(snapshot.aclose)
-        authenticator = make_authenticator(settings, store)
+        authenticator = make_authenticator(settings, store, signer.public_key_bytes)
         admission = make_admission(settings, redis)
         stack.push_async_callback(admission.aclose)
         chat = ChatService(

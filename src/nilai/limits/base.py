@@ -19,6 +19,9 @@ class Limit:
     window_s: int | None
     concurrent: bool = False
     """A cap on requests in flight rather than a count over time."""
+    expires_at: float | None = None
+    """For a count without a window: when (Unix time) the counter can be forgotten, because
+    whatever it limits (a token) is no longer accepted then."""
 
     @property
     def resets(self) -> bool:

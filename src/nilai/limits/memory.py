@@ -17,6 +17,7 @@ class MemoryRateLimiter:
     def __init__(self) -> None:
         self._windows: dict[str, deque[float]] = defaultdict(deque)
         self._totals: dict[str, int] = defaultdict(int)
+        self._drop_at: dict[str, float] = {}
 
     async def hit(self, limits: Sequence[Limit], member: str) -> Decision:
         """Admit one request if every limit has room."""
@@ -35,12 +36,17 @@ class MemoryRateLimiter:
         for limit in limits:
             if limit.window_s is None:
                 self._totals[limit.key] += 1
+                if limit.expires_at is not None:
+                    self._drop_at[limit.key] = limit.expires_at
             else:
                 self._windows[limit.key].append(now)
         return best or Decision(True)
 
     def _usage(self, limit: Limit, now: float) -> tuple[int, float]:
         if limit.window_s is None:
+            drop_at = self._drop_at.get(limit.key)
+            if drop_at is not None and drop_at <= time.time():
+                del self._drop_at[limit.key], self._totals[limit.key]
             return self._totals[limit.key], 0.0
         window = self._windows[limit.key]
         while window and window[0] <= now - limit.window_s:

@@ -17,6 +17,9 @@ from nilai.limits.base import ALLOWED, ConcurrencyLimiter, Decision, Limit, Rate
 logger = logging.getLogger(__name__)
 
 _WINDOWS = (("minute", 60), ("hour", 3600), ("day", 86400))
+_CLOCK_SKEW_S = 300
+"""A token's use count outlives the token by this much, so clocks a little apart between
+replicas and Redis cannot reset the count while some replica still accepts the token."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,9 +77,18 @@ class Admission:
             limits.append(
                 Limit(f"{tag}:lifetime", "requests in total for this account", lifetime, None)
             )
-        if principal.token_uses is not None:
-            token, uses = principal.token_uses
-            limits.append(Limit(f"{tag}:token:{token}", "uses of this token", uses, None))
+        limits += [
+            Limit(
+                f"{tag}:token:{token.token_id}",
+                "uses of this token",
+                token.uses,
+                None,
+                expires_at=token.expires_at.timestamp() + _CLOCK_SKEW_S
+                if token.expires_at
+                else None,
+            )
+            for token in principal.token_limits
+        ]
         if web_search:
             searches = {
                 "minute": d.web_search_minute,

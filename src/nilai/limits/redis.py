@@ -42,7 +42,8 @@ class RedisRateLimiter:
         keys = [self._prefix + limit.key for limit in limits]
         args: list[str | int] = [member]
         for limit in limits:
-            args += [limit.count, (limit.window_s or 0) * 1000]
+            drop_at_ms = int(limit.expires_at * 1000) if limit.expires_at else 0
+            args += [limit.count, (limit.window_s or 0) * 1000, drop_at_ms]
         allowed, index, remaining, reset_ms = await self._hit(keys=keys, args=args)
         return Decision(bool(allowed), limits[int(index) - 1], int(remaining), int(reset_ms) / 1000)
 

@@ -19,7 +19,13 @@ import orjson
 
 from nilai.crypto.keys import Signer
 from nilai.discovery.snapshot import DiscoverySnapshot
-from nilai.errors import NilaiError, UpstreamProtocolError, UpstreamTimeout, rate_limit_headers
+from nilai.errors import (
+    NilaiError,
+    NotSupported,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    rate_limit_headers,
+)
 from nilai.gateway.chat.context import RequestContext
 from nilai.gateway.chat.relay import Relay, error_event, parse_completion
 from nilai.gateway.chat.signing import StreamSigner, sign_completion
@@ -67,6 +73,11 @@ class ChatService:
         ctx.web_search = request.web_search
         ctx.nilrag = bool(request.nilrag)
         ctx.multimodal = request.has_image()
+        if ctx.principal.prompt_document is not None:
+            raise NotSupported(
+                "This token references a nilDB prompt document; this gateway cannot fetch "
+                "prompt documents yet, so the request is refused rather than served without it."
+            )
         decision = await self._admission.admit(ctx.principal, web_search=request.web_search)
         return validate_chat(request, self._snapshot), rate_limit_headers(decision)
 

@@ -1,0 +1,88 @@
+"""The enabled authentication strategies, and which one a credential belongs to.
+
+With both strategies on, one gateway serves API-key and NUC clients: a NUC envelope is
+recognisable by its shape (base64url JWT segments), anything else is an API key.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from nilai.auth.api_keys import StaticApiKeys
+from nilai.auth.base import Authenticator, Principal
+from nilai.auth.nuc_accounts import NucAuthenticator
+from nilai.auth.nuc_tokens import NucVerifier, looks_like_nuc
+from nilai.auth.stored_keys import StoredApiKeys, StoredOrStatic
+from nilai.errors import AuthenticationFailed
+from nilai.settings import NilaiSettings
+from nilai.store.base import Store
+
+logger = logging.getLogger(__name__)
+
+_PRIVATE_KEY = re.compile(r"(0x)?[0-9a-fA-F]{64}")
+PRIVATE_KEY_SENT = (
+    "The bearer credential is a raw 64-hex-character private key, which must never leave the "
+    "client. Send a NUC invocation token derived from it instead (nilai-py does this; "
+    "nilai-py 0.3 with openai >= 2.34 sends the key itself: pin openai < 2.34)."
+)
+
+
+class ByShape:
+    """Sends each credential to the strategy its shape belongs to."""
+
+    def __init__(self, *, api_keys: Authenticator | None, nuc: Authenticator | None) -> None:
+        self._api_keys = api_keys
+        self._nuc = nuc
+
+    async def authenticate(self, credential: str) -> Principal:
+        """Authenticate with the matching strategy; explain a credential no strategy takes."""
+        if looks_like_nuc(credential):
+            if self._nuc is None:
+                raise AuthenticationFailed(
+                    "This gateway does not accept NUC tokens; send an API key.",
+                    code="nuc_not_accepted",
+                )
+            return await self._nuc.authenticate(credential)
+        if _PRIVATE_KEY.fullmatch(credential):
+            return await self._maybe_private_key(credential)
+        if self._api_keys is None:
+            raise AuthenticationFailed(
+                "This gateway accepts NUC tokens only: send 'Authorization: Bearer <NUC "
+                "invocation>' addressed to the DID of GET /v1/public_key.",
+                code="invalid_nuc_token",
+            )
+        return await self._api_keys.authenticate(credential)
+
+    async def _maybe_private_key(self, credential: str) -> Principal:
+        # Operators often make API keys with `openssl rand -hex 32`: a configured key wins.
+        if self._api_keys is not None:
+            try:
+                return await self._api_keys.authenticate(credential)
+            except AuthenticationFailed:
+                pass
+        raise AuthenticationFailed(PRIVATE_KEY_SENT, code="private_key_sent")
+
+
+def make_authenticator(settings: NilaiSettings, store: Store, public_key: bytes) -> Authenticator:
+    """The authenticator for the configured strategies."""
+    api_keys: Authenticator | None = None
+    nuc: Authenticator | None = None
+    if "api_key" in settings.auth_strategies:
+        static = StaticApiKeys(settings.static_api_keys, settings.api_key_hashes)
+        api_keys = StoredOrStatic(StoredApiKeys(store, ttl_s=settings.key_cache_ttl_s), static)
+    if "nuc" in settings.auth_strategies:
+        verifier = NucVerifier(public_key, tuple(settings.nuc_root_issuers))
+        nuc = NucAuthenticator(
+            verifier,
+            store,
+            auto_accounts=settings.nuc_auto_accounts,
+            ttl_s=settings.key_cache_ttl_s,
+        )
+        if settings.nuc_auto_accounts and not settings.nuc_root_issuers:
+            logger.warning(
+                "NUC tokens are accepted from any root issuer and unknown subscription holders "
+                "get accounts: anyone with a secp256k1 key can use this gateway within the "
+                "default limits (set NILAI_NUC_ROOT_ISSUERS or NILAI_NUC_AUTO_ACCOUNTS=false)"
+            )
+    return ByShape(api_keys=api_keys, nuc=nuc)
