@@ -6,13 +6,16 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The public nilai-py client, in its own virtualenv (tests/interop/README.md).
+INTEROP_VENV ?= .venv-interop
+INTEROP_STAMP := $(INTEROP_VENV)/.installed
 PYTEST_ARGS ?=
 # Only the source folders that exist (tests/ and bench/ may be absent in a partial checkout).
 CODE_DIRS := $(wildcard src tests bench)
 BENCH_RESULTS := bench/results
 
 .DEFAULT_GOAL := help
-.PHONY: help setup format lint typecheck test audit serve bench hooks clean deploy-check
+.PHONY: help setup interop format lint typecheck test audit serve bench hooks clean deploy-check
 
 help: ## List the targets
 	@echo "Usage: make TARGET   (VENV=$(VENV))"
@@ -34,6 +37,14 @@ $(STAMP): pyproject.toml
 setup: ## Create or refresh the virtualenv (scripts/setup.sh)
 	VENV="$(VENV)" bash scripts/setup.sh
 
+$(INTEROP_STAMP): tests/interop/requirements.txt | $(STAMP)
+	$(BIN)/python -m venv --clear $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/pip install --quiet --disable-pip-version-check \
+		-r tests/interop/requirements.txt
+	touch $@
+
+interop: $(INTEROP_STAMP) ## Create the nilai-py client's virtualenv for the interop test
+
 format: $(STAMP) ## Format the code and apply safe lint fixes
 	$(BIN)/ruff format $(CODE_DIRS)
 	$(BIN)/ruff check --fix $(CODE_DIRS)
@@ -45,7 +56,7 @@ lint: $(STAMP) ## Lint and check formatting (ruff)
 typecheck: $(STAMP) ## Type-check src/ in strict mode (pyright)
 	$(BIN)/pyright
 
-test: $(STAMP) ## Run the test suite with coverage (PYTEST_ARGS=... to pass options)
+test: $(STAMP) $(INTEROP_STAMP) ## Run the test suite with coverage (PYTEST_ARGS=... to pass options)
 	$(BIN)/pytest --cov=nilai --cov-report=term-missing $(PYTEST_ARGS)
 
 audit: $(STAMP) ## pip-audit the installed packages and bandit src/ (high severity fails)

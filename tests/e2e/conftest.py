@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.replicas import start_replica  # noqa: F401 - a fixture for e2e tests
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):

@@ -8,15 +8,12 @@ private ``redis-server`` started here, never the shared one.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +24,8 @@ import redis
 
 from tests.conftest import REDIS_URL, TEST_API_KEY, FakeHandle, GatewayHandle
 from tests.integration.test_limits import PrivateRedis
-from tests.support.servers import free_port, stop_process, wait_until
+from tests.support.replicas import Replica, wait_serving
+from tests.support.servers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -152,80 +150,6 @@ def test_model_concurrency_refuses_the_third_until_a_stream_ends(
             lambda: (r := chat(gateway.url)).status_code == 200 and r, timeout_s=3
         )
         assert admitted.headers["content-type"].startswith("application/json")
-
-
-# --- replicas: real `nilai api` processes on one Redis ------------------------------------
-
-
-@dataclass
-class Replica:
-    process: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-
-@pytest.fixture
-def start_replica(tmp_path: Path, redis_prefix: str) -> Iterator[Callable[..., Replica]]:
-    """Start ``nilai api`` processes on the shared Redis, all under one test prefix.
-
-    Every one still running is stopped afterwards, before the prefix's keys are deleted.
-    """
-    started: list[Replica] = []
-
-    def start(name: str, **env: str) -> Replica:
-        port = free_port()
-        data = tmp_path / name
-        data.mkdir()
-        log = tmp_path / f"{name}.log"
-        variables = {
-            **os.environ,
-            "NILAI_API_KEY": TEST_API_KEY,
-            "NILAI_DATA_DIR": str(data),
-            "NILAI_REDIS_URL": REDIS_URL,
-            "NILAI_REDIS_PREFIX": redis_prefix,
-            "NILAI_DISCOVERY_REFRESH_S": "0.2",
-            "NILAI_DISCOVERY_TTL_S": "3",
-            "NILAI_RATE_LIMIT_MINUTE": "0",
-            "NILAI_RATE_LIMIT_HOUR": "0",
-            "NILAI_RATE_LIMIT_DAY": "0",
-            "NILAI_LOG_LEVEL": "warning",
-            **env,
-        }
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [NILAI, "api", "--port", str(port)],
-                env=variables,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        replica = Replica(process, f"http://127.0.0.1:{port}", log)
-        started.append(replica)
-        return replica
-
-    yield start
-    for replica in started:
-        stop_process(replica.process)
-
-
-def wait_serving(*replicas: Replica, timeout_s: float = 20) -> None:
-    """Wait until every replica lists the fake model (listing models counts against nothing)."""
-
-    def serving(replica: Replica) -> bool:
-        if replica.process.poll() is not None:
-            raise AssertionError(f"nilai api exited:\n{replica.tail()}")
-        try:
-            response = httpx.get(f"{replica.url}/v1/models", headers=AUTH, timeout=2)
-        except httpx.TransportError:
-            return False
-        return response.status_code == 200 and [m["id"] for m in response.json()["data"]] == [
-            "fake-model"
-        ]
-
-    for replica in replicas:
-        wait_until(lambda r=replica: serving(r), timeout_s=timeout_s, interval_s=0.1)
 
 
 def test_two_replicas_share_the_minute_limit(

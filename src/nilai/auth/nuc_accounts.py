@@ -70,7 +70,8 @@ class NucAuthenticator:
         if not self._auto_accounts:
             raise AuthenticationFailed(
                 f"NUC token rejected: the subscription holder {subject} has no account on this "
-                "gateway (an operator can create one named by that DID).",
+                "gateway (an operator can create one named by that DID: "
+                "nilai accounts add <DID>).",
                 code="unknown_account",
             )
         try:

@@ -79,7 +79,9 @@ class Admission:
             )
         limits += [
             Limit(
-                f"{tag}:token:{token.token_id}",
+                # Keyed by the token alone: replicas agree on it even before they agree on
+                # the account (e.g. when each created the account it had not seen yet).
+                f"{{token:{token.token_id}}}:uses",
                 "uses of this token",
                 token.uses,
                 None,
