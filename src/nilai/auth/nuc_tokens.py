@@ -134,6 +134,10 @@ class NucVerifier:
                 f"its command {token.command} is not within {REQUIRED_COMMAND}",
                 code="invalid_nuc_command",
             )
+        if not envelope.proofs and token.issuer != token.subject:
+            # nuc checks that the subject signed the chain only when there are proofs: alone,
+            # an invocation could name anyone as the account that pays.
+            raise _rejected(_MESSAGES[ValidationKind.SUBJECT_NOT_IN_CHAIN])
         try:
             self._validator.validate(envelope, {}, self._parameters)
         except ValidationException as exc:
@@ -145,12 +149,13 @@ class NucVerifier:
             subject=str(token.subject),
             issuer=str(token.issuer),
             limits=_usage_limits([envelope.token, *envelope.proofs]),
-            prompt_document=_prompt_document([envelope.token, *envelope.proofs]),
+            # Granted by the delegations, not chosen by the invoking party.
+            prompt_document=_prompt_document(envelope.proofs),
         )
 
 
 def _usage_limits(tokens: list[DecodedNucToken]) -> tuple[TokenLimit, ...]:
-    limits: list[TokenLimit] = []
+    limits: dict[str, TokenLimit] = {}
     for decoded in tokens:
         meta = decoded.token.meta or {}
         uses = meta.get("usage_limit")
@@ -158,8 +163,10 @@ def _usage_limits(tokens: list[DecodedNucToken]) -> tuple[TokenLimit, ...]:
             continue
         if isinstance(uses, bool) or not isinstance(uses, int) or uses < 0:
             raise _rejected("its 'usage_limit' is not a whole number of at least 0")
-        limits.append(TokenLimit(decoded.compute_hash().hex(), uses, decoded.token.expires_at))
-    return tuple(limits)
+        token_id = decoded.compute_hash().hex()
+        # A proof repeated in the envelope is one token: count its use once.
+        limits[token_id] = TokenLimit(token_id, uses, decoded.token.expires_at)
+    return tuple(limits.values())
 
 
 def _prompt_document(tokens: list[DecodedNucToken]) -> PromptDocument | None:
