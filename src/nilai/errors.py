@@ -73,6 +73,14 @@ class AuthenticationFailed(NilaiError):
         super().__init__(message, code=code, headers={"WWW-Authenticate": "Bearer"})
 
 
+class Forbidden(NilaiError):
+    """The caller may not use this endpoint."""
+
+    status = 403
+    type = "permission_error"
+    default_code = "forbidden"
+
+
 class PayloadTooLarge(NilaiError):
     """The request body is over the configured limit."""
 

@@ -7,6 +7,7 @@ than silently ignored.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -121,6 +122,8 @@ class NilaiSettings(BaseSettings):
     stream_first_byte_timeout_s: float = Field(default=60.0, gt=0)
     stream_idle_timeout_s: float = Field(default=60.0, gt=0)
     hsts: bool = False
+    metrics_enabled: bool = True
+    metrics_allow: CommaList = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
     docs_enabled: bool = True
 
     cors_origins: CommaList = Field(
@@ -153,6 +156,7 @@ class NilaiSettings(BaseSettings):
         "nuc_root_issuers",
         "upstream_urls",
         "cors_origins",
+        "metrics_allow",
         "model_concurrency_limits",
         mode="before",
     )
@@ -175,6 +179,18 @@ class NilaiSettings(BaseSettings):
             if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
                 raise ValueError("api_key_hashes must be hex SHA-256 digests (64 characters)")
         return [digest.lower() for digest in value]
+
+    @field_validator("metrics_allow")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(
+                    f"metrics_allow: {item!r} is not an IP address or network"
+                ) from exc
+        return value
 
     @field_validator("nuc_root_issuers")
     @classmethod

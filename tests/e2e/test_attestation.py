@@ -277,9 +277,10 @@ def test_tsm_quote_through_the_gateway(start_gateway, tmp_path, monkeypatch, cap
 
 async def test_gateway_refuses_to_start_with_http_provider_and_no_url(tmp_path):
     from nilai.gateway.lifespan import build_services
+    from nilai.gateway.metrics import Metrics
     from nilai.settings import NilaiSettings
 
     settings = NilaiSettings(data_dir=tmp_path, attestation_provider="http")
     with pytest.raises(ValueError, match="needs NILAI_ATTESTATION_URL"):
-        async with build_services(settings):
+        async with build_services(settings, Metrics()):
             pass

@@ -11,8 +11,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from nilai import __version__
 from nilai.gateway.errors import install_error_handlers
 from nilai.gateway.lifespan import build_services
+from nilai.gateway.metrics import Metrics, MetricsMiddleware
 from nilai.gateway.middleware import RequestIdMiddleware
 from nilai.gateway.routes import attestation, chat, health, keys, models, usage
+from nilai.gateway.routes import metrics as metrics_route
 from nilai.gateway.security import BodySizeLimit, SecurityHeaders
 from nilai.settings import NilaiSettings
 
@@ -20,10 +22,11 @@ from nilai.settings import NilaiSettings
 def create_app(settings: NilaiSettings | None = None) -> FastAPI:
     """Build the gateway; services are created when the app starts, not here."""
     settings = settings or NilaiSettings()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncGenerator[None]:
-        async with build_services(settings) as services:
+        async with build_services(settings, metrics) as services:
             app.state.services = services
             yield
 
@@ -37,9 +40,13 @@ def create_app(settings: NilaiSettings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if docs else None,
     )
     install_error_handlers(app)
-    for module in (health, keys, models, chat, usage, attestation):
+    routers = [health, keys, models, chat, usage, attestation]
+    if settings.metrics_enabled:
+        routers.append(metrics_route)
+    for module in routers:
         app.include_router(module.router)
-    # Middleware runs outermost-last-added: headers, request id, CORS, body limit, errors.
+    # Middleware runs outermost-last-added: headers, request id, metrics, CORS, body limit,
+    # errors.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     allow_any = "*" in settings.cors_origins
     app.add_middleware(
@@ -50,6 +57,7 @@ def create_app(settings: NilaiSettings | None = None) -> FastAPI:
         allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         expose_headers=["X-Request-ID"],
     )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     # Outermost, so every response gets the headers, including those of the layers inside.
     app.add_middleware(SecurityHeaders, hsts=settings.hsts)

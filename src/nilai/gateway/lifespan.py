@@ -23,6 +23,7 @@ from nilai.discovery.memory import MemoryDiscovery
 from nilai.discovery.redis import RedisDiscovery
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.gateway.chat.service import ChatService
+from nilai.gateway.metrics import Metrics
 from nilai.gateway.services import Services
 from nilai.limits.base import ConcurrencyLimiter, RateLimiter
 from nilai.limits.memory import MemoryConcurrencyLimiter, MemoryRateLimiter
@@ -102,7 +103,7 @@ async def _require_current_schema(engine: AsyncEngine) -> None:
 
 
 @asynccontextmanager
-async def build_services(settings: NilaiSettings) -> AsyncGenerator[Services]:
+async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGenerator[Services]:
     """Create every service, start background tasks, and tear them down on exit."""
     async with AsyncExitStack() as stack:
         http = make_http_client(settings)
@@ -131,6 +132,7 @@ async def build_services(settings: NilaiSettings) -> AsyncGenerator[Services]:
             interval_s=settings.usage_flush_interval_s,
         )
         await sink.start()
+        metrics.watch_usage_queue(lambda: sink.depth, lambda: sink.dropped)
         stack.push_async_callback(sink.aclose)
         await _start_static_upstreams(stack, settings, discovery, http)
         snapshot = DiscoverySnapshot(
@@ -150,6 +152,7 @@ async def build_services(settings: NilaiSettings) -> AsyncGenerator[Services]:
             signer,
             sink,
             admission,
+            metrics=metrics,
             request_timeout_s=settings.request_timeout_s,
             first_byte_timeout_s=settings.stream_first_byte_timeout_s,
             idle_timeout_s=settings.stream_idle_timeout_s,
@@ -167,6 +170,7 @@ async def build_services(settings: NilaiSettings) -> AsyncGenerator[Services]:
             usage_sink=sink,
             chat=chat,
             attestation=attestation,
+            metrics=metrics,
         )
 
 

@@ -13,6 +13,7 @@ from nilai.crypto.keys import Signer
 from nilai.discovery.base import Discovery
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.gateway.chat.service import ChatService
+from nilai.gateway.metrics import Metrics
 from nilai.settings import NilaiSettings
 from nilai.store.base import Store
 from nilai.usage.sink import UsageSink
@@ -34,3 +35,4 @@ class Services:
     usage_sink: UsageSink
     chat: ChatService
     attestation: AttestationProvider
+    metrics: Metrics

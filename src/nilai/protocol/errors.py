@@ -33,6 +33,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 _DESCRIPTIONS = {
     400: "The request cannot be served as sent.",
     401: "Missing or invalid credentials.",
+    403: "The caller may not use this endpoint.",
     404: "Unknown model.",
     413: "The body is over the size limit.",
     422: "A field is missing or out of bounds (param names it).",

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from nilai.auth.base import Principal
-from nilai.errors import NilaiError
+from nilai.errors import NilaiError, RateLimited
+from nilai.limits.base import Limit
 from nilai.protocol.base import json_object
 from nilai.store.base import QueryLog
 
@@ -37,8 +38,10 @@ class RequestContext:
     completion_tokens: int = 0
     usage_reported: bool = False
     first_token_s: float | None = None
+    upstream_s: float | None = None
     status: int = 200
     error_kind: str | None = None
+    refused_by: Limit | None = None
 
     @classmethod
     def begin(cls, request_id: str, principal: Principal, raw_body: bytes) -> RequestContext:
@@ -68,6 +71,8 @@ class RequestContext:
 
     def fail(self, error: BaseException) -> None:
         """Record how the request ended badly."""
+        if isinstance(error, RateLimited):
+            self.refused_by = error.decision.limit
         if isinstance(error, NilaiError):
             self.status, self.error_kind = error.status, type(error).__name__
         elif isinstance(error, (GeneratorExit, asyncio.CancelledError)):

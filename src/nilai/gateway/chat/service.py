@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from nilai.gateway.chat.context import RequestContext
 from nilai.gateway.chat.relay import Relay, error_event, parse_completion
 from nilai.gateway.chat.signing import StreamSigner, sign_completion
 from nilai.gateway.chat.validate import ValidatedChat, validate_chat
+from nilai.gateway.metrics import OTHER_MODEL, Metrics
 from nilai.limits.policy import Admission
 from nilai.protocol.base import json_object
 from nilai.protocol.chat import ChatCompletionRequest
@@ -50,6 +52,7 @@ class ChatService:
         usage: UsageSink,
         admission: Admission,
         *,
+        metrics: Metrics,
         request_timeout_s: float,
         first_byte_timeout_s: float = 60.0,
         idle_timeout_s: float = 60.0,
@@ -59,6 +62,7 @@ class ChatService:
         self._signer = signer
         self._usage = usage
         self._admission = admission
+        self._metrics = metrics
         self._timeout_s = request_timeout_s
         self._first_byte_timeout_s = first_byte_timeout_s
         self._idle_timeout_s = idle_timeout_s
@@ -82,13 +86,16 @@ class ChatService:
         return validate_chat(request, self._snapshot), rate_limit_headers(decision)
 
     async def _send(self, chat: ValidatedChat, ctx: RequestContext) -> httpx.Response:
+        sent = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
-                return await self._relay.send(
+                response = await self._relay.send(
                     chat.model, chat.payload, ctx, stream=chat.request.stream
                 )
         except TimeoutError as exc:
             raise UpstreamTimeout(f"The request took longer than {self._timeout_s:g}s.") from exc
+        ctx.upstream_s = time.perf_counter() - sent
+        return response
 
     async def complete(self, request: ChatCompletionRequest, ctx: RequestContext) -> ChatResult:
         """Run a non-streaming completion and return the signed body."""
@@ -123,6 +130,9 @@ class ChatService:
             self.account(ctx)
             raise
         resources.callback(self.account, ctx)
+        streams = self._metrics.streams_in_flight
+        streams.inc()
+        resources.callback(streams.dec)
         return ChatStream(self._relay_stream(response, chat, ctx), resources, headers)
 
     async def _relay_stream(
@@ -172,8 +182,25 @@ class ChatService:
                 limit = self._idle_timeout_s
 
     def account(self, ctx: RequestContext) -> None:
-        """Queue the request's query log and write its log line (counts only, no content)."""
-        self._usage.put(ctx.query_log())
+        """Queue the query log, record the metrics, log one line (counts only, no content)."""
+        log = ctx.query_log()
+        self._usage.put(log)
+        model = ctx.model if self._snapshot.card(ctx.model) is not None else OTHER_MODEL
+        self._metrics.observe_chat(
+            model=model,
+            stream=ctx.streamed,
+            status=ctx.status,
+            duration_s=log.latency_ms / 1000,
+            ttft_s=ctx.first_token_s,
+            prompt_tokens=ctx.prompt_tokens,
+            completion_tokens=ctx.completion_tokens,
+            error_kind=ctx.error_kind,
+            limit=ctx.refused_by,
+        )
+        if ctx.upstream_s is not None:
+            self._metrics.upstream_duration.labels(
+                model, "stream" if ctx.streamed else "plain"
+            ).observe(ctx.upstream_s)
         logger.info(
             "chat model=%s endpoint=%s stream=%s status=%d prompt_tokens=%d "
             "completion_tokens=%d ttft_ms=%s",

@@ -17,6 +17,7 @@ from nilai.errors import UpstreamProtocolError
 from nilai.gateway.chat.context import RequestContext
 from nilai.gateway.chat.service import ChatService, _StreamRelay
 from nilai.gateway.chat.signing import StreamSigner
+from nilai.gateway.metrics import Metrics
 from nilai.limits.memory import MemoryConcurrencyLimiter, MemoryRateLimiter
 from nilai.limits.policy import Admission, LimitDefaults
 from nilai.protocol.chat import ChatCompletionRequest
@@ -255,7 +256,9 @@ async def _service_stream(
         admission = Admission(
             MemoryRateLimiter(), MemoryConcurrencyLimiter(), LimitDefaults(), fail_open=False
         )
-        service = ChatService(http, snapshot, signer, sink, admission, request_timeout_s=5)  # type: ignore[arg-type]
+        service = ChatService(
+            http, snapshot, signer, sink, admission, metrics=Metrics(), request_timeout_s=5
+        )  # type: ignore[arg-type]
         ctx = RequestContext.begin("r", Principal("acct", "api_key"), raw_request)
         request = ChatCompletionRequest.model_validate(body)
         stream = await service.stream(request, ctx)

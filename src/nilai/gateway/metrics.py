@@ -1,0 +1,172 @@
+"""Prometheus metrics: one explicit registry per app, built in the app factory.
+
+Labels hold only bounded, operator-chosen values: route templates, methods, statuses, served
+model ids, limit kinds and error kinds. Never request content, account ids, keys or tokens:
+a model id that is not served (a client's free text) is recorded as ``other``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from nilai.limits.base import Limit
+
+# Seconds: from a sub-millisecond gateway hop to a long generation.
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+)  # fmt: skip
+_UPSTREAM_ERRORS = {
+    "UpstreamUnavailable": "unavailable",
+    "UpstreamProtocolError": "protocol",
+    "UpstreamTimeout": "timeout",
+}
+UNMATCHED_ROUTE = "unmatched"
+OTHER_MODEL = "other"
+
+
+class Metrics:
+    """The gateway's instruments, registered in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_duration = Histogram(
+            "nilai_http_request_duration_seconds",
+            "HTTP requests by route template, method and status (streams: until the last byte).",
+            ["route", "method", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests_in_flight = Gauge(
+            "nilai_http_requests_in_flight", "HTTP requests being served.", registry=r
+        )
+        self.streams_in_flight = Gauge(
+            "nilai_chat_streams_in_flight", "Chat completion streams open.", registry=r
+        )
+        self.chat_duration = Histogram(
+            "nilai_chat_duration_seconds",
+            "Chat completions, whole request, by model, stream and status.",
+            ["model", "stream", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.chat_ttft = Histogram(
+            "nilai_chat_time_to_first_token_seconds",
+            "Time to the first streamed chunk, by model.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "nilai_upstream_duration_seconds",
+            "Model server response time (streams: until its headers), by model and stream.",
+            ["model", "stream"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "nilai_tokens", "Tokens by model and kind (prompt, completion).",
+            ["model", "kind"], registry=r,
+        )  # fmt: skip
+        self.rate_limited = Counter(
+            "nilai_rate_limit_rejections",
+            "Requests refused by a limit, by limit kind.",
+            ["limit"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "nilai_upstream_errors",
+            "Chat requests failed by the model server, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.usage_queue_depth = Gauge(
+            "nilai_usage_queue_depth", "Query-log rows waiting to be written.", registry=r
+        )
+        self.usage_dropped = Gauge(
+            "nilai_usage_dropped_rows", "Query-log rows dropped because the queue was full.",
+            registry=r,
+        )  # fmt: skip
+
+    def watch_usage_queue(self, depth: Callable[[], float], dropped: Callable[[], float]) -> None:
+        """Read the query-log queue's depth and drop count at scrape time."""
+        self.usage_queue_depth.set_function(depth)
+        self.usage_dropped.set_function(dropped)
+
+    def observe_chat(
+        self,
+        *,
+        model: str,
+        stream: bool,
+        status: int,
+        duration_s: float,
+        ttft_s: float | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        error_kind: str | None,
+        limit: Limit | None,
+    ) -> None:
+        """Record one finished chat request (``model`` already bounded by the caller)."""
+        kind = "stream" if stream else "plain"
+        self.chat_duration.labels(model, kind, str(status)).observe(duration_s)
+        if ttft_s is not None:
+            self.chat_ttft.labels(model).observe(ttft_s)
+        if prompt_tokens:
+            self.tokens.labels(model, "prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.tokens.labels(model, "completion").inc(completion_tokens)
+        if limit is not None:
+            self.rate_limited.labels(limit_kind(limit)).inc()
+        if error_kind in _UPSTREAM_ERRORS:
+            self.upstream_errors.labels(_UPSTREAM_ERRORS[error_kind]).inc()
+
+
+def limit_kind(limit: Limit) -> str:
+    """A bounded name for a limit: minute, hour, day, lifetime, token, web_search_*, ..."""
+    if limit.concurrent:
+        return "model_concurrency"
+    suffix = limit.key.rsplit("}:", 1)[-1]
+    if suffix == "uses":
+        return "token"
+    if suffix == "second":
+        return "web_search_all_accounts"
+    return suffix.replace("search:", "web_search_")
+
+
+class MetricsMiddleware:
+    """Times every HTTP request by route template (never the raw path) and counts in-flight."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        started = time.perf_counter()
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        in_flight = self._metrics.requests_in_flight
+        in_flight.inc()
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            in_flight.dec()
+            route = scope.get("route")
+            template = route.path if isinstance(route, Route) else UNMATCHED_ROUTE
+            self._metrics.http_duration.labels(template, scope["method"], str(status)).observe(
+                time.perf_counter() - started
+            )
