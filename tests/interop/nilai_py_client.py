@@ -1,6 +1,6 @@
 """Chat through a nilai gateway with the public nilai-py client; print what it saw as JSON.
 
-Runs in .venv-interop (see requirements.txt), started by tests/e2e/test_nilai_py.py:
+Runs in .venv-interop (see requirements.txt), started by tests/e2e/test_nuc.py:
 
     python nilai_py_client.py --base-url URL --model M --mode api_key --key HEX
     python nilai_py_client.py --base-url URL --model M --mode delegation --key HEX --uses 2
