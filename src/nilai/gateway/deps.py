@@ -1,4 +1,8 @@
-"""Typed accessors for request handlers: the services, the caller, the request id."""
+"""Typed accessors for request handlers: the services, the caller, the request id.
+
+Dependencies are ``async def`` even when they do not await: FastAPI runs a plain ``def``
+dependency in its thread pool, a thread hand-off on every request for nothing.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from nilai.gateway.services import Services
 from nilai.logging import request_id_var
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     """The process's services (the one place ``app.state`` is read)."""
     return cast(Services, request.app.state.services)
 
@@ -52,7 +56,7 @@ async def authenticate(
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
 
 
-def current_request_id() -> str:
+async def current_request_id() -> str:
     """The id of the request being served."""
     return request_id_var.get()
 
