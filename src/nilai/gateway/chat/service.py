@@ -35,7 +35,7 @@ from nilai.gateway.metrics import OTHER_MODEL, Metrics
 from nilai.limits.policy import Admission
 from nilai.protocol.base import json_object
 from nilai.protocol.chat import ChatCompletionRequest
-from nilai.upstream.sse import DONE, frame, iter_payloads
+from nilai.upstream.sse import DONE, frame, iter_payload_batches
 from nilai.usage.sink import UsageSink
 
 logger = logging.getLogger(__name__)
@@ -140,13 +140,18 @@ class ChatService:
     ) -> AsyncGenerator[bytes]:
         relay = _StreamRelay(StreamSigner(self._signer, ctx.request_sha256), ctx, chat.request)
         try:
-            async for payload in self._timed(iter_payloads(response.aiter_raw())):
-                if payload == DONE:
+            error: NilaiError | None = None
+            async for batch in self._timed(iter_payload_batches(response.aiter_raw())):
+                events, error, done = _relay_batch(relay, batch)
+                if events:
+                    yield b"".join(events)
+                if error is not None or done:
                     break
-                for out in relay.feed(payload):
-                    yield frame(out)
-            for out in relay.finish():
-                yield frame(out)
+            if error is None:
+                yield b"".join(frame(out) for out in relay.finish())
+            else:
+                ctx.fail(error)
+                yield frame(error_event(error))
         except NilaiError as exc:
             ctx.fail(exc)
             yield frame(error_event(exc))
@@ -163,7 +168,7 @@ class ChatService:
             raise
         yield frame(DONE)
 
-    async def _timed(self, payloads: AsyncGenerator[bytes]) -> AsyncGenerator[bytes]:
+    async def _timed[T](self, payloads: AsyncGenerator[T]) -> AsyncGenerator[T]:
         """Pass payloads on, ending with a timeout if the first or any next one is too late."""
         limit = self._first_byte_timeout_s
         async with contextlib.aclosing(payloads):
@@ -302,6 +307,25 @@ class _StreamRelay:
         payload, _ = self._held
         self._held = None
         return [self._signer.sent(payload)]
+
+
+def _relay_batch(
+    relay: _StreamRelay, batch: list[bytes]
+) -> tuple[list[bytes], NilaiError | None, bool]:
+    """Relay a batch of upstream payloads: the SSE events, then what ended it early.
+
+    Returns the events, the error that cut the batch short (if any), and whether the upstream
+    said ``[DONE]``.
+    """
+    events: list[bytes] = []
+    for payload in batch:
+        if payload == DONE:
+            return events, None, True
+        try:
+            events += [frame(out) for out in relay.feed(payload)]
+        except NilaiError as exc:
+            return events, exc, False
+    return events, None, False
 
 
 def _parse_chunk(payload: bytes) -> dict[str, Any]:
