@@ -2,7 +2,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import pytest
 
-from nilai.upstream.sse import DONE, frame, iter_payloads
+from nilai.upstream.sse import DONE, frame, iter_payload_batches, iter_payloads
 
 
 async def _chunks(parts: Iterable[bytes]) -> AsyncIterator[bytes]:
@@ -90,3 +90,11 @@ async def test_frame_round_trips_through_iter_payloads():
     payloads = [b'{"a":1}', b"[1,2]", DONE]
     raw = b"".join(frame(p) for p in payloads)
     assert await _collect(_bytewise(raw)) == payloads
+
+
+async def test_batches_hold_the_events_each_read_completes():
+    reads = [STREAM[:20], STREAM[20:], b'data: {"tail":1}']
+    batches = [batch async for batch in iter_payload_batches(_chunks(reads))]
+    # The first read completes one event, the second the other two, the unterminated tail last.
+    assert batches == [[b'{"a":1}'], [b'{"b":"x y"}', DONE], [b'{"tail":1}']]
+    assert [batch async for batch in iter_payload_batches(_chunks([b": comment\n\n"]))] == []
