@@ -92,6 +92,7 @@ class NilaiSettings(BaseSettings):
     # shared state (limits, discovery); unset means in-process
     redis_url: SecretStr | None = None
     redis_prefix: str = Field(default="nilai:", min_length=1)
+    redis_max_connections: int = Field(default=256, ge=4)
 
     # embedded default (nilai serve): model directory or hub id; unset means the tiny model
     model: str | None = None

@@ -11,7 +11,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import httpx
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -43,12 +43,17 @@ def make_redis(settings: NilaiSettings) -> Redis | None:
     """The shared Redis client, or None for in-process state. Connects lazily."""
     if settings.redis_url is None:
         return None
-    return Redis.from_url(  # pyright: ignore[reportUnknownMemberType]
+    # A blocking pool: when every connection is busy (a burst of streams releasing their
+    # slots at once), a command waits up to 2 s for one instead of failing at once.
+    pool = BlockingConnectionPool.from_url(  # pyright: ignore[reportUnknownMemberType]
         settings.redis_url.get_secret_value(),
+        max_connections=settings.redis_max_connections,
+        timeout=2.0,
         socket_connect_timeout=2.0,
         socket_timeout=2.0,
         health_check_interval=30,
     )
+    return Redis.from_pool(pool)
 
 
 def make_admission(settings: NilaiSettings, redis: Redis | None) -> Admission:

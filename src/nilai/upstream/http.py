@@ -13,7 +13,9 @@ def make_http_client(settings: NilaiSettings) -> httpx.AsyncClient:
         limits=httpx.Limits(
             max_connections=settings.upstream_max_connections,
             max_keepalive_connections=settings.upstream_max_connections,
-            keepalive_expiry=30.0,
+            # Below the 5 s keep-alive of uvicorn-based model servers (vLLM's included), so an
+            # idle connection is dropped here before the server closes it under a request.
+            keepalive_expiry=4.0,
         ),
         timeout=httpx.Timeout(
             connect=settings.upstream_connect_timeout_s,
