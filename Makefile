@@ -15,7 +15,9 @@ CODE_DIRS := $(wildcard src tests bench)
 BENCH_RESULTS := bench/results
 
 .DEFAULT_GOAL := help
-.PHONY: help setup interop format lint typecheck test audit serve bench hooks clean deploy-check
+.PHONY: help setup interop format lint typecheck test audit serve bench bench-quick \
+	bench-load-quick hooks clean \
+	deploy-check
 
 help: ## List the targets
 	@echo "Usage: make TARGET   (VENV=$(VENV))"
@@ -65,11 +67,23 @@ audit: $(STAMP) ## pip-audit the installed packages and bandit src/ (high severi
 serve: $(STAMP) ## Run gateway + local worker on this machine (nilai serve)
 	$(BIN)/nilai serve
 
-bench: $(STAMP) ## Run the micro benchmarks; results go to bench/results/micro.json
+bench: $(STAMP) ## Micro benchmarks, then the gateway load benchmark (bench/README.md; ~4 min)
 	@mkdir -p $(BENCH_RESULTS)
 	$(BIN)/pytest bench -p no:cacheprovider --benchmark-only \
 		--benchmark-json=$(BENCH_RESULTS)/micro.json
-	@echo "Benchmark results written to $(BENCH_RESULTS)/micro.json"
+	$(BIN)/python bench/load.py --out $(BENCH_RESULTS)
+	@echo "Benchmark results written to $(BENCH_RESULTS): micro.json, load.md, load.json, load.png"
+
+bench-quick: $(STAMP) ## Micro benchmarks in short rounds (CI's baseline): bench/results/micro.json
+	@mkdir -p $(BENCH_RESULTS)
+	$(BIN)/pytest bench -p no:cacheprovider --benchmark-only \
+		--benchmark-min-time=0.01 --benchmark-max-time=0.1 \
+		--benchmark-json=$(BENCH_RESULTS)/micro.json
+	@echo "Benchmark baseline written to $(BENCH_RESULTS)/micro.json"
+
+bench-load-quick: $(STAMP) ## The load benchmark in quick mode (~1 min): load.md/json/png
+	@mkdir -p $(BENCH_RESULTS)
+	$(BIN)/python bench/load.py --quick --out $(BENCH_RESULTS)
 
 deploy-check: $(STAMP) ## Check deploy/compose.yaml and lint the Dockerfiles (hadolint)
 	VENV="$(VENV)" bash scripts/check_deploy.sh

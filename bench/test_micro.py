@@ -5,19 +5,32 @@ Run with ``make bench``; results go to ``bench/results/micro.json``.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from coincurve import PrivateKey
 from pytest_benchmark.fixture import BenchmarkFixture
+from redis.asyncio import Redis
 
+from nilai.auth.base import Principal
+from nilai.auth.stored_keys import StoredApiKeys, generate_key
 from nilai.crypto.canonical import canonical_json
 from nilai.crypto.keys import Signer
+from nilai.gateway.chat.context import RequestContext
+from nilai.gateway.chat.service import _StreamRelay  # pyright: ignore[reportPrivateUsage]
 from nilai.gateway.chat.signing import StreamSigner
+from nilai.limits.base import Limit
+from nilai.limits.redis import RedisRateLimiter
 from nilai.protocol.chat import ChatCompletionRequest
+from nilai.store.base import Account, ApiKey
+from nilai.upstream.sse import frame
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+REDIS_URL = "redis://127.0.0.1:6379/0"
 CHUNK_SIZE = 100
 
 CHAT_REQUEST = json.dumps(
@@ -96,3 +109,69 @@ def test_stream_signer_per_chunk(benchmark: BenchmarkFixture, signer: Signer) ->
     sent = benchmark(stream.sent, payload)
     if sent is not payload:
         pytest.fail("the chunk must go out unchanged")
+
+
+CHUNK = (
+    b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1732600000,'
+    b'"model":"' + MODEL.encode() + b'","choices":[{"index":0,"delta":{"content":" Paris"},'
+    b'"logprobs":null,"finish_reason":null}],'
+    b'"usage":{"prompt_tokens":64,"completion_tokens":7,"total_tokens":71}}'
+)
+
+
+def test_sse_relay_per_chunk(benchmark: BenchmarkFixture, signer: Signer) -> None:
+    """Relay one upstream chunk: parse, strip the running usage, hash, frame (as the gateway)."""
+    request = ChatCompletionRequest.model_validate_json(CHAT_REQUEST)
+    ctx = RequestContext.begin("bench", Principal("acct", "api_key"), CHAT_REQUEST)
+    relay = _StreamRelay(StreamSigner(signer, ctx.request_sha256), ctx, request)
+    framed = benchmark(lambda: [frame(out) for out in relay.feed(CHUNK)])
+    if not framed or b"usage" in framed[0]:
+        pytest.fail("the chunk must go out, without the usage the client did not ask for")
+
+
+def test_api_key_lookup_warm_cache(benchmark: BenchmarkFixture) -> None:
+    """Authenticate a stored API key whose record is in the process cache (every request)."""
+    made = generate_key()
+    account = Account("acct", "bench", datetime.now(UTC), active=True)
+    key = ApiKey("key", "acct", made.prefix, made.hash, None, datetime.now(UTC), None, None)
+
+    class OneKey:
+        async def key_by_prefix(self, prefix: str) -> tuple[ApiKey, Account] | None:
+            return (key, account) if prefix == made.prefix else None
+
+    keys = StoredApiKeys(OneKey(), ttl_s=5.0)  # type: ignore[arg-type]
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(keys.authenticate(made.value))  # warm the cache
+        principal = benchmark(lambda: loop.run_until_complete(keys.authenticate(made.value)))
+    finally:
+        loop.close()
+    if principal.key_id != "key":
+        pytest.fail("the key did not authenticate")
+
+
+def test_rate_limit_check_redis(benchmark: BenchmarkFixture) -> None:
+    """One admission against Redis: minute, hour and day windows in one Lua call."""
+    prefix = f"nilai-bench-{uuid.uuid4().hex[:8]}:"
+    loop = asyncio.new_event_loop()
+    client = Redis.from_url(REDIS_URL)
+    limiter = RedisRateLimiter(client, prefix)
+    limits = [
+        Limit("{acct:bench}:minute", "minute", 10**9, 60),
+        Limit("{acct:bench}:hour", "hour", 10**9, 3600),
+        Limit("{acct:bench}:day", "day", 10**9, 86400),
+    ]
+    try:
+        decision = benchmark(lambda: loop.run_until_complete(limiter.hit(limits, uuid.uuid4().hex)))
+    finally:
+        keys = loop.run_until_complete(_keys(client, prefix))
+        if keys:
+            loop.run_until_complete(client.delete(*keys))
+        loop.run_until_complete(client.aclose())
+        loop.close()
+    if not decision.allowed:
+        pytest.fail("the check must admit")
+
+
+async def _keys(client: Redis, prefix: str) -> list[bytes]:
+    return [key async for key in client.scan_iter(match=f"{prefix}*")]

@@ -1,0 +1,1 @@
+"""Load benchmark of the real gateway against the fake model server (``bench/load.py``)."""
