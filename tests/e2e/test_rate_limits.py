@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from tests.conftest import REDIS_URL, TEST_API_KEY, FakeHandle, GatewayHandle
-from tests.integration.test_limits import PrivateRedis
+from tests.support.private_redis import PrivateRedis
 from tests.support.replicas import Replica, wait_serving
 from tests.support.servers import wait_until
 
@@ -222,15 +222,6 @@ def test_killed_replica_frees_its_slots_within_30s(
 
 
 # --- Redis outages -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_redis_outage_fails_closed_and_service_returns_with_redis(

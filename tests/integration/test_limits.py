@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import redis
 from redis.asyncio import Redis
 
 from nilai.auth.base import Principal, TokenLimit
@@ -31,6 +29,7 @@ from nilai.limits.policy import Admission, LimitDefaults
 from nilai.limits.redis import RedisConcurrencyLimiter, RedisRateLimiter
 from nilai.store.base import Account
 from tests.conftest import REDIS_URL
+from tests.support.private_redis import PrivateRedis
 from tests.support.servers import free_port
 
 pytestmark = pytest.mark.integration
@@ -48,75 +47,6 @@ OFF = LimitDefaults(
     web_search_day=None,
 )
 """Every request limit switched off; each test switches on the ones it is about."""
-
-
-class PrivateRedis:
-    """A ``redis-server`` of this test's own on a free port, which it may stop and flush."""
-
-    def __init__(self, directory: Path, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self._directory = directory
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> PrivateRedis:
-        self._directory.mkdir(parents=True, exist_ok=True)
-        self._process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-                "--dir",
-                str(self._directory),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"redis-server on port {self.port} exited at start-up")
-            client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-            try:
-                if client.ping():
-                    return self
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-            finally:
-                client.close()
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @dataclass
