@@ -10,6 +10,7 @@ exception class with a readable message.
 - ``NotFound`` (404): unknown model or route.
 - ``PayloadTooLarge`` (413): the body is over the size limit.
 - ``UpstreamUnavailable`` (503): no healthy model server could take the request.
+- ``ShuttingDown`` (503): the replica is shutting down; another replica can take the request.
 - ``UpstreamProtocolError`` (502): the model server answered with something unusable.
 - ``UpstreamTimeout`` (504): the time limit passed.
 - ``RateLimited`` (429): a rate or concurrency limit is reached; ``Retry-After`` says when.
@@ -166,6 +167,17 @@ class RateLimited(NilaiError):
             headers={"Retry-After": str(retry), **rate_limit_headers(decision)},
         )
         self.decision = decision
+
+
+class ShuttingDown(NilaiError):
+    """This replica is shutting down and ended the request before its grace period ran out."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "shutting_down"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
 
 
 class LimitsUnavailable(NilaiError):

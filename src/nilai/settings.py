@@ -122,6 +122,7 @@ class NilaiSettings(BaseSettings):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     stream_first_byte_timeout_s: float = Field(default=60.0, gt=0)
     stream_idle_timeout_s: float = Field(default=60.0, gt=0)
+    shutdown_grace_s: float = Field(default=10.0, gt=0, le=600)
     hsts: bool = False
     metrics_enabled: bool = True
     metrics_allow: CommaList = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])

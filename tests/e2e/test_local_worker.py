@@ -82,6 +82,29 @@ def test_streaming_answer_matches_and_carries_usage(gateway, tiny_engine):
     assert (chunks[-1].model_extra or {}).get("signature")
 
 
+def test_streamed_usage_is_counted_once_by_a_client_summing_usage(gateway, tiny_engine):
+    """OpenAI semantics: with include_usage only the final chunk (no choices) carries usage."""
+    with gateway.client() as client:
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny-model",
+                messages=MESSAGES,
+                seed=3,
+                max_tokens=12,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+    with_usage = [chunk for chunk in chunks if chunk.usage is not None]
+    assert with_usage == [chunks[-1]]
+    assert chunks[-1].choices == []
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert (
+        sum(c.usage.completion_tokens for c in with_usage if c.usage)
+        == token_counts(tiny_engine, text)[1]
+    )
+
+
 def test_recorded_stream_verifies(gateway):
     body = {"model": "tiny-model", "messages": MESSAGES, "stream": True, "max_tokens": 10}
     with httpx.stream(

@@ -152,6 +152,33 @@ def test_model_concurrency_refuses_the_third_until_a_stream_ends(
         assert admitted.headers["content-type"].startswith("application/json")
 
 
+def test_closed_loop_clients_at_the_concurrency_limit_are_never_refused(
+    backend: dict[str, Any],  # first: its Redis keys are deleted after the gateway stops
+    start_fake: Callable[..., FakeHandle],
+    start_gateway: Callable[..., GatewayHandle],
+):
+    """A client that never has more than N requests open is never refused by a limit of N:
+    the slot is free before the client reads the end of its stream and sends the next one."""
+    clients, rounds = 6, 25
+    fake = start_fake(tokens=3)
+    gateway = start_gateway(upstream_urls=[fake.url], model_concurrency=clients, **backend)
+
+    def closed_loop(_: int) -> Counter[int]:
+        statuses: Counter[int] = Counter()
+        with httpx.Client(timeout=10) as client:
+            for i in range(rounds):
+                body = {"model": "fake-model", "messages": MESSAGES, "stream": i % 4 != 3}
+                response = client.post(
+                    f"{gateway.url}/v1/chat/completions", json=body, headers=AUTH
+                )
+                statuses[response.status_code] += 1
+        return statuses
+
+    with ThreadPoolExecutor(clients) as pool:
+        statuses = sum(pool.map(closed_loop, range(clients)), Counter[int]())
+    assert statuses == {200: clients * rounds}
+
+
 def test_two_replicas_share_the_minute_limit(
     start_fake: Callable[..., FakeHandle], start_replica: Callable[..., Replica]
 ):

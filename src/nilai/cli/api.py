@@ -43,6 +43,6 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     return 0

@@ -24,6 +24,7 @@ from nilai.discovery.memory import MemoryDiscovery
 from nilai.discovery.redis import RedisDiscovery
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.gateway.chat.service import ChatService
+from nilai.gateway.drain import Drain
 from nilai.gateway.metrics import Metrics
 from nilai.gateway.services import Services
 from nilai.limits.base import ConcurrencyLimiter, RateLimiter
@@ -152,6 +153,9 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
         authenticator = make_authenticator(settings, store, signer.public_key_bytes)
         admission = make_admission(settings, redis)
         stack.push_async_callback(admission.aclose)
+        drain = Drain(settings.shutdown_grace_s)
+        drain.install_signal_handlers()
+        stack.callback(drain.restore_signal_handlers)
         chat = ChatService(
             http,
             snapshot,
@@ -159,6 +163,7 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             sink,
             admission,
             metrics=metrics,
+            drain=drain,
             request_timeout_s=settings.request_timeout_s,
             first_byte_timeout_s=settings.stream_first_byte_timeout_s,
             idle_timeout_s=settings.stream_idle_timeout_s,
@@ -181,6 +186,7 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             chat=chat,
             attestation=attestation,
             metrics=metrics,
+            drain=drain,
         )
 
 

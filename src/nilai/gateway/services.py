@@ -13,6 +13,7 @@ from nilai.crypto.keys import Signer
 from nilai.discovery.base import Discovery
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.gateway.chat.service import ChatService
+from nilai.gateway.drain import Drain
 from nilai.gateway.metrics import Metrics
 from nilai.settings import NilaiSettings
 from nilai.store.base import Store
@@ -36,3 +37,4 @@ class Services:
     chat: ChatService
     attestation: AttestationProvider
     metrics: Metrics
+    drain: Drain

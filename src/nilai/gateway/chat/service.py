@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, cast
@@ -23,6 +23,7 @@ from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.errors import (
     NilaiError,
     NotSupported,
+    ShuttingDown,
     UpstreamProtocolError,
     UpstreamTimeout,
     rate_limit_headers,
@@ -31,6 +32,7 @@ from nilai.gateway.chat.context import RequestContext
 from nilai.gateway.chat.relay import Relay, error_event, parse_completion
 from nilai.gateway.chat.signing import StreamSigner, sign_completion
 from nilai.gateway.chat.validate import ValidatedChat, validate_chat
+from nilai.gateway.drain import Drain
 from nilai.gateway.metrics import OTHER_MODEL, Metrics
 from nilai.limits.policy import Admission
 from nilai.protocol.base import json_object
@@ -53,6 +55,7 @@ class ChatService:
         admission: Admission,
         *,
         metrics: Metrics,
+        drain: Drain,
         request_timeout_s: float,
         first_byte_timeout_s: float = 60.0,
         idle_timeout_s: float = 60.0,
@@ -63,6 +66,7 @@ class ChatService:
         self._usage = usage
         self._admission = admission
         self._metrics = metrics
+        self._drain = drain
         self._timeout_s = request_timeout_s
         self._first_byte_timeout_s = first_byte_timeout_s
         self._idle_timeout_s = idle_timeout_s
@@ -88,11 +92,17 @@ class ChatService:
     async def _send(self, chat: ValidatedChat, ctx: RequestContext) -> httpx.Response:
         sent = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout_s):
-                response = await self._relay.send(
-                    chat.model, chat.payload, ctx, stream=chat.request.stream
-                )
+            async with asyncio.timeout(self._timeout_s) as timeout:
+                with self._drain.watch(timeout):
+                    response = await self._relay.send(
+                        chat.model, chat.payload, ctx, stream=chat.request.stream
+                    )
         except TimeoutError as exc:
+            if self._drain.passed():
+                raise ShuttingDown(
+                    "The gateway is shutting down and could not finish this request in time; "
+                    "send it again."
+                ) from None
             raise UpstreamTimeout(f"The request took longer than {self._timeout_s:g}s.") from exc
         ctx.upstream_s = time.perf_counter() - sent
         return response
@@ -117,13 +127,17 @@ class ChatService:
 
         The model slot, the upstream response and the accounting belong to the returned
         ``ChatStream`` and end with its ``aclose``, whether or not the events were consumed.
+        The slot and the upstream response are released earlier, as soon as the upstream
+        answer has ended: before the client reads ``[DONE]`` and sends its next request.
         """
         resources = AsyncExitStack()
+        upstream = AsyncExitStack()
+        resources.push_async_callback(upstream.aclose)
         try:
             chat, headers = await self._admit(request, ctx)
-            await resources.enter_async_context(self._admission.model_slot(chat.model))
+            await upstream.enter_async_context(self._admission.model_slot(chat.model))
             response = await self._send(chat, ctx)
-            resources.push_async_callback(response.aclose)
+            upstream.push_async_callback(response.aclose)
         except BaseException as exc:
             ctx.fail(exc)
             await resources.aclose()
@@ -133,58 +147,72 @@ class ChatService:
         streams = self._metrics.streams_in_flight
         streams.inc()
         resources.callback(streams.dec)
-        return ChatStream(self._relay_stream(response, chat, ctx), resources, headers)
+        events = self._relay_stream(response, chat, ctx, release_upstream=upstream.aclose)
+        return ChatStream(events, resources, headers)
 
     async def _relay_stream(
-        self, response: httpx.Response, chat: ValidatedChat, ctx: RequestContext
+        self,
+        response: httpx.Response,
+        chat: ValidatedChat,
+        ctx: RequestContext,
+        *,
+        release_upstream: Callable[[], Awaitable[None]],
     ) -> AsyncGenerator[bytes]:
+        """Relay the upstream events; the last write carries the signed end and ``[DONE]``."""
         relay = _StreamRelay(StreamSigner(self._signer, ctx.request_sha256), ctx, chat.request)
+        batches = self._timed(iter_payload_batches(response.aiter_raw()))
         try:
             error: NilaiError | None = None
-            async for batch in self._timed(iter_payload_batches(response.aiter_raw())):
-                events, error, done = _relay_batch(relay, batch)
-                if events:
-                    yield b"".join(events)
-                if error is not None or done:
-                    break
+            async with contextlib.aclosing(batches):
+                async for batch in batches:
+                    events, error, done = _relay_batch(relay, batch)
+                    if events:
+                        yield b"".join(events)
+                    if error is not None or done:
+                        break
             if error is None:
-                yield b"".join(frame(out) for out in relay.finish())
+                ending = b"".join(frame(out) for out in relay.finish())
             else:
-                ctx.fail(error)
-                yield frame(error_event(error))
+                ending = _failed(ctx, error)
         except NilaiError as exc:
-            ctx.fail(exc)
-            yield frame(error_event(exc))
+            ending = _failed(ctx, exc)
         except httpx.TimeoutException:
-            error = UpstreamTimeout("The model server stopped sending.")
-            ctx.fail(error)
-            yield frame(error_event(error))
+            ending = _failed(ctx, UpstreamTimeout("The model server stopped sending."))
         except httpx.HTTPError:
-            error = UpstreamProtocolError("The model server broke the stream.")
-            ctx.fail(error)
-            yield frame(error_event(error))
+            ending = _failed(ctx, UpstreamProtocolError("The model server broke the stream."))
         except BaseException as exc:  # the client went away; closing the response cancels upstream
             ctx.fail(exc)
             raise
-        yield frame(DONE)
+        # The answer is complete: free the model slot before the client can see the end, so a
+        # client that never has more than N requests open is never refused by a limit of N.
+        await release_upstream()
+        yield ending + frame(DONE)
 
     async def _timed[T](self, payloads: AsyncGenerator[T]) -> AsyncGenerator[T]:
-        """Pass payloads on, ending with a timeout if the first or any next one is too late."""
-        limit = self._first_byte_timeout_s
+        """Pass payloads on, ending with a timeout if the first or any next one is too late.
+
+        At shutdown the wait ends at the drain's cut-off instead, with ``ShuttingDown``.
+        """
+        limit, what = self._first_byte_timeout_s, "first token"
         async with contextlib.aclosing(payloads):
             while True:
                 try:
-                    async with asyncio.timeout(limit):
-                        payload = await anext(payloads)
+                    async with asyncio.timeout(limit) as timeout:
+                        with self._drain.watch(timeout):
+                            payload = await anext(payloads)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    what = "first token" if limit == self._first_byte_timeout_s else "next token"
+                    if self._drain.passed():
+                        raise ShuttingDown(
+                            "The gateway is shutting down; the stream ended before the answer "
+                            "was complete. Send the request again."
+                        ) from None
                     raise UpstreamTimeout(
                         f"The model server did not send its {what} within {limit:g}s."
                     ) from None
                 yield payload
-                limit = self._idle_timeout_s
+                limit, what = self._idle_timeout_s, "next token"
 
     def account(self, ctx: RequestContext) -> None:
         """Queue the query log, record the metrics, log one line (counts only, no content)."""
@@ -207,12 +235,13 @@ class ChatService:
                 model, "stream" if ctx.streamed else "plain"
             ).observe(ctx.upstream_s)
         logger.info(
-            "chat model=%s endpoint=%s stream=%s status=%d prompt_tokens=%d "
+            "chat model=%s endpoint=%s stream=%s status=%d error=%s prompt_tokens=%d "
             "completion_tokens=%d ttft_ms=%s",
             ctx.model,
             ctx.endpoint,
             ctx.streamed,
             ctx.status,
+            ctx.error_kind or "-",
             ctx.prompt_tokens,
             ctx.completion_tokens,
             "-" if ctx.first_token_s is None else f"{ctx.first_token_s * 1000:.1f}",
@@ -248,7 +277,8 @@ class _StreamRelay:
     signature goes on the last chunk the client receives, and only the end tells which one
     that is. Every other chunk goes out at once. Usage that the gateway asked for on its own
     account (running totals on each chunk, the final usage chunk) is kept from clients that did
-    not ask for it.
+    not ask for it. As in OpenAI's API, a client that asked for usage gets it once, on a final
+    chunk with no choices; only ``continuous_usage_stats`` puts it on every chunk.
     """
 
     def __init__(
@@ -275,8 +305,11 @@ class _StreamRelay:
                 self._usage_chunk = chunk
             return []
         finishing = _finishes(chunk)
-        keep_usage = self._continuous or (finishing and self._include_usage)
-        if "usage" in chunk and not keep_usage:
+        if usage and finishing and self._include_usage:
+            # The usage chunk is the client's only usage; keep it for the end in case the
+            # model server sends none of its own.
+            self._usage_chunk = self._usage_chunk or _usage_only(chunk)
+        if "usage" in chunk and not self._continuous:
             del chunk["usage"]
             payload = orjson.dumps(chunk)
         elif b"\n" in payload or b"\r" in payload:
@@ -309,6 +342,12 @@ class _StreamRelay:
         return [self._signer.sent(payload)]
 
 
+def _failed(ctx: RequestContext, error: NilaiError) -> bytes:
+    """Record ``error`` as the request's outcome; return the event that tells the client."""
+    ctx.fail(error)
+    return frame(error_event(error))
+
+
 def _relay_batch(
     relay: _StreamRelay, batch: list[bytes]
 ) -> tuple[list[bytes], NilaiError | None, bool]:
@@ -338,6 +377,11 @@ def _parse_chunk(payload: bytes) -> dict[str, Any]:
     if "error" in chunk:
         raise UpstreamProtocolError("The model server reported an error mid-stream.")
     return chunk
+
+
+def _usage_only(chunk: dict[str, Any]) -> dict[str, Any]:
+    """The final usage chunk OpenAI sends: the chunk's identity and usage, no choices."""
+    return {**{key: value for key, value in chunk.items() if key != "choices"}, "choices": []}
 
 
 def _choices(chunk: dict[str, Any]) -> list[dict[str, object]]:

@@ -48,6 +48,9 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     checks["usage_log"] = f"ok ({sink.depth} queued, {sink.dropped} dropped)"
     healthy = services.snapshot.healthy_models()
     checks["models"] = f"ok ({len(healthy)} served)" if healthy else "no reachable model server"
+    if services.drain.draining:
+        # Out of the load balancer's rotation while open requests finish.
+        checks["shutdown"] = "draining"
     ready = all(value.startswith("ok") for value in checks.values())
     body = Readiness(status="ready" if ready else "not_ready", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

@@ -1,5 +1,6 @@
+import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -17,6 +18,7 @@ from nilai.errors import UpstreamProtocolError
 from nilai.gateway.chat.context import RequestContext
 from nilai.gateway.chat.service import ChatService, _StreamRelay
 from nilai.gateway.chat.signing import StreamSigner
+from nilai.gateway.drain import Drain
 from nilai.gateway.metrics import Metrics
 from nilai.limits.memory import MemoryConcurrencyLimiter, MemoryRateLimiter
 from nilai.limits.policy import Admission, LimitDefaults
@@ -155,14 +157,37 @@ def test_held_chunk_is_released_unchanged_when_more_choices_follow(
     assert verify_stream(raw, signer.public_key_b64, request=REQUEST).kind == "stream"
 
 
-def test_usage_in_the_finish_chunk_with_include_usage(signer: Signer, ctx: RequestContext):
+def test_usage_only_on_the_finish_chunk_moves_to_a_final_usage_chunk(
+    signer: Signer, ctx: RequestContext
+):
     finish_with_usage = orjson.dumps(_chunk({}, "stop", usage=USAGE))
     per_feed, final = _run(signer, ctx, [HEL, finish_with_usage], include_usage=True)
     assert per_feed == [[HEL], []]
-    assert len(final) == 1
-    assert json.loads(final[0])["usage"] == USAGE
+    finish, last = (json.loads(payload) for payload in final)
+    assert finish["choices"][0]["finish_reason"] == "stop"
+    assert "usage" not in finish
+    assert last["choices"] == []
+    assert last["usage"] == USAGE
+    assert (last["id"], last["model"]) == ("chatcmpl-9", "m")
     assert ctx.prompt_tokens == 11
     assert verify_stream(_stream(per_feed, final), signer.public_key_b64).kind == "stream"
+
+
+def test_usage_reaches_the_client_once_with_running_usage_upstream(
+    signer: Signer, ctx: RequestContext
+):
+    """The built-in worker and vLLM put running usage on every chunk when the gateway asks
+    (continuous_usage_stats); a client that asked only for include_usage must see it once."""
+    upstream = [
+        orjson.dumps(_chunk({"content": "Hel"}, usage=USAGE)),
+        orjson.dumps(_chunk({}, "stop", usage=USAGE)),
+        orjson.dumps(_usage_chunk()),
+    ]
+    per_feed, final = _run(signer, ctx, upstream, include_usage=True)
+    sent = [json.loads(p) for out in per_feed for p in out] + [json.loads(p) for p in final]
+    with_usage = [chunk for chunk in sent if chunk.get("usage") is not None]
+    assert with_usage == [sent[-1]]
+    assert sent[-1]["choices"] == []
 
 
 def test_include_usage_without_usage_chunk_signs_finish_chunk(signer: Signer, ctx: RequestContext):
@@ -236,7 +261,12 @@ def test_bad_chunks_raise(signer: Signer, ctx: RequestContext, payload: bytes, m
 
 
 async def _service_stream(
-    signer: Signer, handler: Callable[[httpx.Request], httpx.Response], body: dict[str, Any]
+    signer: Signer,
+    handler: Callable[[httpx.Request], httpx.Response],
+    body: dict[str, Any],
+    *,
+    drain: Drain | None = None,
+    **options: Any,
 ) -> tuple[bytes, RequestContext, list[bytes]]:
     raw_request = json.dumps(body).encode()
     discovery = MemoryDiscovery()
@@ -257,8 +287,16 @@ async def _service_stream(
             MemoryRateLimiter(), MemoryConcurrencyLimiter(), LimitDefaults(), fail_open=False
         )
         service = ChatService(
-            http, snapshot, signer, sink, admission, metrics=Metrics(), request_timeout_s=5
-        )  # type: ignore[arg-type]
+            http,
+            snapshot,
+            signer,
+            sink,  # type: ignore[arg-type]
+            admission,
+            metrics=Metrics(),
+            drain=drain or Drain(10),
+            request_timeout_s=5,
+            **options,
+        )
         ctx = RequestContext.begin("r", Principal("acct", "api_key"), raw_request)
         request = ChatCompletionRequest.model_validate(body)
         stream = await service.stream(request, ctx)
@@ -336,3 +374,60 @@ def test_non_list_choices_are_never_the_final_chunk(
     assert relay.feed(payload) == [payload]
     with pytest.raises(UpstreamProtocolError, match="without a final chunk"):
         relay.finish()
+
+
+class _StallingStream(httpx.AsyncByteStream):
+    """Sends ``events``, then nothing more until closed (a model server gone quiet)."""
+
+    def __init__(self, events: list[bytes], on_stall: Callable[[], None] = lambda: None) -> None:
+        self._events = events
+        self._on_stall = on_stall
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for event in self._events:
+            yield event
+        self._on_stall()
+        await asyncio.Event().wait()
+
+
+def _stalling(events: list[bytes], on_stall: Callable[[], None] = lambda: None):
+    def handler(_: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=_StallingStream(events, on_stall))
+
+    return handler
+
+
+STREAM_BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+async def test_stall_after_the_first_token_is_reported_as_next_token_when_limits_are_equal(
+    signer: Signer,
+):
+    raw, ctx, _ = await _service_stream(
+        signer,
+        _stalling([frame(HEL)]),
+        STREAM_BODY,
+        first_byte_timeout_s=0.05,
+        idle_timeout_s=0.05,
+    )
+    message = json.loads(sse_payloads(raw)[-1])["error"]["message"]
+    assert "next token within 0.05s" in message
+    assert ctx.status == 504
+
+
+async def test_stream_open_at_shutdown_ends_with_an_error_event_and_done(signer: Signer):
+    drain = Drain(0.2)
+    loop = asyncio.get_running_loop()
+    raw, ctx, _ = await _service_stream(
+        signer,
+        # Shutdown begins while the stream waits for its next token.
+        _stalling([frame(HEL)], on_stall=lambda: loop.call_soon(drain.begin)),
+        STREAM_BODY,
+        drain=drain,
+    )
+    payloads = sse_payloads(raw)
+    assert payloads[0] == HEL
+    error = json.loads(payloads[-1])["error"]
+    assert error["code"] == "shutting_down"
+    assert raw.endswith(frame(DONE))
+    assert (ctx.status, ctx.error_kind) == (503, "ShuttingDown")
