@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai._streaming import SSEDecoder
 
 from nilai.cli import main
 from tests.conftest import REDIS_URL, TEST_API_KEY
@@ -85,6 +87,29 @@ def test_verify_command_runs_as_a_program(start_fake, start_gateway, tmp_path):
     )
     assert bad.returncode == 1
     assert "FAIL" in bad.stdout
+
+
+def test_verify_fails_a_recorded_stream_with_an_event_injected_after_a_cr(
+    start_fake, start_gateway, tmp_path, capsys
+):
+    fake = start_fake()
+    gateway = start_gateway(upstream_urls=[fake.url])
+    saved, sent = record(gateway, tmp_path, stream=True)
+    verify = ["verify", "--gateway", gateway.url, "--request", str(sent)]
+    assert main([*verify, str(saved)]) == 0
+    assert capsys.readouterr().out.startswith("OK: stream signature valid")
+
+    events = saved.read_bytes().split(b"\n\n")
+    chunk = json.loads(events[2].removeprefix(b"data: "))
+    chunk["choices"][0]["delta"]["content"] = "INJECTED "
+    injected = b": keep-alive\rdata: " + json.dumps(chunk).encode()
+    tampered = tmp_path / "injected.sse"
+    tampered.write_bytes(b"\n\n".join([*events[:2], injected, *events[2:]]))
+    # The openai SDK splits lines at CR, as the SSE specification says, and shows the words.
+    seen = [sse.data for sse in SSEDecoder().iter_bytes(iter([tampered.read_bytes()]))]
+    assert any("INJECTED" in data for data in seen)
+    assert main([*verify, str(tampered)]) == 1
+    assert capsys.readouterr().out.startswith("FAIL:")
 
 
 def test_verify_reports_unreachable_gateway(tmp_path, capsys):

@@ -18,7 +18,10 @@ def register(commands: Any) -> None:
     parser: argparse.ArgumentParser = commands.add_parser(
         "verify", help="check the signature of a saved response or recorded stream"
     )
-    parser.add_argument("file", help="saved response body or SSE text ('-' reads stdin)")
+    parser.add_argument(
+        "file",
+        help="saved response body, or a stream's bytes exactly as received ('-' reads stdin)",
+    )
     key = parser.add_mutually_exclusive_group(required=True)
     key.add_argument("--public-key", help="the gateway's public key (base64)")
     key.add_argument("--gateway", help="gateway base URL; its /v1/public_key is fetched")

@@ -1,7 +1,14 @@
 """Check signed answers against the gateway's public key (DESIGN §3).
 
 Two forms are accepted: a non-streaming response body (one JSON object with ``signature``) and
-a recorded SSE stream (the raw text the gateway sent, ``data: ...`` lines).
+a recorded SSE stream (the raw bytes the gateway sent).
+
+The verifier reads what a client reads. A stream is parsed exactly as the WHATWG
+specification of server-sent events says (lines end at CRLF, LF or CR; comments; the
+``data``/``event``/``id``/``retry`` fields; multi-line data joined with LF; dispatch on a blank
+line), and the check fails unless the events a client would see are exactly the signed
+payloads, in order, then ``[DONE]``. Every payload must be a JSON object without duplicate keys,
+because JSON parsers disagree on which of two equal keys wins.
 """
 
 from __future__ import annotations
@@ -10,19 +17,31 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from coincurve import PublicKey
 
 from nilai.crypto.canonical import canonical_json
+
+DONE = "[DONE]"
+_BOM = "\ufeff"
+_UTF8_BOM = _BOM.encode()
+# CRLF first, so that a CR directly followed by LF is one line end, not two.
+_LINE_END = re.compile(r"\r\n|\r|\n")
+_FIELDS = frozenset({"data", "event", "id", "retry"})
+_LONE_CR = re.compile(r"\r(?!\n)")
+# Python's str.splitlines (and httpx's line decoder) also ends lines at these.
+_OTHER_LINE_BREAKS = re.compile("[\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+_JSON_WHITESPACE = b" \t\r\n"
 
 
 class VerificationError(Exception):
     """The answer is not what the key signed."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Verified:
     """What a successful check established."""
 
@@ -30,55 +49,242 @@ class Verified:
     request_sha256: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class SseEvent:
+    """The field lines of one event, in order, as a client collects them up to a blank line.
+
+    Only the four fields the specification defines are kept (clients ignore any other name).
+    Values are as the client sees them: one leading space after the colon removed.
+    """
+
+    fields: tuple[tuple[str, str], ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The field names, in order, repeats included."""
+        return tuple(name for name, _ in self.fields)
+
+    @property
+    def data(self) -> str | None:
+        """The data a client dispatches: every ``data`` value joined with LF.
+
+        ``None`` when the event has no ``data`` line; the specification then dispatches
+        nothing, though some clients (the openai SDK among them) still hand it on.
+        """
+        values = [value for name, value in self.fields if name == "data"]
+        return "\n".join(values) if values else None
+
+    @property
+    def event_type(self) -> str | None:
+        """The last ``event`` value, or ``None`` for the default type (``message``)."""
+        values = [value for name, value in self.fields if name == "event"]
+        return (values[-1] or None) if values else None
+
+
+@dataclass(frozen=True, slots=True)
+class SseStream:
+    """An SSE text as a client reads it."""
+
+    events: tuple[SseEvent, ...]
+    """Every event that a blank line ended and that had at least one known field."""
+    unfinished: SseEvent | None
+    """Known fields after the last blank line: the specification drops them at the end of the
+    stream, but a client that dispatches at end of input would show them."""
+
+
+def parse_sse(text: str) -> SseStream:
+    """Parse decoded SSE text as the specification's event stream interpretation does.
+
+    One leading byte-order mark is ignored; lines end at CRLF, LF or CR; a line starting with
+    ``:`` is a comment; ``name:value`` loses one space after the colon, and a line without a
+    colon is a field with an empty value; a blank line ends the event.
+    """
+    return _parse_lines(_LINE_END.split(text.removeprefix(_BOM)))
+
+
+def sse_payloads(raw: bytes) -> list[bytes]:
+    """Return the data of every event a client dispatches, in order, without ``[DONE]``."""
+    stream = parse_sse(raw.decode("utf-8", errors="replace"))
+    return [
+        data.encode()
+        for event in stream.events
+        if (data := event.data) is not None and data != DONE
+    ]
+
+
 def verify_response(body: bytes, public_key_b64: str, request: bytes | None = None) -> Verified:
     """Verify a saved non-streaming response body."""
-    obj = _load_object(body)
+    obj = _load_object(body.removeprefix(_UTF8_BOM))
     message, signature = _split_signature(obj)
-    _check_signature(canonical_json(message), signature, public_key_b64)
+    _check_signature(_canonical(message), signature, public_key_b64)
     return _check_request(Verified("response", message.get("request_sha256")), request)
 
 
 def verify_stream(raw: bytes, public_key_b64: str, request: bytes | None = None) -> Verified:
-    """Verify a recorded SSE stream: every payload before the signed last chunk is covered."""
-    payloads = sse_payloads(raw)
-    if not payloads:
-        raise VerificationError("the stream holds no data events")
-    *earlier, last = payloads
-    obj = _load_object(last)
+    r"""Verify a recorded SSE stream: every event a client would see must be signed.
+
+    The signed message is ``b"".join(p + b"\n" for p in earlier) + canonical(last)`` over the
+    data of the events as dispatched; ``[DONE]`` is not part of it.
+    """
+    *earlier, last = signed_payloads(raw)
+    for index, payload in enumerate(earlier, start=1):
+        _load_object(payload, where=f"event {index}: ")
+    obj = _load_object(last, where=f"event {len(earlier) + 1}: ")
     message, signature = _split_signature(obj)
-    signed = b"".join(payload + b"\n" for payload in earlier) + canonical_json(message)
+    signed = b"".join(payload + b"\n" for payload in earlier) + _canonical(message)
     _check_signature(signed, signature, public_key_b64)
     return _check_request(Verified("stream", message.get("request_sha256")), request)
 
 
 def verify_any(raw: bytes, public_key_b64: str, request: bytes | None = None) -> Verified:
-    """Verify either form, telling them apart by their first bytes."""
-    if raw.lstrip().startswith(b"data:"):
-        return verify_stream(raw, public_key_b64, request)
-    return verify_response(raw, public_key_b64, request)
+    """Verify either form: a JSON object is a response, anything else is read as a stream.
+
+    A stream can start with a byte-order mark, a comment, a blank line or any field, so only
+    the one thing a response must start with (``{`` after optional whitespace) decides.
+    """
+    if raw.removeprefix(_UTF8_BOM).lstrip(_JSON_WHITESPACE).startswith(b"{"):
+        return verify_response(raw, public_key_b64, request)
+    return verify_stream(raw, public_key_b64, request)
 
 
-def sse_payloads(raw: bytes) -> list[bytes]:
-    """Return each ``data:`` payload of an SSE text, in order, without ``[DONE]``."""
+def signed_payloads(raw: bytes) -> list[bytes]:
+    """The payloads of a stream that a client sees, after checking that it sees nothing else.
+
+    Every line must be blank, a comment or a ``data`` line; every event one data line; the
+    events the signed payloads and then ``[DONE]``, with nothing after it. A recording that
+    stops before ``[DONE]`` is accepted, since every payload is still covered.
+    """
+    text = _decode(raw)
+    lines = _LINE_END.split(text.removeprefix(_BOM))
+    _check_line_ends(text)
+    _check_lines(lines, after_bom=text.startswith(_BOM))
+    stream = _parse_lines(lines)
+    events = list(stream.events)
+    if stream.unfinished is not None:
+        if stream.unfinished.fields != (("data", DONE),):
+            _fail(
+                "the stream ends inside an event with no blank line after it, which some "
+                "clients drop and others show"
+            )
+        events.append(stream.unfinished)  # only the blank line after [DONE] is missing
     payloads: list[bytes] = []
-    for raw_line in raw.split(b"\n"):
-        line = raw_line.removesuffix(b"\r")
-        if not line.startswith(b"data:"):
+    for index, event in enumerate(events, start=1):
+        if len(event.fields) != 1:
+            _fail(f"event {index} has {len(event.fields)} data lines; a signed payload has one")
+        payload = event.fields[0][1]
+        if payload != DONE:
+            payloads.append(payload.encode())
             continue
-        payload = line[5:].removeprefix(b" ")
-        if payload != b"[DONE]":
-            payloads.append(payload)
+        if not payloads:
+            _fail("the stream holds no data events before [DONE]")
+        if index != len(events):
+            _fail(f"event {index + 1} comes after [DONE]")
+        return payloads
+    if not payloads:
+        _fail("the stream holds no data events")
     return payloads
 
 
-def _load_object(raw: bytes) -> dict[str, Any]:
+def _parse_lines(lines: list[str]) -> SseStream:
+    events: list[SseEvent] = []
+    fields: list[tuple[str, str]] = []
+    for line in lines:
+        if not line:
+            if fields:
+                events.append(SseEvent(tuple(fields)))
+                fields = []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        if name in _FIELDS:
+            fields.append((name, value.removeprefix(" ")))
+    return SseStream(tuple(events), SseEvent(tuple(fields)) if fields else None)
+
+
+def _check_line_ends(text: str) -> None:
+    r"""Refuse a lone CR in a stream whose lines end with LF.
+
+    Clients that split lines at LF only (many hand-written ones) would read such a stream
+    differently: ``: comment\rdata: ...`` is a comment to them and an event to the rest. A
+    stream with CR line ends only reads as one unfinished line to them, so they show nothing.
+    """
+    if "\n" not in text:
+        return
+    lone_cr = _LONE_CR.search(text)
+    if lone_cr is not None:
+        line = len(_LINE_END.findall(text, 0, lone_cr.start())) + 1
+        _fail(
+            f"line {line} ends with a lone CR in a stream whose lines end with LF, "
+            "so clients disagree on where its lines end"
+        )
+
+
+def _check_lines(lines: list[str], *, after_bom: bool) -> None:
+    """Allow only what the gateway sends (data lines, blank lines) and comments (proxies)."""
+    for number, line in enumerate(lines, start=1):
+        if not line:
+            continue
+        if line.startswith(":"):
+            if _OTHER_LINE_BREAKS.search(line):
+                # httpx's iter_lines (and so httpx-sse) splits at these too: a comment to
+                # the specification could hide a data line from those clients.
+                _fail(f"line {number} is a comment holding a character some clients end lines at")
+            continue
+        name = line.partition(":")[0]
+        if name != "data":
+            # event/id/retry change how clients route an event; unknown names are read as
+            # data by lenient parsers. The gateway sends none of them.
+            _fail(f"line {number} has a field {name!r}; signed streams carry only data lines")
+        if number == 1 and after_bom:
+            _fail("a byte-order mark precedes a data line; clients that keep the mark skip it")
+
+
+def _decode(raw: bytes) -> str:
     try:
-        obj = json.loads(raw)
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # Clients disagree on invalid UTF-8 (replace, or fail), so it is never accepted.
+        raise VerificationError(f"not valid UTF-8: {exc}") from exc
+
+
+def _load_object(raw: bytes, *, where: str = "") -> dict[str, Any]:
+    # Any: a signed object is arbitrary JSON; the fields read from it are checked where used.
+    try:
+        obj: Any = json.loads(
+            raw.decode("utf-8"),
+            object_pairs_hook=_object_without_duplicate_keys,
+            parse_constant=_reject_constant,
+        )
     except (ValueError, UnicodeDecodeError) as exc:
-        raise VerificationError(f"not valid JSON: {exc}") from exc
+        raise VerificationError(f"{where}not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
-        raise VerificationError("the signed object is not a JSON object")
+        raise VerificationError(f"{where}the signed object is not a JSON object")
     return obj  # pyright: ignore[reportUnknownVariableType]
+
+
+def _object_without_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            # One parser keeps the first value, another the last: the signature would cover
+            # one reading while a client shows the other.
+            raise ValueError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _reject_constant(name: str) -> NoReturn:
+    # Python alone accepts NaN and Infinity; they are not JSON.
+    raise ValueError(f"{name} is not JSON")
+
+
+def _canonical(message: dict[str, Any]) -> bytes:
+    try:
+        return canonical_json(message)
+    except UnicodeEncodeError as exc:
+        # A lone surrogate escape ("\ud800") decodes but has no UTF-8 form to sign.
+        raise VerificationError(f"the signed object has no canonical form: {exc}") from exc
 
 
 def _split_signature(obj: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -109,3 +315,7 @@ def _check_request(verified: Verified, request: bytes | None) -> Verified:
     if verified.request_sha256 != expected:
         raise VerificationError("request_sha256 does not match the given request body")
     return verified
+
+
+def _fail(reason: str) -> NoReturn:
+    raise VerificationError(reason)
