@@ -7,6 +7,28 @@ from collections.abc import AsyncGenerator, AsyncIterator
 DONE = b"[DONE]"
 
 
+# Characters JSON allows raw inside strings but some line readers (httpx's iter_lines, and so
+# httpx-sse) take for line breaks: U+0085, U+2028, U+2029, in UTF-8.
+_LINE_BREAKS_IN_STRINGS = (
+    (b"\xc2\x85", b"\\u0085"),
+    (b"\xe2\x80\xa8", b"\\u2028"),
+    (b"\xe2\x80\xa9", b"\\u2029"),
+)
+
+
+def one_line(payload: bytes) -> bytes:
+    """``payload`` (compact JSON) with every character a client might split a line at escaped.
+
+    JSON escapes CR and LF inside strings itself; U+0085, U+2028 and U+2029 it may leave raw,
+    and they only ever occur inside strings, so escaping them keeps the same JSON value.
+    """
+    if b"\xc2\x85" not in payload and b"\xe2\x80" not in payload:
+        return payload
+    for raw, escaped in _LINE_BREAKS_IN_STRINGS:
+        payload = payload.replace(raw, escaped)
+    return payload
+
+
 def frame(payload: bytes) -> bytes:
     """Frame one payload as an SSE event."""
     return b"data: " + payload + b"\n\n"

@@ -37,7 +37,7 @@ from nilai.gateway.metrics import OTHER_MODEL, Metrics
 from nilai.limits.policy import Admission
 from nilai.protocol.base import json_object
 from nilai.protocol.chat import ChatCompletionRequest
-from nilai.upstream.sse import DONE, frame, iter_payload_batches
+from nilai.upstream.sse import DONE, frame, iter_payload_batches, one_line
 from nilai.usage.sink import UsageSink
 
 logger = logging.getLogger(__name__)
@@ -315,6 +315,7 @@ class _StreamRelay:
         elif b"\n" in payload or b"\r" in payload:
             # One event per line is what clients and the verifier read; re-encode compactly.
             payload = orjson.dumps(chunk)
+        payload = one_line(payload)
         if _has_content(chunk):
             self._ctx.count_chunk()
         out = self._release()

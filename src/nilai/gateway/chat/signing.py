@@ -9,6 +9,7 @@ import orjson
 
 from nilai.crypto.canonical import canonical_json
 from nilai.crypto.keys import Signer
+from nilai.upstream.sse import one_line
 
 
 def sign_completion(body: dict[str, Any], signer: Signer, request_sha256: str) -> bytes:
@@ -41,4 +42,4 @@ class StreamSigner:
         chunk["request_sha256"] = self._request_sha256
         self._hash.update(canonical_json(chunk))
         chunk["signature"] = self._signer.sign_digest(self._hash.digest())
-        return orjson.dumps(chunk)
+        return one_line(orjson.dumps(chunk))

@@ -431,3 +431,27 @@ async def test_stream_open_at_shutdown_ends_with_an_error_event_and_done(signer:
     assert error["code"] == "shutting_down"
     assert raw.endswith(frame(DONE))
     assert (ctx.status, ctx.error_kind) == (503, "ShuttingDown")
+
+
+def test_line_separators_in_content_are_escaped_so_every_client_reads_one_line(
+    signer: Signer, ctx: RequestContext
+):
+    """httpx's line reader (and so httpx-sse) splits at U+0085, U+2028 and U+2029."""
+    text = "a\u2028b\u2029c\u0085d"
+    upstream = [
+        orjson.dumps(_chunk({"content": text})),
+        orjson.dumps(_chunk({"content": text}, "stop")),
+    ]
+    per_feed, final = _run(signer, ctx, upstream, include_usage=False)
+    raw = _stream(per_feed, final)
+    assert all(
+        separator not in raw for separator in (b"\xc2\x85", b"\xe2\x80\xa8", b"\xe2\x80\xa9")
+    )
+    lines = httpx.Response(200, content=raw).iter_lines()
+    contents = [
+        json.loads(line[6:])["choices"][0]["delta"]["content"]
+        for line in lines
+        if line.startswith("data: {")
+    ]
+    assert contents == [text, text]
+    assert verify_stream(raw, signer.public_key_b64).kind == "stream"
