@@ -8,12 +8,17 @@ exception class with a readable message.
   the field.
 - ``AuthenticationFailed`` (401): missing or bad credentials; sent with ``WWW-Authenticate``.
 - ``NotFound`` (404): unknown model or route.
-- ``PayloadTooLarge`` (413): the body is over the size limit.
+- ``PayloadTooLarge`` (413): the body is over the size limit, or holds too many JSON items.
+- ``UnsupportedMediaType`` (415): the body is declared as something other than JSON.
+- ``RequestHeadersTooLarge`` (431), ``RequestTimeout`` (408), ``TooManyConnections`` (503):
+  answered by the HTTP server itself (``nilai.gateway.server``) before the app sees a request.
 - ``UpstreamUnavailable`` (503): no healthy model server could take the request.
 - ``ShuttingDown`` (503): the replica is shutting down; another replica can take the request.
 - ``UpstreamProtocolError`` (502): the model server answered with something unusable.
 - ``UpstreamTimeout`` (504): the time limit passed.
 - ``RateLimited`` (429): a rate or concurrency limit is reached; ``Retry-After`` says when.
+- ``AccountsUnavailable`` (503): stored API keys or NUC accounts cannot be checked now (the
+  accounts database is unreachable, or too many unknown keys are being checked); ``Retry-After``.
 - ``NotSupported`` (501): a nilai extra (web search, nilRAG) this gateway does not offer.
 - ``InternalError`` (500): anything else; the message never carries internal detail.
 """
@@ -33,6 +38,8 @@ class NilaiError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
     default_code: ClassVar[str | None] = None
+    log_each: ClassVar[bool] = True
+    """Whether each occurrence is worth a log line; False where an outage is logged once."""
 
     def __init__(
         self,
@@ -90,6 +97,41 @@ class PayloadTooLarge(NilaiError):
     default_code = "payload_too_large"
 
 
+class RequestHeadersTooLarge(NilaiError):
+    """The request line and headers are over the configured limit."""
+
+    status = 431
+    type = "invalid_request_error"
+    default_code = "request_headers_too_large"
+
+
+class RequestTimeout(NilaiError):
+    """The client did not send its request headers or body in time."""
+
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
+class TooManyConnections(NilaiError):
+    """This gateway process holds as many client connections as it may; retry shortly."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "too_many_connections"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
+class UnsupportedMediaType(NilaiError):
+    """The body is declared with a ``Content-Type`` other than JSON."""
+
+    status = 415
+    type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+
+
 class NotFound(NilaiError):
     """The model or route does not exist."""
 
@@ -103,6 +145,19 @@ class UpstreamUnavailable(NilaiError):
     status = 503
     type = "service_unavailable"
     default_code = "model_unavailable"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        # Retryable by nature: a model server may be back, or another one announced, shortly.
+        super().__init__(
+            message, param=param, code=code, headers={"Retry-After": "1", **(headers or {})}
+        )
 
 
 class UpstreamProtocolError(NilaiError):
@@ -186,6 +241,19 @@ class LimitsUnavailable(NilaiError):
     status = 503
     type = "service_unavailable"
     default_code = "rate_limiter_unavailable"
+    log_each = False  # the outage is logged when it starts and ends
+
+
+class AccountsUnavailable(NilaiError):
+    """A credential that needs the accounts database cannot be checked now; retry shortly."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "accounts_unavailable"
+    log_each = False  # the outage is logged when it starts and ends
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
 def rate_limit_headers(decision: Decision) -> dict[str, str]:

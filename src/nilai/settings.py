@@ -74,6 +74,7 @@ class NilaiSettings(BaseSettings):
     usage_queue_capacity: int = Field(default=100_000, ge=1)
     usage_batch_size: int = Field(default=500, ge=1)
     usage_flush_interval_s: float = Field(default=1.0, gt=0)
+    usage_stall_s: float = Field(default=30.0, gt=0)
 
     # rate limits (0 switches a limit off) and concurrency
     rate_limit_minute: int = Field(default=100, ge=0)
@@ -102,6 +103,7 @@ class NilaiSettings(BaseSettings):
     discovery_ttl_s: float = Field(default=15.0, gt=0)
     discovery_refresh_s: float = Field(default=1.0, gt=0)
     endpoint_eject_s: float = Field(default=5.0, ge=0)
+    discovery_grace_s: float = Field(default=30.0, ge=0)
 
     # upstream relay
     upstream_connect_timeout_s: float = Field(default=2.0, gt=0)
@@ -120,6 +122,13 @@ class NilaiSettings(BaseSettings):
 
     # hardening
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
+    header_read_timeout_s: float = Field(default=10.0, gt=0)
+    body_read_timeout_s: float = Field(default=30.0, gt=0)
+    keepalive_timeout_s: float = Field(default=130.0, gt=0)
+    max_connections: int = Field(default=1024, ge=1)
+    max_messages: int = Field(default=2048, ge=1)
+    max_json_items: int = Field(default=32_768, ge=16)
     stream_first_byte_timeout_s: float = Field(default=60.0, gt=0)
     stream_idle_timeout_s: float = Field(default=60.0, gt=0)
     shutdown_grace_s: float = Field(default=10.0, gt=0, le=600)

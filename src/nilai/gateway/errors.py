@@ -37,7 +37,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 async def _nilai_error(_request: Request, exc: NilaiError) -> JSONResponse:
-    if exc.status >= HTTPStatus.INTERNAL_SERVER_ERROR:
+    if exc.status >= HTTPStatus.INTERNAL_SERVER_ERROR and exc.log_each:
         logger.warning("request failed: %s (%d)", type(exc).__name__, exc.status)
     return JSONResponse(to_error_body(exc), status_code=exc.status, headers=exc.headers)
 

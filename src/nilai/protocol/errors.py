@@ -36,6 +36,7 @@ _DESCRIPTIONS = {
     403: "The caller may not use this endpoint.",
     404: "Unknown model.",
     413: "The body is over the size limit.",
+    415: "The body is declared as something other than application/json.",
     422: "A field is missing or out of bounds (param names it).",
     429: "A rate or concurrency limit is reached (see Retry-After).",
     500: "Internal error (no detail is given).",
