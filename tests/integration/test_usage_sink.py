@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
-from nilai.store.base import QueryLog, Usage
-from nilai.store.sql import SqlStore
+from nilai.logging import request_id_var
+from nilai.store.base import QueryLog, QueryLogRepo, StoreUnavailable, Usage
+from nilai.store.sql import SqlStore, make_engine
 from nilai.store.tables import QueryLogRow
-from nilai.usage.sink import UsageSink
+from nilai.usage.sink import UNCLASSIFIED_RETRIES, UsageSink
+from tests.integration.conftest import pg_url
 from tests.support.records import query_log
 
 pytestmark = pytest.mark.integration
 
 ALICE = "acct_alice"
 BOB = "acct_bob"
+CAROL = "acct_carol"
 
 
 def _log(account_id: str = ALICE, prompt: int = 3, completion: int = 5) -> QueryLog:
@@ -36,6 +41,33 @@ def _sum(logs: Sequence[QueryLog], account_id: str) -> Usage:
 async def _rows(store: SqlStore) -> int:
     async with store.session() as session:
         return (await session.execute(select(func.count()).select_from(QueryLogRow))).scalar_one()
+
+
+async def _stored_ids(store: SqlStore) -> set[str]:
+    async with store.session() as session:
+        return set((await session.execute(select(QueryLogRow.id))).scalars())
+
+
+def _refused_rows(store: SqlStore) -> list[QueryLog]:
+    """Rows holding a value this backend's database cannot store (each fails on its own)."""
+    refused = [
+        query_log(CAROL, model="bad\ud800model"),  # a lone surrogate has no UTF-8 form
+        query_log(CAROL, prompt_tokens=2**70),  # beyond any integer column
+    ]
+    if store.engine.dialect.name == "postgresql":
+        refused += [
+            query_log(CAROL, model="bad\x00model"),  # PostgreSQL text cannot hold NUL
+            query_log(CAROL, model="m" * 300),  # longer than the column
+            query_log(CAROL, completion_tokens=2**40),  # beyond INTEGER
+        ]
+    return refused
+
+
+def _unreachable_store(store: SqlStore, tmp_path: Path) -> SqlStore:
+    """A store of the same backend whose database cannot be reached."""
+    if store.engine.dialect.name == "postgresql":
+        return SqlStore(make_engine(pg_url("nilai", port=1)))  # nothing listens on port 1
+    return SqlStore(make_engine(f"sqlite+aiosqlite:///{tmp_path}/no/such/dir/nilai.db"))
 
 
 async def _eventually(check, timeout_s: float = 5.0, interval_s: float = 0.02) -> float:
@@ -69,6 +101,54 @@ class FlakyStore:
             if self.commit_then_fail:
                 await self.store.write_logs(logs)
             raise ConnectionResetError("database unreachable")
+        return await self.store.write_logs(logs)
+
+    async def usage(self, account_id: str) -> Usage:
+        return await self.store.usage(account_id)
+
+
+class RequestIdLines(logging.Handler):
+    """Keeps (request id, message) of each record, the request id as the log line shows it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((request_id_var.get(), record.getMessage()))
+
+
+class SwitchStore:
+    """Writes go to ``current`` (switched by the test); every error raised is kept."""
+
+    def __init__(self, current: QueryLogRepo) -> None:
+        self.current = current
+        self.errors: list[Exception] = []
+
+    async def write_logs(self, logs: Sequence[QueryLog]) -> int:
+        try:
+            return await self.current.write_logs(logs)
+        except Exception as exc:
+            self.errors.append(exc)
+            raise
+
+    async def usage(self, account_id: str) -> Usage:
+        return await self.current.usage(account_id)
+
+
+class PickyStore:
+    """The real store, except that a batch holding a row ``refuses`` picks fails with an error
+    of no known kind (neither ``RowsRejected`` nor ``StoreUnavailable``)."""
+
+    def __init__(self, store: SqlStore, refuses: Callable[[QueryLog], bool]) -> None:
+        self.store = store
+        self.refuses = refuses
+        self.calls = 0
+
+    async def write_logs(self, logs: Sequence[QueryLog]) -> int:
+        self.calls += 1
+        if any(self.refuses(log) for log in logs):
+            raise RuntimeError("something nobody foresaw")
         return await self.store.write_logs(logs)
 
     async def usage(self, account_id: str) -> Usage:
@@ -291,3 +371,198 @@ async def test_aclose_gives_up_after_its_timeout_while_the_store_is_down(store: 
     assert sink.depth == 3
     assert sink.written == 0
     assert await _rows(store) == 0
+
+
+async def test_a_row_the_database_refuses_is_dropped_and_every_other_row_lands(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+):
+    refused = _refused_rows(store)
+    valid = [_log(ALICE if i % 3 else CAROL, prompt=i, completion=2) for i in range(40)]
+    batch = list(valid)
+    for n, bad in enumerate(refused):  # spread through the batch, first row included
+        batch.insert(n * 9, bad)
+    sink = UsageSink(store, batch_size=len(batch), interval_s=0.05)
+    for log in batch:  # the writer is not running yet: all of them make one batch
+        sink.put(log)
+    assert sink.pending(CAROL) == _sum(batch, CAROL)
+    logged = RequestIdLines()
+    sink_logger = logging.getLogger("nilai.usage.sink")
+    monkeypatch.setattr(sink_logger, "handlers", [logged])
+    await sink.start()
+    try:
+
+        async def settled() -> bool:
+            return sink.depth == 0
+
+        await _eventually(settled)
+        assert await _stored_ids(store) == {log.id for log in valid}
+        assert await store.usage(ALICE) == _sum(valid, ALICE)
+        assert await store.usage(CAROL) == _sum(valid, CAROL)
+        assert sink.written == len(valid)
+        assert sink.rejected == len(refused)
+        assert sink.dropped == len(refused)
+        assert sink.overflowed == 0
+        # dropped rows left the pending sums too: /v1/usage does not count them forever
+        assert sink.pending(ALICE) == Usage()
+        assert sink.pending(CAROL) == Usage()
+
+        # one log line per dropped row, with its request id and none of its values
+        dropped = [(rid, line) for rid, line in logged.lines if "dropped" in line]
+        assert sorted(rid for rid, _ in dropped) == sorted(bad.request_id for bad in refused)
+        for _, line in dropped:
+            assert "model" not in line
+            assert str(2**70) not in line
+            assert str(2**40) not in line
+
+        # and the writer goes on writing later rows
+        later = [_log(BOB, prompt=1, completion=i) for i in range(5)]
+        for log in later:
+            sink.put(log)
+
+        async def later_landed() -> bool:
+            return await store.usage(BOB) == _sum(later, BOB)
+
+        await _eventually(later_landed)
+    finally:
+        await sink.aclose()
+
+
+async def test_shutdown_writes_every_valid_row_despite_a_refused_one(store: SqlStore):
+    sink = UsageSink(store, interval_s=60, batch_size=50)
+    await sink.start()
+    valid = [_log(ALICE if i % 2 else BOB, prompt=i, completion=1) for i in range(120)]
+    bad = _refused_rows(store)[0]
+    for log in [*valid[:77], bad, *valid[77:]]:
+        sink.put(log)
+    await sink.aclose(timeout_s=5)
+    assert sink.depth == 0
+    assert await _stored_ids(store) == {log.id for log in valid}
+    assert await store.usage(ALICE) == _sum(valid, ALICE)
+    assert await store.usage(BOB) == _sum(valid, BOB)
+    assert sink.rejected == 1
+    assert sink.pending(CAROL) == Usage()
+
+
+async def test_an_unreachable_database_is_retried_and_no_row_is_dropped(
+    store: SqlStore, tmp_path: Path
+):
+    unreachable = _unreachable_store(store, tmp_path)
+    switch = SwitchStore(unreachable)
+    valid = [_log(ALICE, prompt=2, completion=i) for i in range(30)]
+    bad = _refused_rows(store)[1]
+    rows = [*valid[:10], bad, *valid[10:]]
+    sink = UsageSink(switch, interval_s=0.02, batch_size=20, max_backoff_s=0.1)
+    for log in rows:
+        sink.put(log)
+    await sink.start()
+    try:
+
+        async def retried() -> bool:
+            return len(switch.errors) >= 2 * UNCLASSIFIED_RETRIES
+
+        await _eventually(retried)
+        assert {type(error) for error in switch.errors} == {StoreUnavailable}
+        assert sink.dropped == 0  # an outage never costs a row, not even the bad one
+        assert sink.written == 0
+        assert sink.depth == len(rows)
+        assert sink.pending(ALICE) + sink.pending(CAROL) == _sum(rows, ALICE) + _sum(rows, CAROL)
+
+        switch.current = store
+
+        async def drained() -> bool:
+            return sink.depth == 0
+
+        await _eventually(drained)
+    finally:
+        switch.current = store
+        await sink.aclose()
+        await unreachable.aclose()
+    assert await _stored_ids(store) == {log.id for log in valid}
+    assert await store.usage(ALICE) == _sum(valid, ALICE)
+    assert sink.rejected == 1
+    assert sink.pending(CAROL) == Usage()
+
+
+async def test_a_row_failing_for_an_unknown_reason_is_dropped_once_the_others_are_written(
+    store: SqlStore,
+):
+    picky = PickyStore(store, refuses=lambda log: log.account_id == CAROL)
+    valid = [_log(ALICE, prompt=i, completion=1) for i in range(20)]
+    bad = _log(CAROL)
+    sink = UsageSink(picky, interval_s=0.02, batch_size=32, max_backoff_s=0.05)
+    for log in [*valid[:5], bad, *valid[5:]]:
+        sink.put(log)
+    await sink.start()
+    try:
+
+        async def settled() -> bool:
+            return sink.depth == 0
+
+        await _eventually(settled)
+    finally:
+        await sink.aclose()
+    assert picky.calls > UNCLASSIFIED_RETRIES  # the whole batch was retried first
+    assert await _stored_ids(store) == {log.id for log in valid}
+    assert await store.usage(ALICE) == _sum(valid, ALICE)
+    assert sink.rejected == 1
+    assert sink.pending(CAROL) == Usage()
+
+
+async def test_an_unknown_error_on_every_row_drops_nothing(store: SqlStore):
+    picky = PickyStore(store, refuses=lambda log: True)  # a broken schema, a bug: not the rows
+    rows = [_log(ALICE, prompt=i, completion=1) for i in range(10)]
+    sink = UsageSink(picky, interval_s=0.02, batch_size=32, max_backoff_s=0.05)
+    for log in rows:
+        sink.put(log)
+    await sink.start()
+    try:
+
+        async def split_several_times() -> bool:
+            return picky.calls >= UNCLASSIFIED_RETRIES + 3 * (2 * len(rows) - 1)
+
+        await _eventually(split_several_times)
+        assert sink.dropped == 0
+        assert sink.depth == len(rows)
+        assert sink.pending(ALICE) == _sum(rows, ALICE)
+
+        picky.refuses = lambda log: False
+
+        async def drained() -> bool:
+            return sink.depth == 0
+
+        await _eventually(drained)
+    finally:
+        picky.refuses = lambda log: False
+        await sink.aclose()
+    assert await store.usage(ALICE) == _sum(rows, ALICE)
+    assert sink.dropped == 0
+
+
+async def test_stalled_seconds_grow_while_rows_wait_unwritten_and_reset_once_written(
+    store: SqlStore,
+):
+    gated = GatedStore(store)
+    sink = UsageSink(gated, interval_s=0.01, batch_size=10)
+    await sink.start()
+    try:
+        assert sink.stalled_s == 0
+        sink.put(_log())
+        await asyncio.wait_for(gated.entered.wait(), 3)
+        blocked_at = time.monotonic()
+        await asyncio.sleep(0.2)
+        assert sink.stalled_s >= time.monotonic() - blocked_at > 0
+        gated.gate.set()
+
+        async def drained() -> bool:
+            return sink.depth == 0
+
+        await _eventually(drained)
+        assert sink.stalled_s == 0
+        # a later backlog is timed from when it formed, not from the last write
+        await asyncio.sleep(0.2)
+        formed_at = time.monotonic()
+        sink.put(_log())
+        assert sink.stalled_s <= time.monotonic() - formed_at
+    finally:
+        gated.gate.set()
+        await sink.aclose()

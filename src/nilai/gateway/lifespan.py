@@ -139,7 +139,7 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             interval_s=settings.usage_flush_interval_s,
         )
         await sink.start()
-        metrics.watch_usage_queue(lambda: sink.depth, lambda: sink.dropped)
+        metrics.watch_usage_queue(sink)
         stack.push_async_callback(sink.aclose)
         await _start_static_upstreams(stack, settings, discovery, http)
         snapshot = DiscoverySnapshot(

@@ -8,13 +8,13 @@ a model id that is not served (a client's free text) is recorded as ``other``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nilai.limits.base import Limit
+from nilai.usage.sink import UsageSink
 
 # Seconds: from a sub-millisecond gateway hop to a long generation.
 _LATENCY_BUCKETS = (
@@ -89,14 +89,24 @@ class Metrics:
             "nilai_usage_queue_depth", "Query-log rows waiting to be written.", registry=r
         )
         self.usage_dropped = Gauge(
-            "nilai_usage_dropped_rows", "Query-log rows dropped because the queue was full.",
+            "nilai_usage_dropped_rows",
+            "Query-log rows dropped since start, by reason: queue_full (the database was too slow"
+            " or down for too long) or rejected (the database refused a value in the row).",
+            ["reason"],
             registry=r,
-        )  # fmt: skip
+        )
+        self.usage_stalled = Gauge(
+            "nilai_usage_writer_stalled_seconds",
+            "Seconds query-log rows have waited with none written (0 while the writer keeps up).",
+            registry=r,
+        )
 
-    def watch_usage_queue(self, depth: Callable[[], float], dropped: Callable[[], float]) -> None:
-        """Read the query-log queue's depth and drop count at scrape time."""
-        self.usage_queue_depth.set_function(depth)
-        self.usage_dropped.set_function(dropped)
+    def watch_usage_queue(self, sink: UsageSink) -> None:
+        """Read the query-log queue's depth, drop counts and stall at scrape time."""
+        self.usage_queue_depth.set_function(lambda: sink.depth)
+        self.usage_dropped.labels("queue_full").set_function(lambda: sink.overflowed)
+        self.usage_dropped.labels("rejected").set_function(lambda: sink.rejected)
+        self.usage_stalled.set_function(lambda: sink.stalled_s)
 
     def observe_chat(
         self,

@@ -127,11 +127,29 @@ class ApiKeyRepo(Protocol):
         ...
 
 
+class RowsRejected(Exception):
+    """The database refused a value in the rows written: the same rows would fail again.
+
+    The message names the error class and SQLSTATE only, never the offending value.
+    """
+
+
+class StoreUnavailable(Exception):
+    """The database could not take the write now (unreachable, timed out, overloaded).
+
+    The same rows may well be written later. The message names the error class only.
+    """
+
+
 class QueryLogRepo(Protocol):
     """Query logs and the usage totals kept with them."""
 
     async def write_logs(self, logs: Sequence[QueryLog]) -> int:
-        """Write a batch atomically (rows already written are skipped); return rows added."""
+        """Write a batch atomically (rows already written are skipped); return rows added.
+
+        Raises ``RowsRejected`` when a row holds a value the database cannot store and
+        ``StoreUnavailable`` when the database cannot be reached; other errors are unclassified.
+        """
         ...
 
     async def usage(self, account_id: str) -> Usage:

@@ -18,7 +18,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from nilai.store.base import Account, ApiKey, QueryLog, Usage
+from nilai.store.base import Account, ApiKey, QueryLog, RowsRejected, StoreUnavailable, Usage
+from nilai.store.errors import describe_error, error_kind
 from nilai.store.tables import AccountRow, ApiKeyRow, QueryLogRow, UsageTotalRow
 
 
@@ -147,7 +148,20 @@ class SqlStore:
 
         Rows whose id is already stored are skipped and not counted again, so a batch retried
         after an ambiguous failure (the commit may have landed) is never double-counted.
+        Raises ``RowsRejected`` when the database refuses a value in the rows and
+        ``StoreUnavailable`` when it cannot be reached; anything else is left as it is.
         """
+        try:
+            return await self._write_logs(logs)
+        except Exception as exc:
+            kind = error_kind(exc)
+            if kind == "data":
+                raise RowsRejected(describe_error(exc)) from exc
+            if kind == "transient":
+                raise StoreUnavailable(describe_error(exc)) from exc
+            raise
+
+    async def _write_logs(self, logs: Sequence[QueryLog]) -> int:
         logs = list({log.id: log for log in logs}.values())  # a row counts once per batch
         if not logs:
             return 0

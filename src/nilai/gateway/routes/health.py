@@ -43,9 +43,7 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     if services.redis is not None:
         checks["redis"] = await _check(services.discovery.ping)
     await services.snapshot.probe()
-    sink = services.usage_sink
-    # Informational: a backlog means the database is slow or down (its own check says which).
-    checks["usage_log"] = f"ok ({sink.depth} queued, {sink.dropped} dropped)"
+    checks["usage_log"] = _usage_log(services)
     healthy = services.snapshot.healthy_models()
     checks["models"] = f"ok ({len(healthy)} served)" if healthy else "no reachable model server"
     if services.drain.draining:
@@ -54,6 +52,21 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     ready = all(value.startswith("ok") for value in checks.values())
     body = Readiness(status="ready" if ready else "not_ready", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+def _usage_log(services: Services) -> str:
+    """The query-log writer, from memory: degraded when rows wait and none has been written.
+
+    A backlog alone is fine (the database is slow or down, and its own check says so); a
+    writer that gets nothing out for ``NILAI_USAGE_STALL_S`` means requests served here go
+    unaccounted, and the queue will drop rows once full, so the replica leaves rotation.
+    """
+    sink = services.usage_sink
+    counts = f"{sink.depth} queued, {sink.dropped} dropped"
+    stalled_s = sink.stalled_s
+    if stalled_s > services.settings.usage_stall_s:
+        return f"degraded (nothing written for {stalled_s:.0f}s; {counts})"
+    return f"ok ({counts})"
 
 
 async def _check(ping: Callable[[], Awaitable[None]]) -> str:
