@@ -18,6 +18,8 @@ from tests.support.servers import wait_until
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 BODY = {"model": "shared-model", "messages": [{"role": "user", "content": "hi"}]}
+GRACE_S = 2.0
+"""How long a gateway remembers a model that vanished from discovery (default 30 s)."""
 
 
 class AnnouncerThread:
@@ -125,7 +127,9 @@ def test_withdrawn_server_disappears_from_models(
 ):
     fake = start_fake(models=["shared-model", "other-model"])
     announcer = announcers(fake.url, redis_prefix)
-    gateway = start_gateway(redis_url=REDIS_URL, redis_prefix=redis_prefix)
+    gateway = start_gateway(
+        redis_url=REDIS_URL, redis_prefix=redis_prefix, discovery_grace_s=GRACE_S
+    )
 
     def model_ids():
         response = httpx.get(f"{gateway.url}/v1/models", headers=gateway.auth)
@@ -134,5 +138,10 @@ def test_withdrawn_server_disappears_from_models(
     wait_until(lambda: model_ids() == ["other-model", "shared-model"])
     announcer.stop()
     wait_until(lambda: model_ids() == [])
+    # Served a moment ago: retryable, as a server restarting or re-registering brings it back.
     response = chat(gateway)
-    assert response.status_code == 404
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"] == "1"
+    assert "temporarily unavailable" in response.json()["error"]["message"]
+    # Once the grace period has passed, the model is unknown.
+    wait_until(lambda: chat(gateway).status_code == 404, timeout_s=GRACE_S + 10)

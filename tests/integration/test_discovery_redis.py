@@ -169,3 +169,21 @@ async def test_registration_racing_with_expiry_cleanup_stays_listed(store: Store
     assert await announcer_side.heartbeat(record.id, 10) is True
     # ... so it must be listed.
     assert await store.discovery.list() == [record]
+
+
+async def test_generation_survives_servers_coming_and_going_but_not_lost_data(store: Store):
+    first = await store.discovery.generation()
+    assert first == await store.discovery.generation()
+    await store.discovery.register(_record("http://a:1"), 10)
+    await store.discovery.heartbeat(_record("http://a:1").id, 10)
+    await store.discovery.deregister(_record("http://a:1").id)
+    assert await store.discovery.list() == []
+    assert await store.discovery.generation() == first  # the last server left: nothing lost
+
+    # What a Redis restart without persistence or a flush does (to this test's keys only).
+    keys = [key async for key in store.redis.scan_iter(match=f"{store.prefix}*", count=100)]
+    await store.redis.delete(*keys)
+    second = await store.discovery.generation()
+    assert second != first
+    other_gateway = RedisDiscovery(store.redis, store.prefix)
+    assert await other_gateway.generation() == second  # every reader sees the same new one

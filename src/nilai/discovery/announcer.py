@@ -16,11 +16,18 @@ from typing import cast
 import httpx
 
 from nilai.discovery.base import Discovery, EndpointRecord, endpoint_id
+from nilai.outages import OutageLog
 from nilai.protocol.models import ModelCard
 
 logger = logging.getLogger(__name__)
 
 FAILURES_BEFORE_WITHDRAW = 2
+DISCOVERY_RETRY_S = 0.5
+"""Seconds between attempts while discovery (Redis) does not answer.
+
+Short, so a server is announced again as soon as Redis is back: a Redis that restarted empty
+has lost every registration, and gateways route to a model only while it is registered.
+"""
 
 
 @dataclass(frozen=True)
@@ -75,14 +82,21 @@ class Announcer:
         *,
         ttl_s: float,
         overrides: ModelOverrides | None = None,
+        retry_s: float = DISCOVERY_RETRY_S,
     ) -> None:
         self._discovery = discovery
         self._http = http
         self.url = url.rstrip("/")
         self._ttl_s = ttl_s
+        self._retry_s = min(retry_s, ttl_s / 3)
         self._overrides = overrides or ModelOverrides()
         self._record: EndpointRecord | None = None
         self._failures = 0
+        self._outage = OutageLog(
+            logger,
+            f"discovery for {self.url}",
+            f"trying again every {self._retry_s:g} s",
+        )
 
     @property
     def registered(self) -> bool:
@@ -109,6 +123,8 @@ class Announcer:
         await self._discovery.register(self._record, self._ttl_s)
         if record is None:
             logger.info("announced %s serving %s", self.url, ", ".join(m.id for m in models))
+        elif unchanged:
+            logger.info("announced %s again: its registration had expired or was lost", self.url)
 
     async def withdraw(self) -> None:
         """Remove the server from discovery."""
@@ -117,15 +133,23 @@ class Announcer:
         logger.info("withdrew %s", self.url)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Tick every third of the lease until ``stop`` is set, then withdraw."""
+        """Tick every third of the lease until ``stop`` is set, then withdraw.
+
+        While discovery fails, tick every ``retry_s`` instead, so the first tick after it
+        answers again (empty, if Redis restarted) registers the server again at once.
+        """
         try:
             while not stop.is_set():
                 try:
                     await self.tick()
                 except Exception as exc:  # noqa: BLE001 - discovery outages must not kill the loop
-                    logger.warning("announcing %s failed: %s", self.url, type(exc).__name__)
+                    self._outage.failed(exc)
+                    delay = self._retry_s
+                else:
+                    self._outage.answered()
+                    delay = self._ttl_s / 3
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=self._ttl_s / 3)
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
         finally:
             if self._record is not None:
                 with contextlib.suppress(Exception):

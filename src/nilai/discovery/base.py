@@ -51,6 +51,14 @@ class Discovery(Protocol):
         """Every server whose lease is alive."""
         ...
 
+    async def generation(self) -> str:
+        """An id of the store's contents, which changes only when they are lost.
+
+        A store that restarted empty or was flushed has a new generation; servers coming and
+        going leave it as it is.
+        """
+        ...
+
     async def ping(self) -> None:
         """Raise if the backing store cannot be reached."""
         ...

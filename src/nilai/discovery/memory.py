@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 from nilai.discovery.base import EndpointRecord
 
@@ -12,6 +13,7 @@ class MemoryDiscovery:
 
     def __init__(self) -> None:
         self._records: dict[str, tuple[EndpointRecord, float]] = {}
+        self._generation = uuid.uuid4().hex
 
     async def register(self, record: EndpointRecord, ttl_s: float) -> None:
         """Add or replace a server's record and (re)start its lease."""
@@ -32,6 +34,10 @@ class MemoryDiscovery:
     async def list(self) -> list[EndpointRecord]:
         """Every server whose lease is alive."""
         return [record for key in list(self._records) if (record := self._live(key)) is not None]
+
+    async def generation(self) -> str:
+        """Fixed: what this process holds is lost only with the process."""
+        return self._generation
 
     async def ping(self) -> None:
         """Always reachable."""

@@ -2,9 +2,14 @@
 
 Each server is one key holding its JSON record with a TTL (Redis expires it; no clocks are
 compared across hosts), plus membership in an index set so listing never scans the keyspace.
+A generation key, created by the first reader and never expiring, tells gateways when Redis lost
+everything (a restart without persistence, a flush): it is then missing, and is created anew
+with another value.
 """
 
 from __future__ import annotations
+
+import uuid
 
 from redis.asyncio import Redis
 
@@ -18,6 +23,7 @@ class RedisDiscovery:
         self._redis = redis
         self._index = f"{prefix}discovery:index"
         self._prefix = f"{prefix}discovery:endpoint:"
+        self._generation = f"{prefix}discovery:generation"
 
     def _key(self, endpoint: str) -> str:
         return self._prefix + endpoint
@@ -60,6 +66,14 @@ class RedisDiscovery:
         if expired:
             await self._redis.srem(self._index, *expired)  # pyright: ignore[reportUnknownMemberType, reportGeneralTypeIssues]
         return [EndpointRecord.model_validate_json(value) for value in values if value is not None]
+
+    async def generation(self) -> str:
+        """The generation key's value, created first if Redis has none (it lost its data)."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._generation, uuid.uuid4().hex, nx=True)
+            pipe.get(self._generation)
+            _, value = await pipe.execute()
+        return value.decode() if isinstance(value, bytes) else str(value)
 
     async def ping(self) -> None:
         """Raise if Redis cannot be reached."""

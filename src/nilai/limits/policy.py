@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from redis.exceptions import RedisError
 from nilai.auth.base import Principal
 from nilai.errors import LimitsUnavailable, RateLimited
 from nilai.limits.base import ALLOWED, ConcurrencyLimiter, Decision, Limit, RateLimiter
+from nilai.outages import OutageLog
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,12 @@ class Admission:
         self._defaults = defaults
         self._overrides = dict(defaults.model_concurrency_overrides)
         self._fail_open = fail_open
+        consequence = (
+            "requests are admitted without checking their limits until it answers"
+            if fail_open
+            else "requests are refused with 503 until it answers"
+        )
+        self._outage = OutageLog(logger, "rate limiter", consequence)
 
     def account_limits(self, principal: Principal, *, web_search: bool) -> list[Limit]:
         """The limits one request of ``principal`` counts against."""
@@ -117,17 +125,23 @@ class Admission:
         return await self._check(limits, uuid.uuid4().hex)
 
     async def _check(self, limits: list[Limit], member: str) -> Decision:
+        if not limits:
+            # Nothing to count, so the store is not asked: this says nothing about an outage.
+            return await self._rate.hit(limits, member)
+        started = time.monotonic()
         try:
             decision = await self._rate.hit(limits, member)
         except (RedisError, OSError) as exc:
-            return self._unavailable(exc)
+            return self._unavailable(exc, started=started)
+        self._outage.answered(started=started)
         if not decision.allowed:
             raise RateLimited(decision)
         return decision
 
-    def _unavailable(self, exc: BaseException) -> Decision:
+    def _unavailable(self, exc: BaseException, *, started: float) -> Decision:
+        """Fail open or closed; the first failure of an outage is logged with its cause."""
+        self._outage.failed(exc, started=started)
         if self._fail_open:
-            logger.warning("rate limits not checked (store unreachable: %s)", type(exc).__name__)
             return ALLOWED
         raise LimitsUnavailable(
             "Rate limiting is unavailable right now (its Redis cannot be reached), so requests "
@@ -143,12 +157,17 @@ class Admission:
     async def model_slot(self, model: str) -> AsyncGenerator[Decision]:
         """Hold one of the model's concurrency slots while the block runs."""
         limit = self._overrides.get(model, self._defaults.model_concurrency)
+        started = time.monotonic()
         try:
             lease = self._concurrency.lease(f"{{model:{model}}}:inflight", limit)
             decision = await lease.__aenter__()
+        except RateLimited:
+            self._outage.answered(started=started)
+            raise
         except (RedisError, OSError) as exc:
-            yield self._unavailable(exc)
+            yield self._unavailable(exc, started=started)
             return
+        self._outage.answered(started=started)
         try:
             yield decision
         except BaseException as exc:

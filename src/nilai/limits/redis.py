@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from importlib import resources
@@ -19,6 +20,7 @@ from redis.asyncio import Redis
 
 from nilai.errors import RateLimited
 from nilai.limits.base import Decision, Limit
+from nilai.outages import OutageLog
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,11 @@ class RedisConcurrencyLimiter:
         self._redis = redis
         self._held: dict[str, str] = {}  # lease id -> key
         self._keeper: asyncio.Task[None] | None = None
+        self._outage = OutageLog(
+            logger,
+            "concurrency slot store (Redis)",
+            "slots that cannot be released or renewed free themselves when their leases expire",
+        )
 
     @contextlib.asynccontextmanager
     async def lease(self, key: str, limit: int) -> AsyncGenerator[Decision]:
@@ -83,7 +90,7 @@ class RedisConcurrencyLimiter:
             yield decision
         finally:
             self._held.pop(lease_id, None)
-            await _quietly(self._redis.zrem(full_key, lease_id))  # pyright: ignore[reportUnknownMemberType, reportUnknownArgumentType]
+            await self._quietly(self._redis.zrem(full_key, lease_id))  # pyright: ignore[reportUnknownMemberType, reportUnknownArgumentType]
 
     def _ensure_keeper(self) -> None:
         if self._keeper is None or self._keeper.done():
@@ -96,7 +103,17 @@ class RedisConcurrencyLimiter:
             if held:
                 keys = [key for _, key in held]
                 args = [self._ttl_ms, *(lease for lease, _ in held)]
-                await _quietly(self._renew(keys=keys, args=args))
+                await self._quietly(self._renew(keys=keys, args=args))
+
+    async def _quietly(self, call: Any) -> None:
+        """Await a Redis call whose failure only delays a slot's return (its lease expires)."""
+        started = time.monotonic()
+        try:
+            await call
+        except Exception as exc:  # noqa: BLE001 - best effort; the lease expiry is the backstop
+            self._outage.failed(exc, started=started)
+        else:
+            self._outage.answered(started=started)
 
     async def aclose(self) -> None:
         """Stop renewing; release what is still held."""
@@ -105,13 +122,5 @@ class RedisConcurrencyLimiter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keeper
         for lease_id, key in list(self._held.items()):
-            await _quietly(self._redis.zrem(key, lease_id))  # pyright: ignore[reportUnknownMemberType, reportUnknownArgumentType]
+            await self._quietly(self._redis.zrem(key, lease_id))  # pyright: ignore[reportUnknownMemberType, reportUnknownArgumentType]
         self._held.clear()
-
-
-async def _quietly(call: Any) -> None:
-    """Await a Redis call whose failure only delays a slot's return (its lease expires)."""
-    try:
-        await call
-    except Exception as exc:  # noqa: BLE001 - best effort; the lease expiry is the backstop
-        logger.warning("releasing or renewing a concurrency slot failed: %s", type(exc).__name__)

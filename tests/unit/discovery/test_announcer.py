@@ -1,5 +1,6 @@
 import asyncio
 import itertools
+import logging
 from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -52,6 +53,7 @@ class RecordingDiscovery(MemoryDiscovery):
         super().__init__()
         self.calls: list[str] = []
         self.fail_register = False
+        self.fail_heartbeat = False
 
     async def register(self, record: EndpointRecord, ttl_s: float) -> None:
         self.calls.append("register")
@@ -61,6 +63,8 @@ class RecordingDiscovery(MemoryDiscovery):
 
     async def heartbeat(self, endpoint: str, ttl_s: float) -> bool:
         self.calls.append("heartbeat")
+        if self.fail_heartbeat:
+            raise ConnectionError("store down")
         return await super().heartbeat(endpoint, ttl_s)
 
     async def deregister(self, endpoint: str) -> None:
@@ -355,3 +359,93 @@ async def test_run_survives_discovery_outages(
     stop.set()
     await asyncio.wait_for(task, timeout=1)
     assert await discovery.list() == []
+
+
+# A lease of 30 s is renewed every 10 s; these tests wait 3 s at most for what must come sooner.
+LONG_TTL_S = 30.0
+PROMPTLY_S = 3.0
+
+
+async def test_run_registers_again_promptly_once_discovery_answers_after_failing(
+    http: httpx.AsyncClient, discovery: RecordingDiscovery
+):
+    discovery.fail_register = True
+    announcer = Announcer(discovery, http, URL, ttl_s=LONG_TTL_S)
+    stop = asyncio.Event()
+    task = asyncio.create_task(announcer.run(stop))
+    try:
+
+        async def tried() -> bool:
+            return discovery.calls.count("register") >= 1
+
+        await _wait_for(tried)
+        discovery.fail_register = False  # Redis answers again
+
+        async def announced() -> bool:
+            return len(await discovery.list()) == 1
+
+        await _wait_for(announced, timeout_s=PROMPTLY_S)  # not a third of the lease later
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+
+
+async def test_registration_lost_in_a_redis_restart_is_renewed_on_the_first_tick_it_answers(
+    http: httpx.AsyncClient, discovery: RecordingDiscovery
+):
+    announcer = Announcer(discovery, http, URL, ttl_s=LONG_TTL_S)
+    await announcer.tick()
+    discovery.fail_heartbeat = True  # Redis is down ...
+    stop = asyncio.Event()
+    task = asyncio.create_task(announcer.run(stop))
+    try:
+
+        async def failed() -> bool:
+            return discovery.calls.count("heartbeat") >= 1
+
+        await _wait_for(failed)
+        await discovery.deregister(endpoint_id(URL))  # ... and comes back empty
+        discovery.calls.clear()
+        discovery.fail_heartbeat = False
+
+        async def announced() -> bool:
+            return len(await discovery.list()) == 1
+
+        await _wait_for(announced, timeout_s=PROMPTLY_S)
+        assert discovery.calls[:2] == ["heartbeat", "register"]  # heartbeat False: register
+        (record,) = await discovery.list()
+        assert record.url == URL
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+
+
+async def test_discovery_outage_is_logged_once_with_its_cause_and_once_when_it_ends(
+    http: httpx.AsyncClient, discovery: RecordingDiscovery, caplog: pytest.LogCaptureFixture
+):
+    discovery.fail_register = True
+    announcer = Announcer(discovery, http, URL, ttl_s=LONG_TTL_S, retry_s=0.01)
+    stop = asyncio.Event()
+    with caplog.at_level(logging.INFO, logger="nilai.discovery.announcer"):
+        task = asyncio.create_task(announcer.run(stop))
+
+        async def retried() -> bool:
+            return discovery.calls.count("register") >= 5
+
+        await _wait_for(retried)
+        discovery.fail_register = False
+
+        async def announced() -> bool:
+            return len(await discovery.list()) == 1
+
+        await _wait_for(announced)
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+    lines = [record.getMessage() for record in caplog.records]
+    down = [line for line in lines if "unavailable" in line]
+    assert down == [
+        f"discovery for {URL} unavailable (ConnectionError: store down); trying again every 0.01 s"
+    ]
+    back = [line for line in lines if "available again" in line]
+    assert len(back) == 1
+    assert back[0].startswith(f"discovery for {URL} available again after ")

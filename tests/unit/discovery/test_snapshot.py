@@ -1,6 +1,8 @@
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
+from typing import override
 
 import httpx
 import pytest
@@ -47,11 +49,29 @@ class FlakyDiscovery(MemoryDiscovery):
     def __init__(self) -> None:
         super().__init__()
         self.fail = False
+        self.lose_everything_while_listing = False
+        self._lost_count = 0
 
     async def list(self) -> list[EndpointRecord]:
         if self.fail:
             raise ConnectionError("store down")
+        if self.lose_everything_while_listing:
+            self.lose_everything_while_listing = False
+            self.lose_everything()
         return await super().list()
+
+    def lose_everything(self) -> None:
+        """What a Redis restart without persistence (or a flush) does to discovery."""
+        self._records.clear()
+        self._lost_count += 1
+
+    @override
+    async def generation(self) -> str:
+        return f"{await super().generation()}-{self._lost_count}"
+
+
+GRACE_S = 30.0
+"""The snapshot's default grace period (NILAI_DISCOVERY_GRACE_S)."""
 
 
 def _record(url: str, *models: str, registered_at: float = 1.0) -> EndpointRecord:
@@ -297,3 +317,145 @@ async def test_start_loads_and_keeps_refreshing(servers: ModelServers):
             assert snapshot.card("m2") is not None
         finally:
             await snapshot.aclose()
+
+
+# --- what vanished from discovery: a Redis restart, a server that left ----------------------
+
+
+def _ids(snapshot: DiscoverySnapshot) -> list[str]:
+    return sorted(card.id for card in snapshot.models())
+
+
+async def test_model_whose_servers_left_is_vanished_not_unknown_for_the_grace_period(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, clock: FakeClock
+):
+    await discovery.register(_record(URL_A, "m", "other"), 60)
+    await discovery.register(_record(URL_B, "other"), 60)
+    await snapshot.refresh()
+    await discovery.deregister(_record(URL_A).id)
+    await snapshot.refresh()
+
+    # Not routed and not listed: /v1/models lists what can be used now ...
+    assert snapshot.card("m") is None
+    assert snapshot.candidates("m") == []
+    assert _ids(snapshot) == ["other"]
+    # ... but a request for it is worth retrying, unlike one for a model never served here.
+    assert snapshot.vanished_recently("m")
+    assert not snapshot.vanished_recently("other")  # still served
+    assert not snapshot.vanished_recently("never-served")
+
+    clock.now += GRACE_S - 0.01
+    assert snapshot.vanished_recently("m")
+    clock.now += 0.02
+    assert not snapshot.vanished_recently("m")
+    await snapshot.refresh()
+    assert not snapshot.vanished_recently("m")
+
+
+async def test_model_that_comes_back_is_served_and_no_longer_vanished(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, clock: FakeClock
+):
+    await discovery.register(_record(URL_A, "m"), 60)
+    await snapshot.refresh()
+    await discovery.deregister(_record(URL_A).id)
+    await snapshot.refresh()
+    assert snapshot.vanished_recently("m")
+    await discovery.register(_record(URL_A, "m", registered_at=2.0), 60)
+    await snapshot.refresh()
+    assert snapshot.card("m") is not None
+    assert not snapshot.vanished_recently("m")
+    await discovery.deregister(_record(URL_A).id)  # and it leaves again: a new grace period
+    clock.now += GRACE_S - 1
+    await snapshot.refresh()
+    clock.now += 2
+    assert snapshot.vanished_recently("m")
+
+
+async def test_servers_stay_in_use_when_discovery_loses_every_registration(
+    discovery: FlakyDiscovery,
+    snapshot: DiscoverySnapshot,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+):
+    await discovery.register(_record(URL_A, "m", "a-only"), 60)
+    await discovery.register(_record(URL_B, "m"), 60)
+    await snapshot.refresh()
+    snapshot.report_failure(_record(URL_B).id)
+
+    discovery.lose_everything()  # Redis restarted empty; the model servers did not move
+    with caplog.at_level(logging.INFO, logger="nilai.discovery.snapshot"):
+        await snapshot.refresh()
+    assert "discovery lost every registration" in caplog.text
+    assert _ids(snapshot) == ["a-only", "m"]
+    assert _urls(snapshot.candidates("m")) == [URL_A]  # B is still ejected
+    assert _urls(snapshot.candidates("a-only")) == [URL_A]
+    assert not snapshot.vanished_recently("m")
+
+    # A announces again; B not yet, so it is still carried over.
+    await discovery.register(_record(URL_A, "m", "a-only"), 60)
+    clock.now += EJECT_S
+    await snapshot.refresh()
+    assert sorted(_urls(snapshot.candidates("m"))) == [URL_A, URL_B]
+
+    # B never comes back: after the grace period, discovery alone decides again.
+    clock.now += GRACE_S
+    with caplog.at_level(logging.INFO, logger="nilai.discovery.snapshot"):
+        await snapshot.refresh()
+    assert _urls(snapshot.candidates("m")) == [URL_A]
+    assert "1 model servers known before discovery lost its data did not announce" in caplog.text
+
+
+async def test_server_announced_again_after_lost_registrations_can_still_be_withdrawn(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot
+):
+    await _two_endpoints(discovery, snapshot)
+    discovery.lose_everything()
+    await snapshot.refresh()
+    await discovery.register(_record(URL_A, "m"), 60)
+    await discovery.register(_record(URL_B, "m"), 60)
+    await snapshot.refresh()
+    await discovery.deregister(_record(URL_B).id)  # withdrawn on purpose, the store intact
+    await snapshot.refresh()
+    assert _urls(snapshot.candidates("m")) == [URL_A]
+
+
+async def test_registrations_lost_during_a_listing_are_detected(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot
+):
+    await _two_endpoints(discovery, snapshot)
+    discovery.lose_everything_while_listing = True
+    await snapshot.refresh()
+    assert sorted(_urls(snapshot.candidates("m"))) == [URL_A, URL_B]
+
+
+async def test_servers_that_leave_while_discovery_is_intact_are_dropped_at_once(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot
+):
+    await _two_endpoints(discovery, snapshot)
+    await discovery.deregister(_record(URL_A).id)
+    await discovery.deregister(_record(URL_B).id)
+    await snapshot.refresh()
+    assert snapshot.candidates("m") == []
+    assert snapshot.models() == []
+
+
+async def test_discovery_outage_is_logged_once_with_its_cause_and_once_when_it_ends(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, caplog: pytest.LogCaptureFixture
+):
+    await _two_endpoints(discovery, snapshot)
+    discovery.fail = True
+    with caplog.at_level(logging.INFO, logger="nilai.discovery.snapshot"):
+        for _ in range(5):
+            await snapshot.refresh()
+        discovery.fail = False
+        await snapshot.refresh()
+        await snapshot.refresh()
+    lines = [record.getMessage() for record in caplog.records]
+    down = [line for line in lines if "unavailable" in line]
+    assert down == [
+        "discovery unavailable (ConnectionError: store down); "
+        "routing with the last servers it listed until it answers"
+    ]
+    back = [line for line in lines if "available again" in line]
+    assert len(back) == 1
+    assert "(5 failed attempts)" in back[0]

@@ -7,9 +7,12 @@ from dataclasses import dataclass
 import orjson
 
 from nilai.discovery.snapshot import DiscoverySnapshot
-from nilai.errors import InvalidRequest, NotFound, ValidationFailed
+from nilai.errors import InvalidRequest, NotFound, UpstreamUnavailable, ValidationFailed
 from nilai.protocol.chat import NILAI_ONLY_FIELDS, ChatCompletionRequest
 from nilai.protocol.models import ModelCard
+
+MODEL_RETRY_AFTER_S = 1
+"""Retry-After for a model that vanished moments ago; servers announce again within seconds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,9 +30,19 @@ class ValidatedChat:
 
 
 def validate_chat(request: ChatCompletionRequest, snapshot: DiscoverySnapshot) -> ValidatedChat:
-    """Check ``request`` against the model it names, or raise a 4xx ``NilaiError``."""
+    """Check ``request`` against the model it names, or raise a ``NilaiError``.
+
+    An unknown model is 404; one served until moments ago is 503 with ``Retry-After``.
+    """
     card = snapshot.card(request.model)
     if card is None:
+        if snapshot.vanished_recently(request.model):
+            # Served moments ago: its server is restarting or announcing itself again.
+            raise UpstreamUnavailable(
+                f"The model '{request.model}' is temporarily unavailable (its model servers "
+                "are not announced right now); retry shortly.",
+                headers={"Retry-After": str(MODEL_RETRY_AFTER_S)},
+            )
         raise NotFound(
             f"The model '{request.model}' does not exist or is not being served; "
             "GET /v1/models lists the available models.",

@@ -4,7 +4,7 @@ import orjson
 import pytest
 
 from nilai.discovery.snapshot import DiscoverySnapshot
-from nilai.errors import InvalidRequest, NotFound, ValidationFailed
+from nilai.errors import InvalidRequest, NotFound, UpstreamUnavailable, ValidationFailed
 from nilai.gateway.chat.validate import upstream_payload, validate_chat
 from nilai.protocol.chat import ChatCompletionRequest
 from nilai.protocol.models import ModelCard
@@ -23,10 +23,14 @@ class StubSnapshot:
     def __init__(self, *cards: ModelCard) -> None:
         self.cards = {card.id: card for card in cards}
         self.asked: list[str] = []
+        self.vanished: set[str] = set()
 
     def card(self, model: str) -> ModelCard | None:
         self.asked.append(model)
         return self.cards.get(model)
+
+    def vanished_recently(self, model: str) -> bool:
+        return model in self.vanished
 
 
 def _req(**fields: Any) -> ChatCompletionRequest:
@@ -136,6 +140,20 @@ def test_unknown_model_is_not_found():
     assert info.value.code == "model_not_found"
     assert "/v1/models" in info.value.message
     assert "missing" in info.value.message
+
+
+def test_model_served_moments_ago_is_unavailable_with_retry_after_not_not_found():
+    snapshot = StubSnapshot(ModelCard(id="m"))
+    snapshot.vanished.add("gone-a-moment")
+    with pytest.raises(UpstreamUnavailable) as info:
+        validate_chat(_req(model="gone-a-moment"), cast(DiscoverySnapshot, snapshot))
+    assert info.value.status == 503
+    assert info.value.type == "service_unavailable"
+    assert info.value.headers["Retry-After"] == "1"
+    assert "temporarily unavailable" in info.value.message
+    assert "retry" in info.value.message
+    with pytest.raises(NotFound):  # never served here: still unknown
+        validate_chat(_req(model="never-served"), cast(DiscoverySnapshot, snapshot))
 
 
 def test_tools_need_tool_support():
