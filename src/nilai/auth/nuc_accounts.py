@@ -2,23 +2,26 @@
 
 Accounts of subscription holders are named by their DID. An unknown holder is either given an
 account with the default limits on first use or refused, by ``NILAI_NUC_AUTO_ACCOUNTS``.
-Lookups are cached for a few seconds, like API keys, so disabling an account takes effect
-within ``ttl_s``.
+Lookups go through ``CachedLookup`` like API keys: cached for ``ttl_s`` (disabling an account
+takes effect within it), one lookup (or creation) per holder at a time, holders not seen before
+bounded so a flood of fresh tokens cannot crowd out known holders, and a database outage
+answered 503 with ``Retry-After`` (``AccountsUnavailable``).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 from nilai.auth.base import Principal
+from nilai.auth.lookups import MAX_KNOWN, CachedLookup
 from nilai.auth.nuc_tokens import NucVerifier
 from nilai.errors import AuthenticationFailed
+from nilai.outages import OutageLog
 from nilai.store.base import Account, AccountRepo
 
 logger = logging.getLogger(__name__)
 
-MAX_CACHED = 10_000
+MAX_CACHED = MAX_KNOWN
 
 
 class NucAuthenticator:
@@ -31,17 +34,37 @@ class NucAuthenticator:
         *,
         auto_accounts: bool,
         ttl_s: float,
+        outages: OutageLog | None = None,
     ) -> None:
         self._verifier = verifier
         self._accounts = accounts
         self._auto_accounts = auto_accounts
-        self._ttl_s = ttl_s
-        self._cache: dict[str, tuple[float, Account]] = {}
+        # Misses are not cached: a holder refused as unknown is accepted on the next request
+        # once an operator has created the account.
+        self.lookups: CachedLookup[str, Account] = CachedLookup(
+            self._find_or_create,
+            ttl_s=ttl_s,
+            outages=outages,
+            max_known=MAX_CACHED,
+            cache_missing=False,
+        )
 
     async def authenticate(self, credential: str) -> Principal:
-        """Validate the envelope, then find (or make) the subscription holder's account."""
+        """Validate the envelope, then find (or make) the subscription holder's account.
+
+        Raises ``AuthenticationFailed`` (401) for a bad token, an unknown holder (without auto
+        accounts) or a disabled account, and ``AccountsUnavailable`` (503) when the account
+        cannot be looked up now.
+        """
         granted = self._verifier.verify(credential)
-        account = await self._account(granted.subject)
+        account = await self.lookups.get(granted.subject)
+        if account is None:
+            raise AuthenticationFailed(
+                f"NUC token rejected: the subscription holder {granted.subject} has no account "
+                "on this gateway (an operator can create one named by that DID: "
+                "nilai accounts add <DID>).",
+                code="unknown_account",
+            )
         if not account.active:
             raise AuthenticationFailed("This account is disabled.", code="account_disabled")
         return Principal(
@@ -53,31 +76,14 @@ class NucAuthenticator:
             prompt_document=granted.prompt_document,
         )
 
-    async def _account(self, subject: str) -> Account:
-        now = time.monotonic()
-        cached = self._cache.get(subject)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+    async def _find_or_create(self, subject: str) -> Account | None:
         account = await self._accounts.get_account(subject)
-        if account is None:
-            account = await self._create(subject)
-        if len(self._cache) >= MAX_CACHED:
-            self._cache.clear()
-        self._cache[subject] = (now + self._ttl_s, account)
-        return account
-
-    async def _create(self, subject: str) -> Account:
-        if not self._auto_accounts:
-            raise AuthenticationFailed(
-                f"NUC token rejected: the subscription holder {subject} has no account on this "
-                "gateway (an operator can create one named by that DID: "
-                "nilai accounts add <DID>).",
-                code="unknown_account",
-            )
+        if account is not None or not self._auto_accounts:
+            return account
         try:
             account = await self._accounts.create_account(subject, {})
         except ValueError:
-            # Another replica (or request) created it first.
+            # Another replica created it first.
             found = await self._accounts.get_account(subject)
             if found is None:
                 raise

@@ -1,25 +1,30 @@
 """API keys kept in the database: ``nilai_<prefix>_<secret>``, stored as SHA-256 only.
 
 The prefix finds the record; the hash of the whole key is compared in constant time. Lookups
-are cached for a few seconds, so a revoked key stops working within ``ttl_s``.
+go through ``CachedLookup`` (``nilai.auth.lookups``): cached for ``ttl_s`` (a revoked key stops
+working within it, and no longer, even while the database is down), one query per prefix at a
+time, unknown prefixes bounded so a flood of random keys cannot crowd out known ones, and a
+database outage answered 503 with ``Retry-After`` (``AccountsUnavailable``).
 """
 
 from __future__ import annotations
 
 import hmac
 import secrets
-import time
 from dataclasses import dataclass
 
 from nilai.auth.api_keys import key_digest
 from nilai.auth.base import Authenticator, Principal
+from nilai.auth.lookups import MAX_KNOWN, CachedLookup
 from nilai.errors import AuthenticationFailed
+from nilai.outages import OutageLog
 from nilai.store.base import Account, ApiKey, ApiKeyRepo
 
 KEY_MARK = "nilai_"
 PREFIX_LENGTH = 12
-MAX_CACHED = 10_000
+MAX_CACHED = MAX_KNOWN
 MIN_SECRET = 32
+_HEX_DIGITS = frozenset("0123456789abcdef")
 _DUMMY_HASH = key_digest("nilai-dummy-key").hex()
 
 
@@ -47,27 +52,33 @@ def key_prefix(credential: str) -> str | None:
     rest = credential[len(KEY_MARK) + PREFIX_LENGTH :]
     if len(prefix) != PREFIX_LENGTH or not rest.startswith("_") or len(rest) <= MIN_SECRET:
         return None
+    # Generated prefixes are lowercase hex; anything else cannot be a key, and never reaches
+    # the database (a NUL, say, would be refused there as bad data).
+    if not set(prefix) <= _HEX_DIGITS:
+        return None
     return prefix
-
-
-@dataclass(frozen=True, slots=True)
-class _Cached:
-    expires: float
-    found: tuple[ApiKey, Account] | None
 
 
 class StoredApiKeys:
     """Authenticates keys created with ``nilai keys create``."""
 
-    def __init__(self, repo: ApiKeyRepo, *, ttl_s: float) -> None:
+    def __init__(self, repo: ApiKeyRepo, *, ttl_s: float, outages: OutageLog | None = None) -> None:
         self._repo = repo
-        self._ttl_s = ttl_s
-        self._cache: dict[str, _Cached] = {}
+        self.lookups: CachedLookup[str, tuple[ApiKey, Account]] = CachedLookup(
+            self._key_by_prefix, ttl_s=ttl_s, outages=outages, max_known=MAX_CACHED
+        )
+
+    async def _key_by_prefix(self, prefix: str) -> tuple[ApiKey, Account] | None:
+        return await self._repo.key_by_prefix(prefix)
 
     async def authenticate(self, credential: str) -> Principal:
-        """Accept a live key of an active account."""
+        """Accept a live key of an active account.
+
+        Raises ``AuthenticationFailed`` (401) for a wrong, revoked or disabled key and
+        ``AccountsUnavailable`` (503) when the key cannot be checked now.
+        """
         prefix = key_prefix(credential)
-        found = await self._lookup(prefix) if prefix else None
+        found = await self.lookups.get(prefix) if prefix else None
         stored_hash = found[0].hash if found else _DUMMY_HASH
         matches = hmac.compare_digest(key_digest(credential).hex(), stored_hash)
         if found is None or not matches:
@@ -78,19 +89,6 @@ class StoredApiKeys:
         if not account.active:
             raise AuthenticationFailed("This account is disabled.", code="account_disabled")
         return Principal(account_id=account.id, method="api_key", key_id=key.id, account=account)
-
-    async def _lookup(self, prefix: str) -> tuple[ApiKey, Account] | None:
-        now = time.monotonic()
-        cached = self._cache.get(prefix)
-        if cached is not None and cached.expires > now:
-            return cached.found
-        found = await self._repo.key_by_prefix(prefix)
-        if len(self._cache) >= MAX_CACHED:
-            self._cache = {p: c for p, c in self._cache.items() if c.expires > now}
-            if len(self._cache) >= MAX_CACHED:
-                self._cache.clear()
-        self._cache[prefix] = _Cached(now + self._ttl_s, found)
-        return found
 
 
 class StoredOrStatic:

@@ -11,6 +11,7 @@ import re
 
 from nilai.auth.api_keys import StaticApiKeys
 from nilai.auth.base import Authenticator, Principal
+from nilai.auth.lookups import accounts_outage_log
 from nilai.auth.nuc_accounts import NucAuthenticator
 from nilai.auth.nuc_tokens import NucVerifier, looks_like_nuc
 from nilai.auth.stored_keys import StoredApiKeys, StoredOrStatic
@@ -68,9 +69,11 @@ def make_authenticator(settings: NilaiSettings, store: Store, public_key: bytes)
     """The authenticator for the configured strategies."""
     api_keys: Authenticator | None = None
     nuc: Authenticator | None = None
+    outages = accounts_outage_log()  # one database: one outage, logged once for both
     if "api_key" in settings.auth_strategies:
         static = StaticApiKeys(settings.static_api_keys, settings.api_key_hashes)
-        api_keys = StoredOrStatic(StoredApiKeys(store, ttl_s=settings.key_cache_ttl_s), static)
+        stored = StoredApiKeys(store, ttl_s=settings.key_cache_ttl_s, outages=outages)
+        api_keys = StoredOrStatic(stored, static)
     if "nuc" in settings.auth_strategies:
         verifier = NucVerifier(public_key, tuple(settings.nuc_root_issuers))
         nuc = NucAuthenticator(
@@ -78,6 +81,7 @@ def make_authenticator(settings: NilaiSettings, store: Store, public_key: bytes)
             store,
             auto_accounts=settings.nuc_auto_accounts,
             ttl_s=settings.key_cache_ttl_s,
+            outages=outages,
         )
         if settings.nuc_auto_accounts and not settings.nuc_root_issuers:
             logger.warning(
