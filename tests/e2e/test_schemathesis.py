@@ -359,6 +359,6 @@ def test_known_bug_filters_match_the_pinned_inputs():
     assert not has_unhashable_part_type({"messages": [{"content": [{"type": "text"}]}]})
     assert not has_unhashable_part_type(b"\x00")
     assert asks_for_an_unsupported_extra({"web_search": True})
-    assert asks_for_an_unsupported_extra({"web_search": "yes"})  # pydantic's lax bool
+    assert asks_for_an_unsupported_extra({"web_search": "yes"})  # refused as a non-boolean
     assert asks_for_an_unsupported_extra({"nilrag": {"a": 1}})
     assert not asks_for_an_unsupported_extra({"web_search": False, "nilrag": {}})

@@ -16,6 +16,7 @@ from nilai.gateway.middleware import RequestIdMiddleware
 from nilai.gateway.routes import attestation, chat, health, keys, models, usage
 from nilai.gateway.routes import metrics as metrics_route
 from nilai.gateway.security import BodySizeLimit, SecurityHeaders
+from nilai.logging import configure_logging
 from nilai.settings import NilaiSettings
 
 
@@ -65,5 +66,10 @@ def create_app(settings: NilaiSettings | None = None) -> FastAPI:
 
 
 def create_app_from_env() -> FastAPI:
-    """Factory for ``uvicorn --factory`` and multi-worker runs: settings from the environment."""
-    return create_app(NilaiSettings())
+    """Factory for ``uvicorn --factory`` and multi-worker runs: settings from the environment.
+
+    Each worker process starts afresh, so it sets up logging as ``nilai api`` did for itself.
+    """
+    settings = NilaiSettings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)

@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+from pydantic_core import PydanticCustomError
 
 from nilai.protocol.base import OpenAIBaseModel
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
-NonBlank = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+MAX_MODEL_ID_LENGTH = 256
+# C0, DEL, C1 and the Unicode line and paragraph separators: characters that end or forge log
+# lines, and that PostgreSQL refuses in text (NUL).
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _no_control_characters(value: str) -> str:
+    if CONTROL_CHARACTERS.search(value):
+        raise PydanticCustomError(
+            "control_character", "A model id cannot contain control characters."
+        )
+    return value
+
+
+# The model id reaches logs, metrics and the query log: it is refused here, at the protocol
+# boundary, unless it is short plain text.
+ModelId = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_MODEL_ID_LENGTH),
+    AfterValidator(_no_control_characters),
+]
 
 
 IMAGE_PARTS = ("image_url", "input_image")
@@ -42,39 +65,44 @@ class StreamOptions(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatCompletionRequest(OpenAIBaseModel):
-    """``POST /v1/chat/completions`` body, with the bounds the gateway enforces."""
+    """``POST /v1/chat/completions`` body, with the bounds the gateway enforces.
 
-    model: NonBlank = Field(description="A model id from GET /v1/models.")
+    Booleans are strict (JSON ``true`` or ``false`` only): ``"stream": "yes"`` is refused, not
+    read as a stream. The most messages a request may hold is a setting
+    (``NILAI_MAX_MESSAGES``), checked before the body is parsed.
+    """
+
+    model: ModelId = Field(description="A model id from GET /v1/models.")
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0, le=5)
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     n: int | None = Field(default=None, ge=1, le=1, description="Only one choice is supported.")
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = None
+    logprobs: StrictBool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
     # sampling extensions understood by vLLM
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0, le=2)
     # nilai extras
-    web_search: bool = False
+    web_search: StrictBool = False
     nilrag: dict[str, Any] | None = None
 
     @property

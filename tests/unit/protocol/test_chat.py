@@ -1,3 +1,4 @@
+import json
 from typing import Any
 
 import pytest
@@ -99,6 +100,65 @@ def test_blank_model_rejected(model: str):
 
 def test_model_whitespace_is_stripped():
     assert _req(model="  llama-3  ").model == "llama-3"
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "bad\u0000model",
+        "a\nfake line",
+        "a\rb",
+        "a\tb",
+        "a\x1b[31mred",
+        "a\x7fb",
+        "a\x85b",
+        "a\u2028b",
+        "a\u2029b",
+    ],
+    ids=["nul", "newline", "cr", "tab", "escape", "del", "nel", "line-sep", "paragraph-sep"],
+)
+def test_model_id_with_control_characters_is_refused(model: str):
+    error = _rejected(model=model)
+    assert _error_locs(error) == {("model",)}
+    assert error.errors()[0]["type"] == "control_character"
+
+
+def test_model_id_longer_than_256_characters_is_refused():
+    assert _req(model="m" * 256).model == "m" * 256
+    assert ("model",) in _error_locs(_rejected(model="m" * 257))
+
+
+def test_model_id_may_be_any_printable_text():
+    assert _req(model="org/Llama-3.1-8B:q4 ünïcode").model == "org/Llama-3.1-8B:q4 ünïcode"
+
+
+BOOLEAN_FIELDS = [
+    ("stream", ("stream",)),
+    ("web_search", ("web_search",)),
+    ("logprobs", ("logprobs",)),
+    ("parallel_tool_calls", ("parallel_tool_calls",)),
+    ("stream_options", ("stream_options", "include_usage")),
+]
+
+
+@pytest.mark.parametrize(("field", "loc"), BOOLEAN_FIELDS, ids=[f for f, _ in BOOLEAN_FIELDS])
+@pytest.mark.parametrize("value", ["yes", "true", "false", 1, 0, "on"])
+def test_booleans_are_strict(field: str, loc: tuple[str, ...], value: object):
+    body: dict[str, Any] = {"model": "m", "messages": [USER]}
+    body[field] = {"include_usage": value} if field == "stream_options" else value
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate_json(json.dumps(body))
+    assert loc in _error_locs(info.value)
+
+
+@pytest.mark.parametrize(("field", "loc"), BOOLEAN_FIELDS, ids=[f for f, _ in BOOLEAN_FIELDS])
+def test_json_booleans_are_accepted(field: str, loc: tuple[str, ...]):
+    for value in (True, False):
+        body: dict[str, Any] = {"model": "m", "messages": [USER]}
+        body[field] = {"include_usage": value} if field == "stream_options" else value
+        request = ChatCompletionRequest.model_validate_json(json.dumps(body))
+        attribute = getattr(request, loc[0])
+        assert (attribute.include_usage if field == "stream_options" else attribute) is value
 
 
 def test_extras_are_allowed_and_listed():

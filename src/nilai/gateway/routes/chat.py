@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import ValidationError
 
 from nilai.gateway.chat.context import RequestContext
+from nilai.gateway.chat.parse import BodyLimits, check_content_type, parse_chat_request
 from nilai.gateway.deps import PrincipalDep, RequestIdDep, ServicesDep
-from nilai.gateway.errors import validation_error
 from nilai.gateway.streaming import ChatStreamResponse
 from nilai.protocol.base import inline_json_schema
 from nilai.protocol.chat import ChatCompletionRequest
@@ -38,7 +37,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
             },
         },
     },
-    **error_responses(400, 401, 404, 413, 422, 429, 500, 502, 503, 504),
+    **error_responses(400, 401, 404, 413, 415, 422, 429, 500, 502, 503, 504),
 }
 
 
@@ -54,13 +53,15 @@ async def chat_completions(
     """Relay a chat completion and return it signed, whole or as a stream."""
     raw = await request.body()
     ctx = RequestContext.begin(request_id, principal, raw)
+    settings = services.settings
+    limits = BodyLimits(settings.max_messages, settings.max_json_items)
     try:
-        body = ChatCompletionRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        error = validation_error(exc.errors())
-        ctx.fail(error)
+        check_content_type(request.headers.get("content-type"))
+        body = await parse_chat_request(raw, limits)
+    except BaseException as exc:  # refused, or cancelled while measured: accounted either way
+        ctx.fail(exc)
         services.chat.account(ctx)
-        raise error from None
+        raise
     if body.stream:
         return ChatStreamResponse(await services.chat.stream(body, ctx))
     result = await services.chat.complete(body, ctx)
