@@ -6,10 +6,11 @@ import argparse
 import os
 from typing import Any
 
-import uvicorn
-
 from nilai.cli.common import load_settings
+from nilai.gateway.server import run_server
 from nilai.logging import configure_logging
+
+APP_FACTORY = "nilai.gateway.app:create_app_from_env"
 
 
 def register(commands: Any) -> None:
@@ -25,7 +26,7 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start uvicorn with the app factory."""
+    """Serve the app factory (in each of ``--workers`` processes) with the connection limits."""
     overrides = {"host": args.host, "port": args.port}
     for name, value in overrides.items():
         if value is not None:
@@ -35,14 +36,5 @@ def run(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    uvicorn.run(
-        "nilai.gateway.app:create_app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=args.workers,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_grace_s,
-    )
+    run_server(APP_FACTORY, settings, workers=args.workers)
     return 0

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 
 from nilai.cli.common import load_settings
 from nilai.gateway.app import create_app
+from nilai.gateway.server import run_server
 from nilai.logging import configure_logging
 from nilai.settings import NilaiSettings
 from nilai.workers.local.engine import default_model_id
@@ -69,13 +69,7 @@ def run(args: argparse.Namespace) -> int:
             }
         )
         _print_banner(settings, key, default_model_id(model))
-        uvicorn.run(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            log_config=None,
-            access_log=False,
-        )
+        run_server(create_app(settings), settings)
     finally:
         _stop(worker)
     return 0
