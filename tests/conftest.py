@@ -15,6 +15,7 @@ import redis
 from nilai.gateway.app import create_app
 from nilai.settings import NilaiSettings
 from tests.fakes.fake_openai_server import FakeConfig, FakeState, create_fake_app
+from tests.support.private_postgres import pg_database, private_postgres  # noqa: F401 - shared
 from tests.support.private_redis import private_redis  # noqa: F401 - a shared fixture
 from tests.support.servers import ServerThread
 

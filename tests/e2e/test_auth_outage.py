@@ -20,11 +20,8 @@ from nilai.store.sql import SqlStore
 from tests.integration.conftest import (
     PG_HOST,
     PG_PORT,
-    create_pg_database,
     create_tenant,
-    drop_pg_database,
     pg_url,
-    run_sync,
     with_store,
 )
 from tests.support.servers import wait_until
@@ -37,15 +34,6 @@ CLIENTS = 10
 REQUESTS_IN_OUTAGE = 40
 OUTAGE_LINE = "accounts database unavailable"
 RECOVERY_LINE = "accounts database available again"
-
-
-@pytest.fixture
-def pg_database() -> Iterator[str]:
-    name = run_sync(create_pg_database())
-    try:
-        yield name
-    finally:
-        run_sync(drop_pg_database(name))
 
 
 @pytest.fixture

@@ -21,8 +21,6 @@ from nilai.store.tables import QueryLogRow, UsageTotalRow
 from tests.integration.conftest import (
     PG_HOST,
     PG_PORT,
-    create_pg_database,
-    drop_pg_database,
     pg_url,
     run_sync,
 )
@@ -35,15 +33,6 @@ OUTAGE_START_S = 2.0
 OUTAGE_S = 11.0
 REQUEST_EVERY_S = 0.1
 DRAIN_TIMEOUT_S = 15.0
-
-
-@pytest.fixture
-def pg_database() -> Iterator[str]:
-    name = run_sync(create_pg_database())
-    try:
-        yield name
-    finally:
-        run_sync(drop_pg_database(name))
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import redis
 
 from tests.conftest import TEST_API_KEY, FakeHandle
 from tests.integration.conftest import create_tenant, run_sync, with_store
-from tests.support.private_postgres import PrivatePostgres, private_postgres  # noqa: F401
+from tests.support.private_postgres import PrivatePostgres
 from tests.support.private_redis import PrivateRedis
 from tests.support.replicas import Replica, wait_serving
 from tests.support.servers import stop_process, wait_until
@@ -99,7 +99,7 @@ def _rows(cluster: PrivatePostgres) -> set[str]:
 
 
 def test_database_outage_and_redis_restart_under_load_lose_nothing(
-    private_postgres: PrivatePostgres,  # noqa: F811 - the fixture imported above
+    private_postgres: PrivatePostgres,
     private_redis: PrivateRedis,
     start_fake: Callable[..., FakeHandle],
     start_replica: Callable[..., Replica],
@@ -155,22 +155,28 @@ def test_database_outage_and_redis_restart_under_load_lose_nothing(
     accounted = {o.request_id for o in outcomes if o.code != "accounts_unavailable"}
     wait_until(lambda: accounted <= _rows(private_postgres), timeout_s=30, interval_s=0.5)
 
-    # Every concurrency slot is back.
-    limits = redis.Redis.from_url(private_redis.url)
-    try:
-        slots = [key for key in limits.scan_iter(match="*inflight*") if limits.zcard(key)]
-    finally:
-        limits.close()
-    assert slots == []
+    assert _held_slots(private_redis.url) == []
     metrics = httpx.get(f"{gateway.url}/metrics", timeout=5).text
     assert re.search(r"^nilai_chat_streams_in_flight 0\.0$", metrics, re.MULTILINE)
 
     stop_process(gateway.process)
-    log = gateway.log.read_text()
+    _assert_each_outage_logged_once(gateway.log.read_text())
+
+
+def _held_slots(redis_url: str) -> list[bytes]:
+    """Concurrency-slot keys that still hold a lease."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return [key for key in client.scan_iter(match="*inflight*") if client.zcard(key)]
+    finally:
+        client.close()
+
+
+def _assert_each_outage_logged_once(log: str) -> None:
+    """Each outage is named once, with its cause, by each part that met it (the key lookups and
+    the query-log writer for the database), and its end once: never per request or per retry."""
     assert "Traceback" not in log
     assert "uvicorn.access" not in log
-    # Each outage is named once, with its cause, by each part that met it (the key lookups and
-    # the query-log writer for the database), and its end once: never per request or per retry.
     outage_lines = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
     database_down = [line for line in outage_lines if "database unavailable (" in line]
     database_back = [line for line in outage_lines if "database available again" in line]

@@ -6,7 +6,7 @@ reported by /readyz until it can again, losing nothing.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import asyncpg
 import httpx
@@ -23,8 +23,6 @@ from tests.integration.conftest import (
     PG_HOST,
     PG_PORT,
     PG_USER,
-    create_pg_database,
-    drop_pg_database,
     pg_url,
     run_sync,
     with_store,
@@ -35,15 +33,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
 POISONED = "poison-"
-
-
-@pytest.fixture
-def pg_database() -> Iterator[str]:
-    name = run_sync(create_pg_database())
-    try:
-        yield name
-    finally:
-        run_sync(drop_pg_database(name))
 
 
 def _stored_request_ids(url: str) -> set[str]:

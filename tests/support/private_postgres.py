@@ -1,6 +1,8 @@
-"""A PostgreSQL cluster of a test's own, which the test may stop and start again.
+"""PostgreSQL of a test's own: a database on the machine's server, or a whole cluster.
 
-Made with the machine's ``initdb``/``pg_ctl`` in a fresh directory, listening on a free loopback
+``pg_database``: an empty database with a unique name on the machine's PostgreSQL, dropped
+afterwards. ``private_postgres``: a cluster the test may stop and start again (an outage), made
+with the machine's ``initdb``/``pg_ctl`` in a fresh directory, listening on a free loopback
 port with trust authentication. PostgreSQL refuses to run as root, so as root the cluster runs
 as the ``postgres`` user, in a directory that user owns.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import create_pg_database, drop_pg_database, run_sync
 from tests.support.servers import free_port
 
 
@@ -104,3 +107,13 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         yield cluster
     finally:
         cluster.destroy()
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """The name of an empty database on the machine's PostgreSQL, dropped after the test."""
+    name = run_sync(create_pg_database())
+    try:
+        yield name
+    finally:
+        run_sync(drop_pg_database(name))

@@ -7,7 +7,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from nilai.store.base import QueryLog
+from nilai.auth.stored_keys import generate_key
+from nilai.store.base import Account, ApiKey, QueryLog
 
 
 def query_log(account_id: str, prompt: int = 3, completion: int = 5, **fields: Any) -> QueryLog:
@@ -28,3 +29,19 @@ def query_log(account_id: str, prompt: int = 3, completion: int = 5, **fields: A
         streamed=False,
     )
     return dataclasses.replace(log, **fields)
+
+
+def stored_key(account: Account) -> tuple[ApiKey, str]:
+    """A new stored API key record of ``account`` and the key's value (shown once)."""
+    made = generate_key()
+    record = ApiKey(
+        id=uuid.uuid4().hex,
+        account_id=account.id,
+        prefix=made.prefix,
+        hash=made.hash,
+        name=None,
+        created_at=datetime.now(UTC),
+        last_used_at=None,
+        revoked_at=None,
+    )
+    return record, made.value

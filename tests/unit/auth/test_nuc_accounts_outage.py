@@ -18,12 +18,12 @@ from secp256k1 import PrivateKey
 from nilai.auth.base import Principal
 from nilai.auth.nuc_accounts import NucAuthenticator
 from nilai.auth.nuc_tokens import NucVerifier
-from nilai.auth.stored_keys import generate_key
 from nilai.auth.strategies import make_authenticator
 from nilai.errors import NilaiError
 from nilai.settings import NilaiSettings
 from nilai.store.base import Account, ApiKey
 from tests.support.nuc import Holder, did_of, invoke
+from tests.support.records import stored_key
 
 GATEWAY = PrivateKey()
 TTL_S = 60.0
@@ -75,19 +75,9 @@ class FakeStore:
     def add_stored_key(self) -> str:
         account = Account(uuid.uuid4().hex, "key-owner", datetime.now(UTC), True)
         self.accounts[account.id] = account
-        made = generate_key()
-        record = ApiKey(
-            uuid.uuid4().hex,
-            account.id,
-            made.prefix,
-            made.hash,
-            None,
-            datetime.now(UTC),
-            None,
-            None,
-        )
-        self.keys[made.prefix] = (record, account)
-        return made.value
+        record, value = stored_key(account)
+        self.keys[record.prefix] = (record, account)
+        return value
 
 
 def token(holder: Holder) -> str:

@@ -20,9 +20,10 @@ import pytest
 from sqlalchemy import exc as sa_exc
 
 from nilai.auth.base import Principal
-from nilai.auth.stored_keys import KEY_MARK, StoredApiKeys, generate_key, key_prefix
+from nilai.auth.stored_keys import KEY_MARK, StoredApiKeys, key_prefix
 from nilai.errors import AuthenticationFailed, NilaiError
 from nilai.store.base import Account, ApiKey
+from tests.support.records import stored_key
 
 TTL_S = 60.0
 SHORT_TTL_S = 0.05
@@ -59,19 +60,9 @@ class FakeKeys:
     def add(self) -> str:
         """A new key of a new active account; returns the key's value."""
         account = Account(uuid.uuid4().hex, f"acct-{uuid.uuid4().hex[:6]}", datetime.now(UTC), True)
-        made = generate_key()
-        record = ApiKey(
-            uuid.uuid4().hex,
-            account.id,
-            made.prefix,
-            made.hash,
-            None,
-            datetime.now(UTC),
-            None,
-            None,
-        )
-        self.records[made.prefix] = (record, account)
-        return made.value
+        record, value = stored_key(account)
+        self.records[record.prefix] = (record, account)
+        return value
 
     def revoke(self, value: str) -> None:
         key, account = self.records[prefix_of(value)]
