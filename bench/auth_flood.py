@@ -41,6 +41,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 from loadbench import procs
+from loadbench.report import publish
 
 import nilai
 from nilai.auth.stored_keys import KEY_MARK, generate_key
@@ -270,10 +271,7 @@ def benchmark(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run and report."""
     args = parse(argv)
-    report = benchmark(args)
-    sys.stdout.write(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    publish(benchmark(args), args.out)
     return 0
 
 

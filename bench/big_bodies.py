@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 import orjson
 from loadbench import procs
+from loadbench.report import publish
 
 import nilai
 
@@ -192,10 +193,7 @@ def benchmark(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run and report."""
     args = parse(argv)
-    report = benchmark(args)
-    sys.stdout.write(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    publish(benchmark(args), args.out)
     return 0
 
 

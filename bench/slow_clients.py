@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loadbench import procs
+from loadbench.report import publish
 
 import nilai
 
@@ -269,10 +270,7 @@ def benchmark(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run and report."""
     args = parse(argv)
-    report = benchmark(args)
-    sys.stdout.write(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    publish(benchmark(args), args.out)
     return 0
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from loadbench.runner import DIRECT, GATEWAY, Run, Scenario
@@ -369,3 +371,10 @@ def to_json(
         "results": results,
         "runs": per_run,
     }
+
+
+def publish(report: str, out: Path) -> None:
+    """Print a markdown report and write it to ``out``."""
+    sys.stdout.write(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
