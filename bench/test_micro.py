@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from nilai.auth.base import Principal
 from nilai.auth.stored_keys import StoredApiKeys, generate_key
 from nilai.crypto.canonical import canonical_json
+from nilai.crypto.domains import SignatureDomain
 from nilai.crypto.keys import Signer
 from nilai.gateway.chat.context import RequestContext
 from nilai.gateway.chat.service import _StreamRelay  # pyright: ignore[reportPrivateUsage]
@@ -97,7 +98,9 @@ def test_validate_chat_request(benchmark: BenchmarkFixture) -> None:
 def test_sign_completion(benchmark: BenchmarkFixture, signer: Signer) -> None:
     """Canonicalise and sign a ~1 KB completion, as every non-streaming answer is."""
     body = typical_completion()
-    signature = benchmark(lambda: signer.sign(canonical_json(body)))
+    signature = benchmark(
+        lambda: signer.sign(SignatureDomain.CHAT_COMPLETION, canonical_json(body))
+    )
     if not signature:
         pytest.fail("no signature produced")
 

@@ -112,6 +112,42 @@ def test_verify_fails_a_recorded_stream_with_an_event_injected_after_a_cr(
     assert capsys.readouterr().out.startswith("FAIL:")
 
 
+def test_verify_fails_an_answer_or_attestation_document_passed_off_as_another_kind(
+    start_fake, start_gateway, tmp_path, capsys
+):
+    fake = start_fake()
+    gateway = start_gateway(upstream_urls=[fake.url])
+    saved, sent = record(gateway, tmp_path, stream=False)
+    verify = ["verify", "--gateway", gateway.url]
+    assert main([*verify, "--request", str(sent), str(saved)]) == 0
+    assert capsys.readouterr().out.startswith("OK: response signature valid")
+
+    # The answer's signed bytes, re-framed as a one-event stream.
+    reframed = tmp_path / "reframed.sse"
+    reframed.write_bytes(b"data: " + saved.read_bytes() + b"\n\ndata: [DONE]\n\n")
+    assert main([*verify, "--request", str(sent), str(reframed)]) == 1
+    assert "is not a chat.completion.chunk" in capsys.readouterr().out
+
+    # A simulated attestation document, signed by the same key, as a stream and as an answer.
+    report = httpx.get(
+        f"{gateway.url}/v1/attestation/report",
+        params={"nonce": "00" * 16},
+        headers=gateway.auth,
+        timeout=10,
+    ).json()
+    document: str = report["cpu_attestation"]
+    format_line = json.loads(document)["format"].encode()
+    forms = {
+        "document.sse": b"data: " + format_line + b"\n\ndata: " + document.encode() + b"\n\n",
+        "document.json": document.encode(),
+    }
+    for name, content in forms.items():
+        forged = tmp_path / name
+        forged.write_bytes(content)
+        assert main([*verify, str(forged)]) == 1
+        assert capsys.readouterr().out.startswith("FAIL:")
+
+
 def test_verify_reports_unreachable_gateway(tmp_path, capsys):
     saved = tmp_path / "x.json"
     saved.write_text("{}")

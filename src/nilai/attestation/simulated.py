@@ -1,30 +1,28 @@
-"""The development provider: signed JSON documents that say plainly they are simulated.
+r"""The development provider: signed JSON documents that say plainly they are simulated.
 
 Each document is a JSON object ``{"format", "kind", "simulated": true, "notice",
 "report_data", "verifying_key", "issued_at", "signature"}``; ``kind`` is ``cpu`` or ``gpu`` so
 the two can never be swapped unnoticed. The signature is the gateway's (ECDSA-SHA256, DER,
-base64) over ``FORMAT``, one newline, then the canonical JSON of the document without
-``signature``. The prefix keeps these documents from ever passing as signed answers, which
-sign bare canonical JSON (DESIGN §3). A valid document proves only that the key holder issued
-it for this ``report_data``: there is no hardware behind it.
+base64) over the attestation domain tag ``b"nilai-sig/v1 attestation\n"``, then the canonical
+JSON of the document without ``signature``. The tag keeps these documents from ever passing as
+signed answers, which start with tags of their own (DESIGN §3). A valid document proves only
+that the key holder issued it for this ``report_data``: there is no hardware behind it.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import json
 import time
 from typing import Any, Literal
 
-from coincurve import PublicKey
-
 from nilai.attestation.base import Evidence, EvidenceError
 from nilai.crypto.canonical import canonical_json
+from nilai.crypto.domains import SignatureDomain
 from nilai.crypto.keys import Signer
+from nilai.crypto.verify import VerificationError, check_signature
 
-FORMAT = "nilai-simulated-attestation/1"
+# /2: signed in the attestation domain (/1 signed FORMAT + LF + canonical JSON).
+FORMAT = "nilai-simulated-attestation/2"
 NOTICE = "SIMULATED evidence: no hardware guarantee"
 
 EvidenceKind = Literal["cpu", "gpu"]
@@ -58,14 +56,8 @@ class SimulatedProvider:
             "verifying_key": self._signer.public_key_b64,
             "issued_at": int(time.time()),
         }
-        body["signature"] = self._signer.sign(signed_message(body))
+        body["signature"] = self._signer.sign(SignatureDomain.ATTESTATION, canonical_json(body))
         return canonical_json(body).decode()
-
-
-def signed_message(unsigned: dict[str, Any]) -> bytes:
-    """The bytes a simulated document's signature covers."""
-    # Any: JSON values.
-    return FORMAT.encode() + b"\n" + canonical_json(unsigned)
 
 
 def is_simulated_document(text: str) -> bool:
@@ -109,8 +101,14 @@ def verify_document(
     if not isinstance(signature, str):
         raise EvidenceError(f"{kind}_attestation has no signature")
     unsigned = {key: value for key, value in doc.items() if key != "signature"}
-    if not _signature_holds(signed_message(unsigned), signature, public_key):
-        raise EvidenceError(f"{kind}_attestation is not signed by the gateway's key")
+    try:
+        check_signature(
+            SignatureDomain.ATTESTATION, canonical_json(unsigned), signature, public_key
+        )
+    except (VerificationError, UnicodeEncodeError) as exc:
+        raise EvidenceError(
+            f"{kind}_attestation is not signed by the gateway's key: {exc}"
+        ) from None
     return doc
 
 
@@ -122,14 +120,3 @@ def _load(text: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise EvidenceError("simulated evidence is not a JSON object")
     return obj  # pyright: ignore[reportUnknownVariableType]
-
-
-def _signature_holds(message: bytes, signature_b64: str, public_key: bytes) -> bool:
-    try:
-        signature = base64.b64decode(signature_b64, validate=True)
-        key = PublicKey(public_key)
-        return bool(
-            key.verify(signature, message, hasher=lambda data: hashlib.sha256(data).digest())
-        )
-    except (binascii.Error, ValueError):
-        return False

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from coincurve import PrivateKey
 
+from nilai.crypto.domains import SignatureDomain
+
 
 class Signer:
     """Signs byte strings with ECDSA over SHA-256 (DER signatures, base64 text)."""
@@ -20,12 +22,21 @@ class Signer:
         self.public_key_bytes: bytes = key.public_key.format(compressed=True)
         self.public_key_b64: str = base64.b64encode(self.public_key_bytes).decode()
 
-    def sign(self, message: bytes) -> str:
-        """Return the base64 DER signature of ``SHA-256(message)``."""
-        return self.sign_digest(hashlib.sha256(message).digest())
+    def sign(self, domain: SignatureDomain, body: bytes) -> str:
+        """Return the base64 DER signature of ``SHA-256(domain + body)``.
+
+        The domain is not optional: every signed message starts with the tag of its kind, so a
+        signature made for one kind never verifies as another (DESIGN §3).
+        """
+        return self.sign_digest(hashlib.sha256(domain + body).digest())
 
     def sign_digest(self, digest: bytes) -> str:
-        """Return the base64 DER signature of a SHA-256 digest computed by the caller."""
+        """Return the base64 DER signature of a SHA-256 digest computed by the caller.
+
+        The caller's hash must have started with a ``SignatureDomain`` tag (as the stream
+        signer's running hash does). The signature is low-S, as libsecp256k1 always makes
+        them, and the verifier accepts no other form.
+        """
         der: bytes = self._key.sign(digest, hasher=None)  # pyright: ignore[reportUnknownMemberType]
         return base64.b64encode(der).decode()
 

@@ -9,6 +9,13 @@ specification of server-sent events says (lines end at CRLF, LF or CR; comments;
 line), and the check fails unless the events a client would see are exactly the signed
 payloads, in order, then ``[DONE]``. Every payload must be a JSON object without duplicate keys,
 because JSON parsers disagree on which of two equal keys wins.
+
+Signatures are separated by purpose: every signed message starts with the domain tag of its
+kind (``SignatureDomain``), every payload must be the JSON object its mode expects
+(``chat.completion``, or ``chat.completion.chunk`` for each event of a stream), and the signed
+object must carry a 64-hex ``request_sha256``. So neither an attestation document nor an
+answer re-framed as a stream verifies as anything but what it was signed as. A signature
+string is accepted in one spelling only: canonical base64 of canonical, low-S DER.
 """
 
 from __future__ import annotations
@@ -21,9 +28,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from coincurve import PublicKey
+from coincurve import PublicKey, ecdsa
 
 from nilai.crypto.canonical import canonical_json
+from nilai.crypto.domains import (
+    CHAT_COMPLETION_CHUNK_OBJECT,
+    CHAT_COMPLETION_OBJECT,
+    SignatureDomain,
+)
 
 DONE = "[DONE]"
 _BOM = "\ufeff"
@@ -35,6 +47,9 @@ _LONE_CR = re.compile(r"\r(?!\n)")
 # Python's str.splitlines (and httpx's line decoder) also ends lines at these.
 _OTHER_LINE_BREAKS = re.compile("[\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 _JSON_WHITESPACE = b" \t\r\n"
+_REQUEST_SHA256 = re.compile(r"[0-9a-f]{64}")
+# Half the order of the secp256k1 group: a signature's s may not exceed it (low-S form).
+_HALF_CURVE_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141 // 2
 
 
 class VerificationError(Exception):
@@ -46,7 +61,9 @@ class Verified:
     """What a successful check established."""
 
     kind: str
-    request_sha256: str | None
+    """``response`` (a non-streaming answer) or ``stream``."""
+    request_sha256: str
+    """The signed hash of the request body the answer is for (64 lowercase hex digits)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,27 +130,73 @@ def sse_payloads(raw: bytes) -> list[bytes]:
 
 
 def verify_response(body: bytes, public_key_b64: str, request: bytes | None = None) -> Verified:
-    """Verify a saved non-streaming response body."""
+    """Verify a saved non-streaming response body: a signed ``chat.completion``.
+
+    The signed message is ``SignatureDomain.CHAT_COMPLETION`` + the canonical JSON of the
+    object without ``signature``.
+    """
     obj = _load_object(body.removeprefix(_UTF8_BOM))
+    _check_object_kind(obj, CHAT_COMPLETION_OBJECT)
     message, signature = _split_signature(obj)
-    _check_signature(_canonical(message), signature, public_key_b64)
-    return _check_request(Verified("response", message.get("request_sha256")), request)
+    request_sha256 = _signed_request_sha256(message)
+    check_signature(
+        SignatureDomain.CHAT_COMPLETION, _canonical(message), signature, _public_key(public_key_b64)
+    )
+    return _check_request(Verified("response", request_sha256), request)
 
 
 def verify_stream(raw: bytes, public_key_b64: str, request: bytes | None = None) -> Verified:
     r"""Verify a recorded SSE stream: every event a client would see must be signed.
 
-    The signed message is ``b"".join(p + b"\n" for p in earlier) + canonical(last)`` over the
-    data of the events as dispatched; ``[DONE]`` is not part of it.
+    Every payload must be a ``chat.completion.chunk``. The signed message is
+    ``SignatureDomain.CHAT_COMPLETION_CHUNK`` +
+    ``b"".join(p + b"\n" for p in earlier) + canonical(last)`` over the data of the events as
+    dispatched; ``[DONE]`` is not part of it.
     """
     *earlier, last = signed_payloads(raw)
     for index, payload in enumerate(earlier, start=1):
-        _load_object(payload, where=f"event {index}: ")
-    obj = _load_object(last, where=f"event {len(earlier) + 1}: ")
+        where = f"event {index}: "
+        _check_object_kind(_load_object(payload, where=where), CHAT_COMPLETION_CHUNK_OBJECT, where)
+    where = f"event {len(earlier) + 1}: "
+    obj = _load_object(last, where=where)
+    _check_object_kind(obj, CHAT_COMPLETION_CHUNK_OBJECT, where)
     message, signature = _split_signature(obj)
+    request_sha256 = _signed_request_sha256(message)
     signed = b"".join(payload + b"\n" for payload in earlier) + _canonical(message)
-    _check_signature(signed, signature, public_key_b64)
-    return _check_request(Verified("stream", message.get("request_sha256")), request)
+    check_signature(
+        SignatureDomain.CHAT_COMPLETION_CHUNK, signed, signature, _public_key(public_key_b64)
+    )
+    return _check_request(Verified("stream", request_sha256), request)
+
+
+def check_signature(
+    domain: SignatureDomain, body: bytes, signature_b64: str, public_key: bytes
+) -> None:
+    """Check that ``signature_b64`` signs ``domain + body`` under ``public_key``.
+
+    Args:
+        domain: The kind of message the signature must have been made for.
+        body: The signed bytes after the domain tag.
+        signature_b64: Base64 of a DER ECDSA signature, in its one canonical spelling.
+        public_key: The signer's secp256k1 public key (33 or 65 bytes).
+
+    Raises:
+        VerificationError: The signature is malformed, not canonical, or does not sign this
+            message under this key.
+    """
+    signature = _canonical_signature(signature_b64)
+    try:
+        key = PublicKey(public_key)
+    except ValueError as exc:
+        raise VerificationError(f"malformed public key: {exc}") from exc
+    try:
+        valid = key.verify(
+            signature, domain + body, hasher=lambda data: hashlib.sha256(data).digest()
+        )
+    except ValueError:
+        valid = False
+    if not valid:
+        raise VerificationError("signature does not match the content and public key")
 
 
 def verify_any(raw: bytes, public_key_b64: str, request: bytes | None = None) -> Verified:
@@ -294,18 +357,61 @@ def _split_signature(obj: dict[str, Any]) -> tuple[dict[str, Any], str]:
     return {key: value for key, value in obj.items() if key != "signature"}, signature
 
 
-def _check_signature(message: bytes, signature_b64: str, public_key_b64: str) -> None:
+def _check_object_kind(obj: dict[str, Any], kind: str, where: str = "") -> None:
+    found = obj.get("object")
+    if found != kind:
+        # A document signed for another purpose (an attestation document, an answer of the
+        # other form) must not pass as this one, whatever its signature.
+        raise VerificationError(
+            f"{where}the payload is not a {kind} (its object is {json.dumps(found)})"
+        )
+
+
+def _signed_request_sha256(message: dict[str, Any]) -> str:
+    value = message.get("request_sha256")
+    if not isinstance(value, str) or _REQUEST_SHA256.fullmatch(value) is None:
+        # Without it the answer is bound to no question and could be shown as any answer.
+        raise VerificationError(
+            "the signed object has no request_sha256 of 64 lowercase hex digits"
+        )
+    return value
+
+
+def _public_key(public_key_b64: str) -> bytes:
     try:
-        signature = base64.b64decode(signature_b64, validate=True)
-        key = PublicKey(base64.b64decode(public_key_b64, validate=True))
+        return base64.b64decode(public_key_b64, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise VerificationError(f"malformed signature or public key: {exc}") from exc
+        raise VerificationError(f"malformed public key: {exc}") from exc
+
+
+def _canonical_signature(signature_b64: str) -> bytes:
+    """The DER bytes of a signature that has one spelling only, or a ``VerificationError``.
+
+    Base64 with non-zero padding bits decodes to the same bytes as the canonical text; DER
+    that libsecp256k1 parses leniently (a negative integer) re-encodes differently; and
+    ``(r, n - s)`` is as valid as ``(r, s)`` to lax libraries. Refusing all three makes the
+    signature string of an answer unique, so that it can serve as the answer's identifier.
+    """
     try:
-        valid = key.verify(signature, message, hasher=lambda data: hashlib.sha256(data).digest())
-    except ValueError:
-        valid = False
-    if not valid:
-        raise VerificationError("signature does not match the content and public key")
+        der = base64.b64decode(signature_b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise VerificationError(f"malformed signature: {exc}") from exc
+    if base64.b64encode(der).decode() != signature_b64:
+        raise VerificationError("the signature is not in canonical base64 (padding bits set)")
+    try:
+        # libsecp256k1's own parser and serialiser; the parsed form is an untyped cffi pointer.
+        parsed = ecdsa.der_to_cdata(der)  # pyright: ignore[reportUnknownVariableType]
+        reencoded = ecdsa.cdata_to_der(parsed)  # pyright: ignore[reportUnknownMemberType, reportUnknownArgumentType]
+    except ValueError as exc:
+        raise VerificationError(f"malformed signature: {exc}") from exc
+    if reencoded != der:
+        raise VerificationError("the signature is not in canonical DER form")
+    # Canonical DER is SEQUENCE { INTEGER r, INTEGER s }: 0x30 len 0x02 len(r) r 0x02 len(s) s.
+    r_length = der[3]
+    s = int.from_bytes(der[4 + r_length + 2 :])
+    if s > _HALF_CURVE_ORDER:
+        raise VerificationError("the signature is not in low-S form")
+    return der
 
 
 def _check_request(verified: Verified, request: bytes | None) -> Verified:

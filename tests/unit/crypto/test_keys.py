@@ -8,6 +8,7 @@ import pytest
 from coincurve import PrivateKey, PublicKey
 
 from nilai.crypto import keys
+from nilai.crypto.domains import SignatureDomain
 from nilai.crypto.keys import Signer, load_or_create_key
 
 
@@ -110,23 +111,57 @@ def test_concurrent_creation_ends_with_one_key(tmp_path: Path, monkeypatch: pyte
 def test_sign_produces_verifiable_der_signature():
     signer = Signer(PrivateKey())
     message = b"hello nilai"
-    signature = signer.sign(message)
+    signature = signer.sign(SignatureDomain.CHAT_COMPLETION, message)
     der = base64.b64decode(signature, validate=True)
     assert der[0] == 0x30  # DER SEQUENCE
-    assert _verifies(signer, signature, message)
-    assert not _verifies(signer, signature, message + b"!")
+    assert _verifies(signer, signature, SignatureDomain.CHAT_COMPLETION + message)
+    assert not _verifies(signer, signature, SignatureDomain.CHAT_COMPLETION + message + b"!")
+
+
+def test_sign_puts_the_domain_tag_in_front_of_the_body():
+    signer = Signer(PrivateKey())
+    signature = signer.sign(SignatureDomain.ATTESTATION, b"m")
+    assert _verifies(signer, signature, b"nilai-sig/v1 attestation\nm")
+    assert not _verifies(signer, signature, b"m")
+    for other in SignatureDomain:
+        if other is not SignatureDomain.ATTESTATION:
+            assert not _verifies(signer, signature, other + b"m")
+
+
+def test_domain_tags_are_the_design_tags_and_none_is_a_prefix_of_another():
+    assert [domain.value for domain in SignatureDomain] == [
+        b"nilai-sig/v1 chat.completion\n",
+        b"nilai-sig/v1 chat.completion.chunk\n",
+        b"nilai-sig/v1 response\n",
+        b"nilai-sig/v1 response.stream\n",
+        b"nilai-sig/v1 attestation\n",
+    ]
+    for one in SignatureDomain:
+        for other in SignatureDomain:
+            assert one is other or not other.value.startswith(one.value)
 
 
 def test_sign_digest_matches_sign_of_the_message():
     signer = Signer(PrivateKey())
     message = b'{"a":1}'
-    by_digest = signer.sign_digest(hashlib.sha256(message).digest())
-    assert _verifies(signer, by_digest, message)
+    digest = hashlib.sha256(SignatureDomain.CHAT_COMPLETION + message).digest()
+    by_digest = signer.sign_digest(digest)
+    assert _verifies(signer, by_digest, SignatureDomain.CHAT_COMPLETION + message)
     # libsecp256k1 uses deterministic (RFC 6979) nonces.
-    assert by_digest == signer.sign(message)
+    assert by_digest == signer.sign(SignatureDomain.CHAT_COMPLETION, message)
+
+
+def test_signatures_are_low_s():
+    # The verifier refuses high-S signatures, so the signer must never make one.
+    half_order = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141 // 2
+    signer = Signer(PrivateKey())
+    for index in range(200):
+        der = base64.b64decode(signer.sign(SignatureDomain.CHAT_COMPLETION, b"%d" % index))
+        r_length = der[3]
+        assert int.from_bytes(der[4 + r_length + 2 :]) <= half_order
 
 
 def test_signature_does_not_verify_under_another_key():
     signer, other = Signer(PrivateKey()), Signer(PrivateKey())
-    signature = signer.sign(b"m")
-    assert not _verifies(other, signature, b"m")
+    signature = signer.sign(SignatureDomain.CHAT_COMPLETION, b"m")
+    assert not _verifies(other, signature, SignatureDomain.CHAT_COMPLETION + b"m")

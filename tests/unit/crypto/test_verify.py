@@ -8,6 +8,7 @@ import pytest
 from coincurve import PrivateKey
 
 from nilai.crypto.canonical import canonical_json
+from nilai.crypto.domains import SignatureDomain
 from nilai.crypto.keys import Signer
 from nilai.crypto.verify import (
     VerificationError,
@@ -91,10 +92,12 @@ def test_valid_response_verifies(signer: Signer):
     assert verified.request_sha256 == REQUEST_SHA
 
 
-def test_response_signature_covers_canonical_json_without_signature(signer: Signer):
+def test_response_signature_covers_tag_and_canonical_json_without_signature(signer: Signer):
     body = json.loads(_signed_response(signer))
     signature = body.pop("signature")
-    assert signature == signer.sign(canonical_json(body))
+    tag = b"nilai-sig/v1 chat.completion\n"
+    assert signature == signer.sign_digest(hashlib.sha256(tag + canonical_json(body)).digest())
+    assert signature == signer.sign(SignatureDomain.CHAT_COMPLETION, canonical_json(body))
 
 
 def test_response_verifies_regardless_of_whitespace_and_key_order(signer: Signer):
@@ -183,13 +186,13 @@ def test_response_request_binding(signer: Signer):
         verify_response(raw, signer.public_key_b64, request=REQUEST + b" ")
 
 
-def test_response_without_request_hash_fails_when_request_given(signer: Signer):
+def test_response_without_request_hash_fails_even_without_a_request(signer: Signer):
     body = _completion()
-    body["signature"] = signer.sign(canonical_json(body))
+    body["signature"] = signer.sign(SignatureDomain.CHAT_COMPLETION, canonical_json(body))
     raw = json.dumps(body).encode()
-    assert verify_response(raw, signer.public_key_b64).request_sha256 is None
-    with pytest.raises(VerificationError, match="request_sha256"):
-        verify_response(raw, signer.public_key_b64, request=REQUEST)
+    for request in (None, REQUEST):
+        with pytest.raises(VerificationError, match="no request_sha256"):
+            verify_response(raw, signer.public_key_b64, request=request)
 
 
 # --- streams --------------------------------------------------------------------------------
@@ -202,14 +205,15 @@ def test_valid_stream_verifies(signer: Signer):
 
 
 def test_stream_signature_matches_design_message(signer: Signer):
-    """M = b"".join(p + b"\\n" for p in earlier) + canonical(last without signature)."""
+    """M = TAG + b"".join(p + b"\\n" for p in earlier) + canonical(last without signature)."""
     payloads = sse_payloads(_signed_stream(signer))
     *earlier, last = payloads
     last_obj = json.loads(last)
     signature = last_obj.pop("signature")
     assert last_obj["request_sha256"] == REQUEST_SHA
     message = b"".join(p + b"\n" for p in earlier) + canonical_json(last_obj)
-    assert signature == signer.sign(message)
+    tag = b"nilai-sig/v1 chat.completion.chunk\n"
+    assert signature == signer.sign_digest(hashlib.sha256(tag + message).digest())
 
 
 def test_stream_with_crlf_framing_verifies(signer: Signer):

@@ -8,28 +8,61 @@ from typing import Any
 import orjson
 
 from nilai.crypto.canonical import canonical_json
+from nilai.crypto.domains import (
+    CHAT_COMPLETION_CHUNK_OBJECT,
+    CHAT_COMPLETION_OBJECT,
+    SignatureDomain,
+)
 from nilai.crypto.keys import Signer
+from nilai.errors import UpstreamProtocolError
 from nilai.upstream.sse import one_line
 
 
 def sign_completion(body: dict[str, Any], signer: Signer, request_sha256: str) -> bytes:
-    """Bind ``body`` to the request, sign its canonical JSON, and return the bytes to send."""
+    """Bind ``body`` to the request, sign its canonical JSON, and return the bytes to send.
+
+    Raises:
+        UpstreamProtocolError: The model server's answer says it is not a chat completion.
+    """
+    claim_object(body, CHAT_COMPLETION_OBJECT)
     body["request_sha256"] = request_sha256
-    body["signature"] = signer.sign(canonical_json(body))
+    body["signature"] = signer.sign(SignatureDomain.CHAT_COMPLETION, canonical_json(body))
     return orjson.dumps(body)
+
+
+def claim_object(obj: dict[str, Any], kind: str) -> bool:
+    """Make ``obj`` say it is a ``kind`` before it is signed; True when that had to be added.
+
+    The verifier accepts only objects of the kind its mode expects, so that nothing signed as
+    one kind passes as another. Model servers set ``object``; one that leaves it out (or sends
+    null) still gets a verifiable answer, with the field added.
+
+    Raises:
+        UpstreamProtocolError: ``obj`` says it is another kind.
+    """
+    found = obj.get("object")
+    if found == kind:
+        return False
+    if found is not None:
+        # Signing it anyway would vouch for an object the client's SDK does not expect.
+        raise UpstreamProtocolError(f"The model server sent an object that is not a {kind}.")
+    obj["object"] = kind
+    return True
 
 
 class StreamSigner:
     r"""Hashes every payload as it is sent, then signs the last chunk over all of them.
 
-    The signed message is ``b"".join(p + b"\\n" for p in earlier) + canonical(last)``; keeping
-    a running SHA-256 instead of the payloads makes the cost per chunk one hash update.
+    The signed message is the stream's domain tag, then
+    ``b"".join(p + b"\\n" for p in earlier) + canonical(last)``; keeping a running SHA-256
+    instead of the payloads makes the cost per chunk one hash update. Every payload must be a
+    ``chat.completion.chunk`` (``claim_object``): the caller checks the ones it sends as is.
     """
 
     def __init__(self, signer: Signer, request_sha256: str) -> None:
         self._signer = signer
         self._request_sha256 = request_sha256
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256(SignatureDomain.CHAT_COMPLETION_CHUNK)
 
     def sent(self, payload: bytes) -> bytes:
         """Account for a payload that goes out unchanged; return it."""
@@ -38,7 +71,12 @@ class StreamSigner:
         return payload
 
     def last(self, chunk: dict[str, Any]) -> bytes:
-        """Sign ``chunk`` as the final event and return its payload."""
+        """Sign ``chunk`` as the final event and return its payload.
+
+        Raises:
+            UpstreamProtocolError: The chunk says it is not a chat completion chunk.
+        """
+        claim_object(chunk, CHAT_COMPLETION_CHUNK_OBJECT)
         chunk["request_sha256"] = self._request_sha256
         self._hash.update(canonical_json(chunk))
         chunk["signature"] = self._signer.sign_digest(self._hash.digest())

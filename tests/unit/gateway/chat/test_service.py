@@ -69,7 +69,10 @@ def _usage_chunk() -> dict[str, Any]:
 ROLE = orjson.dumps(_chunk({"role": "assistant", "content": ""}))
 HEL = orjson.dumps(_chunk({"content": "Hel"}))
 # Upstream bytes need not be compact; they must be forwarded byte for byte.
-LO = b'{"id": "chatcmpl-9", "choices": [{"index": 0, "delta": {"content": "lo \xc3\xa9"}}]}'
+LO = (
+    b'{"id": "chatcmpl-9", "object": "chat.completion.chunk", '
+    b'"choices": [{"index": 0, "delta": {"content": "lo \xc3\xa9"}}]}'
+)
 FINISH = orjson.dumps(_chunk({}, "stop"))
 USAGE_ONLY = orjson.dumps(_usage_chunk())
 UPSTREAM = [ROLE, HEL, LO, FINISH, USAGE_ONLY]
@@ -257,6 +260,33 @@ def test_bad_chunks_raise(signer: Signer, ctx: RequestContext, payload: bytes, m
         relay.feed(payload)
 
 
+def test_upstream_chunks_without_object_are_sent_as_chat_completion_chunks(
+    signer: Signer, ctx: RequestContext
+):
+    # The verifier accepts only payloads that say they are chunks; a model server that leaves
+    # "object" out must still give the client a verifiable stream.
+    bare = [{k: v for k, v in json.loads(p).items() if k != "object"} for p in (HEL, FINISH)]
+    upstream = [orjson.dumps(chunk) for chunk in bare]
+    per_feed, final = _run(signer, ctx, upstream, include_usage=False)
+    raw = _stream(per_feed, final)
+    sent = [json.loads(payload) for payload in sse_payloads(raw)]
+    assert [chunk["object"] for chunk in sent] == ["chat.completion.chunk"] * 2
+    assert sent[0] == {**bare[0], "object": "chat.completion.chunk"}
+    assert verify_stream(raw, signer.public_key_b64, request=REQUEST).kind == "stream"
+
+
+@pytest.mark.parametrize("kind", ["chat.completion", "text_completion", 7])
+def test_upstream_chunk_of_another_kind_is_a_protocol_error(
+    signer: Signer, ctx: RequestContext, kind: object
+):
+    # Signing it would vouch for a payload the verifier (and the client's SDK) cannot take
+    # for a chat completion chunk.
+    relay = _relay(signer, ctx)
+    relay.feed(HEL)
+    with pytest.raises(UpstreamProtocolError, match=r"not a chat\.completion\.chunk\."):
+        relay.feed(orjson.dumps({**_chunk({"content": "x"}), "object": kind}))
+
+
 # --- through ChatService, with a mock model server ------------------------------------------
 
 
@@ -369,7 +399,7 @@ async def test_service_stream_with_multi_line_upstream_event_is_verifiable(signe
 def test_non_list_choices_are_never_the_final_chunk(
     signer: Signer, ctx: RequestContext, choices: object
 ):
-    payload = orjson.dumps({"id": "x", "choices": choices})
+    payload = orjson.dumps({"id": "x", "object": "chat.completion.chunk", "choices": choices})
     relay = _relay(signer, ctx)
     assert relay.feed(payload) == [payload]
     with pytest.raises(UpstreamProtocolError, match="without a final chunk"):
