@@ -1,4 +1,5 @@
-"""NUC tokens through real gateways: the public nilai-py client, bad tokens, shared token limits.
+"""NUC tokens through real gateways: the public nilai-py client, bad tokens, shared token limits,
+delegation policies matched against the request, bounded lifetimes, and spent invocations.
 
 The nilai-py client runs in its own virtualenv (``make interop``; tests/interop/README.md).
 Tokens for the other tests are built with the ``nuc`` package the way nilai-py builds them.
@@ -21,13 +22,16 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 from nuc.token import Command, Did
 from secp256k1 import PrivateKey
 
 from nilai.crypto.verify import verify_response
-from tests.conftest import TEST_API_KEY, FakeHandle, GatewayHandle
+from tests.conftest import REDIS_URL, TEST_API_KEY, FakeHandle, GatewayHandle
 from tests.support.nuc import Holder, did_of, invoke
+from tests.support.private_redis import PrivateRedis
 from tests.support.replicas import NILAI, Replica, wait_serving
+from tests.support.servers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -44,8 +48,9 @@ def gateway_did(url: str) -> Did:
     return Did(base64.b64decode(public_key_b64))
 
 
-def chat(url: str, token: str, *, stream: bool = False) -> httpx.Response:
+def chat(url: str, token: str, *, stream: bool = False, **fields: Any) -> httpx.Response:
     body: dict[str, Any] = {"model": "fake-model", "messages": MESSAGES, "stream": stream}
+    body.update(fields)
     headers = {"Authorization": f"Bearer {token}"}
     return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=10)
 
@@ -136,7 +141,11 @@ def test_api_key_and_nuc_clients_share_one_gateway(
     by_key = gateway.client().chat.completions.create(model="fake-model", messages=MESSAGES)
     nuc_client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=token, max_retries=0)
     by_nuc = nuc_client.chat.completions.create(model="fake-model", messages=MESSAGES)
-    stream = nuc_client.chat.completions.create(model="fake-model", messages=MESSAGES, stream=True)
+    # An invocation is spent by its request: the next request needs a fresh one.
+    fresh = invoke(holder.root(), holder.key, gateway_did(gateway.url))
+    stream = nuc_client.with_options(api_key=fresh).chat.completions.create(
+        model="fake-model", messages=MESSAGES, stream=True
+    )
     assert by_key.choices[0].message.content == by_nuc.choices[0].message.content == expected
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
     assert fake.state.stats.requests == 3
@@ -329,6 +338,290 @@ def test_a_token_with_two_uses_admits_two_requests_across_two_replicas(
     response = chat(replicas[0].url, invoke(expired, caller, audience))
     assert response.status_code == 401
     assert "expired" in response.json()["error"]["message"]
+
+
+# --- delegation policies, matched against the request (issue 14, item 1) ---------------------
+
+CHEAP, EXPENSIVE = "cheap-model", "expensive-model"
+
+
+def test_a_model_policy_admits_only_that_model(
+    start_fake: Callable[..., FakeHandle], start_gateway: Callable[..., GatewayHandle]
+):
+    fake = start_fake(models=[CHEAP, EXPENSIVE])
+    gateway = start_gateway(upstream_urls=[fake.url], auth_strategies=["nuc"])
+    audience = gateway_did(gateway.url)
+    holder, caller = Holder(), PrivateKey()
+    policies = [
+        ["==", ".args.model", CHEAP],
+        ["==", "$.req.model", CHEAP],
+        ["!=", "$.req.model", EXPENSIVE],
+        ["anyOf", "$.req.model", [CHEAP, "another-model"]],
+    ]
+    for policy in policies:
+        delegation = holder.delegate(caller, policies=[policy])
+        for stream in (False, True):
+            # The invocation claims the cheap model in its own args: only the body counts.
+            token = invoke(delegation, caller, audience, args={"model": CHEAP})
+            served = chat(gateway.url, token, stream=stream, model=CHEAP)
+            assert served.status_code == 200, (policy, served.text)
+            token = invoke(delegation, caller, audience, args={"model": CHEAP})
+            refused = chat(gateway.url, token, stream=stream, model=EXPENSIVE)
+            assert refused.status_code == 401, (policy, refused.text)
+            error = refused.json()["error"]
+            assert error["code"] == "nuc_policy_not_met"
+            assert json.dumps(policy, separators=(",", ":")) in error["message"]
+    assert fake.state.stats.requests == 2 * len(policies)
+
+
+def test_policies_see_the_request_fields_as_json_values(
+    start_fake: Callable[..., FakeHandle], start_gateway: Callable[..., GatewayHandle]
+):
+    fake = start_fake(models=[CHEAP, EXPENSIVE])
+    gateway = start_gateway(upstream_urls=[fake.url], auth_strategies=["nuc"])
+    audience = gateway_did(gateway.url)
+    holder, caller = Holder(), PrivateKey()
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    either = ["or", [["==", "$.req.model", CHEAP], ["==", "$.req.max_tokens", 1]]]
+    cases: list[tuple[list[Any], dict[str, Any], bool]] = [
+        (["==", "$.req.stream", False], {}, True),
+        (["==", "$.req.stream", False], {"stream": True}, False),
+        (["==", "$.req.stream", 0], {}, False),  # false is not 0
+        (["anyOf", "$.req.max_tokens", [16, 32]], {"max_tokens": 16}, True),
+        (["anyOf", ".args.max_tokens", [16, 32]], {"max_completion_tokens": 32}, True),
+        (["anyOf", "$.req.max_tokens", [16, 32]], {"max_tokens": 64}, False),
+        (["anyOf", "$.req.max_tokens", [16, 32]], {}, False),  # not set is null
+        (["==", "$.req.temperature", None], {}, True),
+        (["==", "$.req.temperature", None], {"temperature": 0}, False),
+        (["==", "$.req.tools", False], {"tools": [tool]}, False),
+        (["==", "$.req.web_search", False], {}, True),
+        (["not", ["==", "$.req.model", EXPENSIVE]], {"model": EXPENSIVE}, False),
+        (either, {"model": EXPENSIVE, "max_tokens": 1}, True),
+        (either, {"model": EXPENSIVE}, False),
+        (["and", [["==", "$.req.model", CHEAP], ["==", "$.req.stream", True]]], {}, False),
+        (["==", ".aud", str(audience)], {}, True),
+        (["==", ".iss", str(did_of(caller))], {}, True),
+        (["!=", ".iss", str(did_of(caller))], {}, False),
+        (["==", ".cmd", "/nil/ai/generate"], {}, True),
+    ]
+    wrong: list[tuple[list[Any], dict[str, Any], int]] = []
+    for policy, fields, admitted in cases:
+        token = invoke(holder.delegate(caller, policies=[policy]), caller, audience)
+        response = chat(gateway.url, token, **{"model": CHEAP, **fields})
+        if (response.status_code == 200) is not admitted or response.status_code not in (200, 401):
+            wrong.append((policy, fields, response.status_code))
+    assert wrong == []
+    assert fake.state.stats.requests == sum(admitted for _, _, admitted in cases)
+
+
+# Selectors the gateway cannot evaluate. With "!=", the nuc library would let every one pass.
+UNSUPPORTED_SELECTORS = [
+    "$.env.region",
+    "$.req",
+    "$.req.messages",
+    "$.req.frequency_penalty",
+    "$.req.model.name",
+    ".args",
+    ".args.user",
+    ".meta.tier",
+    ".nonce",
+    ".exp",
+]
+
+
+def test_an_unsupported_policy_selector_is_refused_naming_it(
+    start_fake: Callable[..., FakeHandle], start_gateway: Callable[..., GatewayHandle]
+):
+    fake = start_fake()
+    gateway = start_gateway(upstream_urls=[fake.url], auth_strategies=["nuc"])
+    audience = gateway_did(gateway.url)
+    holder, caller = Holder(), PrivateKey()
+    for selector in UNSUPPORTED_SELECTORS:
+        # Nested in an "or" with a policy that holds: an unsupported part still refuses it.
+        policy = ["or", [["!=", selector, "x"], ["==", "$.req.stream", False]]]
+        for token in (
+            invoke(holder.delegate(caller, policies=[policy]), caller, audience),
+            invoke(holder.root(policies=[["!=", selector, "x"]]), holder.key, audience),
+        ):
+            response = chat(gateway.url, token)
+            assert response.status_code == 401, (selector, response.text)
+            error = response.json()["error"]
+            assert error["code"] == "unsupported_nuc_policy", error
+            assert f'"{selector}"' in error["message"]
+    assert fake.state.stats.requests == 0
+
+
+# --- lifetimes and spent invocations (issue 14, items 3 and 4) -------------------------------
+
+
+def test_a_chain_without_any_expiry_is_refused(
+    start_fake: Callable[..., FakeHandle], start_gateway: Callable[..., GatewayHandle]
+):
+    fake = start_fake()
+    gateway = start_gateway(upstream_urls=[fake.url], auth_strategies=["nuc"])
+    audience = gateway_did(gateway.url)
+    holder = Holder()
+    forever = holder.root(expires_in=None)
+    refused = chat(gateway.url, invoke(forever, holder.key, audience))
+    assert refused.status_code == 401
+    error = refused.json()["error"]
+    assert error["code"] == "nuc_expiry_required"
+    assert "'exp'" in error["message"]
+    # One expiry anywhere in the chain bounds it, even on the invocation alone.
+    bounded = invoke(forever, holder.key, audience, expires_in=timedelta(minutes=1))
+    assert chat(gateway.url, bounded).status_code == 200
+    assert fake.state.stats.requests == 1
+
+
+def test_a_chain_valid_for_longer_than_the_maximum_lifetime_is_refused(
+    start_fake: Callable[..., FakeHandle], start_gateway: Callable[..., GatewayHandle]
+):
+    fake = start_fake()
+    gateway = start_gateway(upstream_urls=[fake.url], auth_strategies=["nuc"])
+    audience = gateway_did(gateway.url)
+    holder, caller = Holder(), PrivateKey()
+    long_lived = holder.root(expires_in=timedelta(days=2))
+    refused = chat(gateway.url, invoke(long_lived, holder.key, audience))
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "nuc_lifetime_too_long"
+    assert "86400 s" in refused.json()["error"]["message"]  # NILAI_NUC_MAX_LIFETIME_S
+    # Its delegation expires sooner, and bounds the chain; nilai-py's own roots last an hour.
+    delegation = holder.delegate(caller, root=long_lived, expires_in=timedelta(minutes=5))
+    assert chat(gateway.url, invoke(delegation, caller, audience)).status_code == 200
+    assert chat(gateway.url, invoke(holder.root(), holder.key, audience)).status_code == 200
+    # A use count must not outlive its bound either: here the limited root lasts two days.
+    limited = holder.root(expires_in=timedelta(days=2), meta={"usage_limit": 5})
+    short = holder.delegate(caller, root=limited, expires_in=timedelta(minutes=5))
+    refused = chat(gateway.url, invoke(short, caller, audience))
+    assert refused.status_code == 401
+    assert "usage_limit" in refused.json()["error"]["message"]
+    assert fake.state.stats.requests == 2
+
+
+def test_an_invocation_is_accepted_once(
+    start_fake: Callable[..., FakeHandle], start_gateway: Callable[..., GatewayHandle]
+):
+    fake = start_fake()
+    gateway = start_gateway(upstream_urls=[fake.url], auth_strategies=["nuc"])
+    audience = gateway_did(gateway.url)
+    holder = Holder()
+    root = holder.root()
+    token = invoke(root, holder.key, audience)
+    assert chat(gateway.url, token).status_code == 200
+    for stream in (False, True):
+        replayed = chat(gateway.url, token, stream=stream)
+        assert replayed.status_code == 401
+        error = replayed.json()["error"]
+        assert error["code"] == "nuc_replayed"
+        assert "fresh invocation" in error["message"]
+    # A fresh invocation of the same root is a new request.
+    assert chat(gateway.url, invoke(root, holder.key, audience), stream=True).status_code == 200
+    assert fake.state.stats.requests == 2
+
+
+def test_replay_protection_can_be_turned_off(
+    start_fake: Callable[..., FakeHandle], start_gateway: Callable[..., GatewayHandle]
+):
+    fake = start_fake()
+    gateway = start_gateway(
+        upstream_urls=[fake.url], auth_strategies=["nuc"], nuc_replay_protection=False
+    )
+    holder = Holder()
+    token = invoke(holder.root(), holder.key, gateway_did(gateway.url))
+    assert [chat(gateway.url, token).status_code for _ in range(2)] == [200, 200]
+
+
+def test_an_invocation_is_spent_on_every_replica_sharing_redis(
+    start_fake: Callable[..., FakeHandle],
+    start_gateway: Callable[..., GatewayHandle],
+    redis_prefix: str,
+    tmp_path: Path,
+):
+    fake = start_fake()
+    shared: dict[str, Any] = {
+        "upstream_urls": [fake.url],
+        "auth_strategies": ["nuc"],
+        "redis_url": REDIS_URL,
+        "redis_prefix": redis_prefix,
+        "signing_key_path": tmp_path / "shared-key.pem",
+    }
+    replicas = [start_gateway(**shared), start_gateway(**shared)]
+    audience = gateway_did(replicas[0].url)
+    holder, caller = Holder(), PrivateKey()
+    delegation = holder.delegate(caller)
+    tokens = [invoke(delegation, caller, audience) for _ in range(5)]
+    # Each invocation sent to both replicas at once: one of the two serves it.
+    sends = [(replica.url, token) for token in tokens for replica in replicas]
+    with ThreadPoolExecutor(max_workers=len(sends)) as pool:
+        statuses = [r.status_code for r in pool.map(lambda send: chat(*send), sends)]
+    assert [sorted(statuses[i : i + 2]) for i in range(0, len(statuses), 2)] == [[200, 401]] * 5
+    assert fake.state.stats.requests == 5
+
+
+def test_the_replay_check_fails_closed_with_503_when_redis_is_down(
+    start_fake: Callable[..., FakeHandle],
+    start_gateway: Callable[..., GatewayHandle],
+    private_redis: PrivateRedis,
+    caplog: pytest.LogCaptureFixture,
+):
+    fake = start_fake()
+    gateway = start_gateway(
+        upstream_urls=[fake.url], auth_strategies=["nuc"], redis_url=private_redis.url
+    )
+    audience = gateway_did(gateway.url)
+    holder = Holder()
+    root = holder.root()
+    assert chat(gateway.url, invoke(root, holder.key, audience)).status_code == 200
+    private_redis.stop()
+    with caplog.at_level(logging.INFO):
+        for stream in (False, True, False):
+            refused = chat(gateway.url, invoke(root, holder.key, audience), stream=stream)
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "nuc_replay_check_unavailable"
+        private_redis.start()
+        wait_until(
+            lambda: chat(gateway.url, invoke(root, holder.key, audience)).status_code == 200,
+            timeout_s=30,
+        )
+    outage = [r.getMessage() for r in caplog.records if "NUC replay cache" in r.getMessage()]
+    assert len([line for line in outage if "unavailable" in line]) == 1, outage
+    assert len([line for line in outage if "available again" in line]) == 1, outage
+
+
+def test_token_use_counters_in_redis_expire_though_invocations_have_no_exp(
+    start_fake: Callable[..., FakeHandle],
+    start_gateway: Callable[..., GatewayHandle],
+    redis_prefix: str,
+):
+    fake = start_fake()
+    gateway = start_gateway(
+        upstream_urls=[fake.url],
+        auth_strategies=["nuc"],
+        redis_url=REDIS_URL,
+        redis_prefix=redis_prefix,
+    )
+    audience = gateway_did(gateway.url)
+    holder, caller = Holder(), PrivateKey()
+    delegation = holder.delegate(caller, uses=100, expires_in=timedelta(minutes=5))
+    for _ in range(50):
+        # Like nilai-py's, the invocation has no exp; this one even asks for a count of its own.
+        token = invoke(delegation, caller, audience, meta={"usage_limit": 100})
+        assert chat(gateway.url, token).status_code == 200
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [key.decode() for key in client.scan_iter(match=f"{redis_prefix}*")]
+        ttls = {key: client.ttl(key) for key in keys if ":uses" in key or ":spent:" in key}
+    finally:
+        client.close()
+    assert [key for key, ttl in ttls.items() if ttl == -1] == []  # none kept forever
+    # Each lives as long as the chain (5 min) plus the 300 s clock skew margin, no longer.
+    assert all(0 < ttl <= 600 for ttl in ttls.values()), ttls
+    counters = [key for key in ttls if ":uses" in key]
+    # One count, the delegation's: a limit on the invocation itself is not honoured.
+    assert len(counters) == 1, counters
+    assert len(ttls) == 51  # and 50 spent invocations
+    assert fake.state.stats.requests == 50
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from nilai.store.base import Account
+
+if TYPE_CHECKING:
+    from nilai.auth.nuc_policies import RequestPolicy
+
+TOKEN_CLOCK_SKEW_S = 300
+"""What a token has spent (its use count, a spent invocation) is kept this long past the token's
+expiry, so clocks a little apart between replicas and Redis cannot forget it while some replica
+still accepts the token."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +25,9 @@ class TokenLimit:
     """A stable id of the token that carries the limit (e.g. the hex SHA-256 of a NUC)."""
     uses: int
     expires_at: datetime | None = None
-    """When that token expires: past it the counter is useless and may be dropped."""
+    """When that token can no longer be used (its own ``exp`` or an earlier one of the tokens
+    above it): past it (and ``TOKEN_CLOCK_SKEW_S``) the counter is useless and is dropped. None:
+    the counter is kept for the longest time a limiter allows, counted from its last use."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +50,8 @@ class Principal:
     """Who made the request when it is not the account itself (a NUC invocation's issuer)."""
     token_limits: tuple[TokenLimit, ...] = ()
     prompt_document: PromptDocument | None = None
+    request_policies: tuple[RequestPolicy, ...] = ()
+    """What the caller's delegations allow it to ask (``check_request_policies``)."""
 
 
 class Authenticator(Protocol):

@@ -6,6 +6,9 @@ Lookups go through ``CachedLookup`` like API keys: cached for ``ttl_s`` (disabli
 takes effect within it), one lookup (or creation) per holder at a time, holders not seen before
 bounded so a flood of fresh tokens cannot crowd out known holders, and a database outage
 answered 503 with ``Retry-After`` (``AccountsUnavailable``).
+
+An invocation that passes every check is then spent (``ReplayGuard``): the same invocation is
+refused the next time, on every replica sharing the replay cache.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 from nilai.auth.base import Principal
 from nilai.auth.lookups import MAX_KNOWN, CachedLookup
 from nilai.auth.nuc_tokens import NucVerifier
+from nilai.auth.replay import ReplayGuard
 from nilai.errors import AuthenticationFailed
 from nilai.outages import OutageLog
 from nilai.store.base import Account, AccountRepo
@@ -35,8 +39,10 @@ class NucAuthenticator:
         auto_accounts: bool,
         ttl_s: float,
         outages: OutageLog | None = None,
+        replay: ReplayGuard | None = None,
     ) -> None:
         self._verifier = verifier
+        self._replay = replay
         self._accounts = accounts
         self._auto_accounts = auto_accounts
         # Misses are not cached: a holder refused as unknown is accepted on the next request
@@ -53,8 +59,9 @@ class NucAuthenticator:
         """Validate the envelope, then find (or make) the subscription holder's account.
 
         Raises ``AuthenticationFailed`` (401) for a bad token, an unknown holder (without auto
-        accounts) or a disabled account, and ``AccountsUnavailable`` (503) when the account
-        cannot be looked up now.
+        accounts), a disabled account or an invocation used before, ``AccountsUnavailable``
+        (503) when the account cannot be looked up now, and ``LimitsUnavailable`` (503) when
+        the replay cache cannot be reached.
         """
         granted = self._verifier.verify(credential)
         account = await self.lookups.get(granted.subject)
@@ -67,6 +74,10 @@ class NucAuthenticator:
             )
         if not account.active:
             raise AuthenticationFailed("This account is disabled.", code="account_disabled")
+        if self._replay is not None:
+            # Last, so an invocation refused for another reason (or met by an outage) is not
+            # spent: the client may send it again.
+            await self._replay.spend(granted.invocation_id, granted.expires_at)
         return Principal(
             account_id=account.id,
             method="nuc",
@@ -74,6 +85,7 @@ class NucAuthenticator:
             caller=granted.issuer,
             token_limits=granted.limits,
             prompt_document=granted.prompt_document,
+            request_policies=granted.policies,
         )
 
     async def _find_or_create(self, subject: str) -> Account | None:

@@ -4,7 +4,13 @@ A NUC envelope is ``<invocation>/<proof>/<proof>...``: JWT-like tokens signed wi
 The invocation is addressed to this gateway (its audience is the gateway's DID, derived from the
 same key as ``/v1/public_key``); its proofs delegate the right to call ``/nil/ai`` from the
 subscription holder (the subject) to the caller (the invocation's issuer). Usage limits and a
-nilDB prompt document ride in the tokens' ``meta``.
+nilDB prompt document ride in the delegations' ``meta``.
+
+Lifetimes are bounded: some token of the chain must carry an ``exp``, and the earliest one (the
+chain's expiry) must be within ``max_lifetime_s`` of now, so whatever is kept about a token (a
+use count, a spent invocation) can be forgotten within that time. The delegations' policies are
+not matched here but against the request (``nuc_policies``); here they are only checked to be
+ones the gateway can evaluate.
 
 Everything here is pure CPU work on the request's own bytes: no I/O, and the validator and its
 parameters are built once per process.
@@ -12,14 +18,19 @@ parameters are built once per process.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 
 # nuc ships no type information; pyright reads its (annotated) source instead.
 from nuc.envelope import (  # pyright: ignore[reportMissingTypeStubs]
     DecodedNucToken,
     NucTokenEnvelope,
 )
-from nuc.token import Command, Did  # pyright: ignore[reportMissingTypeStubs]
+from nuc.token import (  # pyright: ignore[reportMissingTypeStubs]
+    Command,
+    DelegationBody,
+    Did,
+)
 from nuc.validate import (  # pyright: ignore[reportMissingTypeStubs]
     InvocationRequirement,
     NucTokenValidator,
@@ -29,6 +40,7 @@ from nuc.validate import (  # pyright: ignore[reportMissingTypeStubs]
 )
 
 from nilai.auth.base import PromptDocument, TokenLimit
+from nilai.auth.nuc_policies import TOKEN_FIELDS, RequestPolicy, compile_policies
 from nilai.errors import AuthenticationFailed
 
 REQUIRED_COMMAND = Command(["nil", "ai"])
@@ -36,6 +48,8 @@ MAX_CHAIN_LENGTH = 5
 _JWT_DOTS = 2
 MAX_ENVELOPE_CHARS = 16_384
 """Longer than any chain of ``MAX_CHAIN_LENGTH`` tokens; refused before any parsing."""
+DEFAULT_MAX_LIFETIME_S = 86_400
+"""``NILAI_NUC_MAX_LIFETIME_S``: a day, well above nilai-py's one-hour roots."""
 
 _MESSAGES: dict[ValidationKind, str] = {
     ValidationKind.TOKEN_EXPIRED: "the token or one of its proofs has expired",
@@ -87,6 +101,12 @@ class VerifiedNuc:
     """The invoking party's DID."""
     limits: tuple[TokenLimit, ...]
     prompt_document: PromptDocument | None
+    invocation_id: str
+    """The hex SHA-256 of the invocation: what a replay would repeat."""
+    expires_at: datetime
+    """When the chain stops being valid: the earliest ``exp`` in it."""
+    policies: tuple[RequestPolicy, ...] = ()
+    """The delegations' policies, for the request to meet."""
 
 
 def gateway_did(public_key: bytes) -> str:
@@ -103,8 +123,15 @@ def looks_like_nuc(credential: str) -> bool:
 class NucVerifier:
     """Validates envelopes addressed to one gateway."""
 
-    def __init__(self, public_key: bytes, root_issuers: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        public_key: bytes,
+        root_issuers: tuple[str, ...] = (),
+        *,
+        max_lifetime_s: int = DEFAULT_MAX_LIFETIME_S,
+    ) -> None:
         self.did = gateway_did(public_key)
+        self._max_lifetime = timedelta(seconds=max_lifetime_s)
         self._audience = Did(public_key)
         self._validator = NucTokenValidator([Did.parse(did) for did in root_issuers])
         self._parameters = ValidationParameters(
@@ -139,34 +166,114 @@ class NucVerifier:
             # an invocation could name anyone as the account that pays.
             raise _rejected(_MESSAGES[ValidationKind.SUBJECT_NOT_IN_CHAIN])
         try:
-            self._validator.validate(envelope, {}, self._parameters)
+            # Policies are left out: nuc would match them against the invocation's own args,
+            # which say nothing about the request. The signatures cover the raw tokens, so
+            # they are checked all the same.
+            self._validator.validate(_without_policies(envelope), {}, self._parameters)
         except ValidationException as exc:
             message = _MESSAGES.get(exc.kind, exc.kind.value)
             raise _rejected(message, code=_code(exc.kind)) from exc
         except Exception as exc:
             raise _rejected("a token in it cannot be checked (bad key or signature)") from exc
+        chain = _chain(envelope)
+        now = datetime.now(UTC)
+        expires_at = self._expiry(chain, now)
+        claims = token.to_json()
+        invocation = {name: str(claims[name]) for name in TOKEN_FIELDS}
+        policies: list[RequestPolicy] = []
+        for proof in chain[1:]:
+            body = proof.token.body
+            if isinstance(body, DelegationBody):
+                policies += compile_policies(body.policies, invocation)
         return VerifiedNuc(
             subject=str(token.subject),
             issuer=str(token.issuer),
-            limits=_usage_limits([envelope.token, *envelope.proofs]),
+            limits=self._usage_limits(chain, now),
             # Granted by the delegations, not chosen by the invoking party.
-            prompt_document=_prompt_document(envelope.proofs),
+            prompt_document=_prompt_document(chain[1:]),
+            invocation_id=envelope.token.compute_hash().hex(),
+            expires_at=expires_at,
+            policies=tuple(policies),
         )
 
+    def _expiry(self, chain: list[DecodedNucToken], now: datetime) -> datetime:
+        """The chain's expiry, if it has one within the longest lifetime accepted."""
+        expiries = [t.token.expires_at for t in chain if t.token.expires_at is not None]
+        if not expiries:
+            # Valid forever, it could be replayed forever, and nothing kept about it could
+            # ever be forgotten. nilai-py sets 'exp' on its roots and delegations.
+            raise _rejected(
+                "no token in its chain has an expiry ('exp'); give the root or a delegation one",
+                code="nuc_expiry_required",
+            )
+        earliest = min(expiries)
+        if earliest - now > self._max_lifetime:
+            raise _rejected(
+                f"its chain is valid until {earliest:%Y-%m-%dT%H:%M:%SZ}, longer than this "
+                f"gateway accepts ({self._max_lifetime.total_seconds():.0f} s from now); give "
+                "a token of the chain an earlier 'exp'",
+                code="nuc_lifetime_too_long",
+            )
+        return earliest
 
-def _usage_limits(tokens: list[DecodedNucToken]) -> tuple[TokenLimit, ...]:
-    limits: dict[str, TokenLimit] = {}
-    for decoded in tokens:
-        meta = decoded.token.meta or {}
-        uses = meta.get("usage_limit")
-        if uses is None:
-            continue
-        if isinstance(uses, bool) or not isinstance(uses, int) or uses < 0:
-            raise _rejected("its 'usage_limit' is not a whole number of at least 0")
-        token_id = decoded.compute_hash().hex()
-        # A proof repeated in the envelope is one token: count its use once.
-        limits[token_id] = TokenLimit(token_id, uses, decoded.token.expires_at)
-    return tuple(limits.values())
+    def _usage_limits(self, chain: list[DecodedNucToken], now: datetime) -> tuple[TokenLimit, ...]:
+        """The use counts the chain's delegations ask for (the invocation's own is ignored).
+
+        A count lasts as long as its delegation can be used: until the earliest ``exp`` of the
+        delegation and the tokens above it. A delegation usable for longer than the longest
+        lifetime (or forever) is refused: its count would have to outlive every bound.
+        """
+        limits: dict[str, TokenLimit] = {}
+        # Earliest expiry of each token and those above it, from the root down.
+        above: datetime | None = None
+        lineage: list[datetime | None] = []
+        for decoded in reversed(chain):
+            exp = decoded.token.expires_at
+            above = exp if above is None else (above if exp is None else min(above, exp))
+            lineage.append(above)
+        lineage.reverse()
+        # chain[0] is the invocation, made for one request: a limit on it means nothing, and
+        # honoured there it would make a counter per request.
+        for decoded, ends in zip(chain[1:], lineage[1:], strict=True):
+            meta = decoded.token.meta or {}
+            uses = meta.get("usage_limit")
+            if uses is None:
+                continue
+            if isinstance(uses, bool) or not isinstance(uses, int) or uses < 0:
+                raise _rejected("its 'usage_limit' is not a whole number of at least 0")
+            if ends is None or ends - now > self._max_lifetime:
+                raise _rejected(
+                    "its 'usage_limit' is on a delegation usable for longer than this gateway "
+                    f"keeps use counts ({self._max_lifetime.total_seconds():.0f} s); give it "
+                    "(or a token above it) an earlier 'exp'",
+                    code="nuc_lifetime_too_long",
+                )
+            token_id = decoded.compute_hash().hex()
+            limits[token_id] = TokenLimit(token_id, uses, ends)
+        return tuple(limits.values())
+
+
+def _without_policies(envelope: NucTokenEnvelope) -> NucTokenEnvelope:
+    """The same envelope (raw tokens and signatures) with the delegations' policies emptied."""
+    proofs = [
+        replace(proof, token=replace(proof.token, body=DelegationBody([])))
+        if isinstance(proof.token.body, DelegationBody)
+        else proof
+        for proof in envelope.proofs
+    ]
+    return NucTokenEnvelope(envelope.token, proofs)
+
+
+def _chain(envelope: NucTokenEnvelope) -> list[DecodedNucToken]:
+    """The invocation, then each proof up to the root.
+
+    A validated envelope may list its proofs in another order, or one twice (it is one token).
+    """
+    by_hash = {proof.compute_hash(): proof for proof in envelope.proofs}
+    chain = [envelope.token]
+    while chain[-1].token.proofs:
+        chain.append(by_hash[chain[-1].token.proofs[0]])
+    return chain
 
 
 def _prompt_document(tokens: list[DecodedNucToken]) -> PromptDocument | None:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 import re
 
+from redis.asyncio import Redis
+
 from nilai.auth.api_keys import StaticApiKeys
 from nilai.auth.base import Authenticator, Principal
 from nilai.auth.lookups import accounts_outage_log
 from nilai.auth.nuc_accounts import NucAuthenticator
 from nilai.auth.nuc_tokens import NucVerifier, looks_like_nuc
+from nilai.auth.replay import MemoryReplayCache, RedisReplayCache, ReplayCache, ReplayGuard
 from nilai.auth.stored_keys import StoredApiKeys, StoredOrStatic
 from nilai.errors import AuthenticationFailed
 from nilai.settings import NilaiSettings
@@ -65,8 +68,14 @@ class ByShape:
         raise AuthenticationFailed(PRIVATE_KEY_SENT, code="private_key_sent")
 
 
-def make_authenticator(settings: NilaiSettings, store: Store, public_key: bytes) -> Authenticator:
-    """The authenticator for the configured strategies."""
+def make_authenticator(
+    settings: NilaiSettings, store: Store, public_key: bytes, *, redis: Redis | None = None
+) -> Authenticator:
+    """The authenticator for the configured strategies.
+
+    Spent NUC invocations are kept in ``redis`` when given (shared by replicas), else in this
+    process; ``NILAI_NUC_REPLAY_PROTECTION=false`` keeps none.
+    """
     api_keys: Authenticator | None = None
     nuc: Authenticator | None = None
     outages = accounts_outage_log()  # one database: one outage, logged once for both
@@ -75,13 +84,26 @@ def make_authenticator(settings: NilaiSettings, store: Store, public_key: bytes)
         stored = StoredApiKeys(store, ttl_s=settings.key_cache_ttl_s, outages=outages)
         api_keys = StoredOrStatic(stored, static)
     if "nuc" in settings.auth_strategies:
-        verifier = NucVerifier(public_key, tuple(settings.nuc_root_issuers))
+        verifier = NucVerifier(
+            public_key,
+            tuple(settings.nuc_root_issuers),
+            max_lifetime_s=settings.nuc_max_lifetime_s,
+        )
+        replay: ReplayGuard | None = None
+        if settings.nuc_replay_protection:
+            cache: ReplayCache = (
+                MemoryReplayCache()
+                if redis is None
+                else RedisReplayCache(redis, settings.redis_prefix)
+            )
+            replay = ReplayGuard(cache)
         nuc = NucAuthenticator(
             verifier,
             store,
             auto_accounts=settings.nuc_auto_accounts,
             ttl_s=settings.key_cache_ttl_s,
             outages=outages,
+            replay=replay,
         )
         if settings.nuc_auto_accounts and not settings.nuc_root_issuers:
             logger.warning(

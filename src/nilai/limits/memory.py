@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import heapq
 import time
 from collections import defaultdict, deque
 from collections.abc import AsyncGenerator, Sequence
@@ -12,16 +13,22 @@ from nilai.limits.base import Decision, Limit
 
 
 class MemoryRateLimiter:
-    """Sliding windows as deques of timestamps (the event loop makes each check atomic)."""
+    """Sliding windows as deques of timestamps (the event loop makes each check atomic).
+
+    Counts that expire (token uses) are dropped when they do, whether or not their token is
+    seen again, as Redis drops its keys: a stream of tokens used once each cannot pile up.
+    """
 
     def __init__(self) -> None:
         self._windows: dict[str, deque[float]] = defaultdict(deque)
         self._totals: dict[str, int] = defaultdict(int)
         self._drop_at: dict[str, float] = {}
+        self._drops: list[tuple[float, str]] = []  # a heap: one entry per key in _drop_at
 
     async def hit(self, limits: Sequence[Limit], member: str) -> Decision:
         """Admit one request if every limit has room."""
         del member  # Redis needs a unique member per request; a deque does not
+        self._drop_expired(time.time())
         now = time.monotonic()
         best: Decision | None = None
         for limit in limits:
@@ -37,17 +44,34 @@ class MemoryRateLimiter:
             if limit.window_s is None:
                 self._totals[limit.key] += 1
                 if limit.expires_at is not None:
-                    self._drop_at[limit.key] = limit.expires_at
+                    scheduled = self._drop_at.get(limit.key)
+                    if scheduled is None:
+                        heapq.heappush(self._drops, (limit.expires_at, limit.key))
+                    # A later use may move the time later (a count kept for a while after its
+                    # last use), never earlier: the key's heap entry is never after its time.
+                    self._drop_at[limit.key] = max(scheduled or 0.0, limit.expires_at)
             else:
                 self._windows[limit.key].append(now)
         return best or Decision(True)
 
+    def _drop_expired(self, now: float) -> None:
+        """Drop the counts whose time has come (Unix time ``now``)."""
+        while self._drops and self._drops[0][0] <= now:
+            _, key = heapq.heappop(self._drops)
+            drop_at = self._drop_at[key]
+            if drop_at > now:
+                heapq.heappush(self._drops, (drop_at, key))  # a later use moved it
+                continue
+            del self._drop_at[key], self._totals[key]
+
+    def __len__(self) -> int:
+        """How many counters this limiter holds (totals and windows)."""
+        return len(self._totals) + len(self._windows)
+
     def _usage(self, limit: Limit, now: float) -> tuple[int, float]:
         if limit.window_s is None:
-            drop_at = self._drop_at.get(limit.key)
-            if drop_at is not None and drop_at <= time.time():
-                del self._drop_at[limit.key], self._totals[limit.key]
-            return self._totals[limit.key], 0.0
+            # .get: reading a defaultdict would add the key for every refused request.
+            return self._totals.get(limit.key, 0), 0.0
         window = self._windows[limit.key]
         while window and window[0] <= now - limit.window_s:
             window.popleft()

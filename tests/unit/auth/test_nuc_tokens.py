@@ -14,6 +14,7 @@ from secp256k1 import PrivateKey
 
 from nilai.auth.base import PromptDocument, TokenLimit
 from nilai.auth.nuc_tokens import (
+    DEFAULT_MAX_LIFETIME_S,
     MAX_CHAIN_LENGTH,
     MAX_ENVELOPE_CHARS,
     NucVerifier,
@@ -140,6 +141,70 @@ def test_usage_limit_is_keyed_by_the_delegation_and_carries_its_expiry(world: Wo
     other = world.holder.delegate(world.caller, uses=3)
     (other_limit,) = world.verifier.verify(invoke(other, world.caller, world.gateway_did)).limits
     assert other_limit.token_id != limit.token_id
+
+
+def test_a_usage_limit_lasts_until_the_earliest_expiry_of_its_token_and_those_above(
+    world: World,
+):
+    root = world.holder.root(expires_in=timedelta(minutes=10))
+    proof = world.holder.delegate(world.caller, uses=3, root=root, expires_in=timedelta(hours=1))
+    (limit,) = world.verifier.verify(invoke(proof, world.caller, world.gateway_did)).limits
+    assert limit.expires_at == root.token.token.expires_at
+
+
+def test_a_usage_limit_on_the_invocation_itself_is_not_honoured(world: World):
+    # Each invocation is used once; a count of its own would be one counter per request.
+    token = invoke(
+        world.holder.root(), world.holder.key, world.gateway_did, meta={"usage_limit": 1}
+    )
+    assert world.verifier.verify(token).limits == ()
+    token = invoke(
+        world.holder.root(), world.holder.key, world.gateway_did, meta={"usage_limit": "x"}
+    )
+    assert world.verifier.verify(token).limits == ()
+
+
+def test_the_chain_expiry_is_its_earliest_exp_and_the_id_is_the_invocation_hash(world: World):
+    root = world.holder.root(expires_in=timedelta(hours=1))
+    proof = world.holder.delegate(world.caller, root=root, expires_in=timedelta(minutes=5))
+    token = invoke(proof, world.caller, world.gateway_did)
+    granted = world.verifier.verify(token)
+    assert granted.expires_at == proof.token.token.expires_at
+    first = token.split("/")[0]
+    assert granted.invocation_id == NucTokenEnvelope.parse(first).token.compute_hash().hex()
+    # An exp on the invocation alone bounds the chain too.
+    forever = world.holder.root(expires_in=None)
+    token = invoke(forever, world.holder.key, world.gateway_did, expires_in=timedelta(minutes=1))
+    assert world.verifier.verify(token).expires_at is not None
+
+
+def test_the_longest_lifetime_is_a_parameter(world: World):
+    strict = NucVerifier(world.gateway.pubkey.serialize(), max_lifetime_s=600)
+    error = reject(strict, world.own())  # nilai-py's one-hour root
+    assert error.code == "nuc_lifetime_too_long"
+    assert "600 s" in error.message
+    assert strict.verify(world.own(expires_in=timedelta(minutes=9))).subject
+    assert DEFAULT_MAX_LIFETIME_S == 86_400
+
+
+def test_policies_are_not_matched_against_the_invocations_own_args(world: World):
+    # The nuc library would refuse this (args is empty); the gateway checks the request.
+    proof = world.holder.delegate(world.caller, policies=[["==", ".args.model", "m"]])
+    granted = world.verifier.verify(invoke(proof, world.caller, world.gateway_did))
+    (policy,) = granted.policies
+    assert policy.text == '["==",".args.model","m"]'
+    assert policy.allows({"model": "m"})
+    assert not policy.allows({"model": "other"})
+
+
+def test_policies_of_every_delegation_in_the_chain_are_kept(world: World):
+    root = world.holder.root(policies=[["==", "$.req.stream", False]])
+    proof = world.holder.delegate(world.caller, root=root, policies=[["==", "$.req.model", "m"]])
+    granted = world.verifier.verify(invoke(proof, world.caller, world.gateway_did))
+    assert [p.text for p in granted.policies] == [
+        '["==","$.req.model","m"]',
+        '["==","$.req.stream",false]',
+    ]
 
 
 def test_a_usage_limit_of_zero_is_kept(world: World):
@@ -279,6 +344,17 @@ def _document(meta: dict[str, object]) -> Callable[[World], str]:
     return lambda w: w.delegated(meta=meta)
 
 
+def _limit_forever(w: World) -> str:
+    root = w.holder.root(expires_in=None, meta={"usage_limit": 5})
+    return invoke(root, w.holder.key, w.gateway_did, expires_in=timedelta(minutes=1))
+
+
+def _policies(*policies: list[object]) -> Callable[[World], str]:
+    return lambda w: invoke(
+        w.holder.delegate(w.caller, policies=[list(p) for p in policies]), w.caller, w.gateway_did
+    )
+
+
 def _too_long(w: World) -> str:
     padding = "x" * MAX_ENVELOPE_CHARS
     return w.delegated(uses=3, meta={"padding": padding})
@@ -334,6 +410,14 @@ BAD: dict[str, Bad] = {
     "over-long": Bad("too_long", _too_long),
     "over-long-junk": Bad("too_long", lambda _: "eyJ" + "a" * MAX_ENVELOPE_CHARS),
     "chain-too-long": Bad("chain", lambda w: chain(w, MAX_CHAIN_LENGTH + 1)),
+    "no-expiry-anywhere": Bad("no_expiry", lambda w: w.own(expires_in=None)),
+    "valid-for-too-long": Bad("lifetime", lambda w: w.own(expires_in=timedelta(days=2))),
+    "limit-that-never-expires": Bad("count_lifetime", _limit_forever),
+    "unsupported-selector": Bad("selector", _policies(["!=", "$.env.region", "eu"])),
+    "too-many-policies": Bad("wide", _policies(*[["==", "$.req.stream", False]] * 11)),
+    "too-deep-policy": Bad(
+        "deep", _policies(["not", ["not", ["not", ["not", ["not", ["==", ".cmd", "x"]]]]]])
+    ),
 }
 
 FRAGMENT = {
@@ -355,6 +439,12 @@ FRAGMENT = {
     "untrusted": "trusted root issuer",
     "too_long": f"longer than {MAX_ENVELOPE_CHARS} characters",
     "chain": f"chain is longer than {MAX_CHAIN_LENGTH}",
+    "no_expiry": "no token in its chain has an expiry",
+    "lifetime": f"longer than this gateway accepts ({DEFAULT_MAX_LIFETIME_S} s from now)",
+    "count_lifetime": "usable for longer than this gateway keeps use counts",
+    "selector": 'the selector "$.env.region", which this gateway cannot evaluate',
+    "wide": "policy is too wide",
+    "deep": "policy is too deep",
 }
 
 CODE = {
@@ -362,6 +452,10 @@ CODE = {
     "audience": "invalid_nuc_audience",
     "command": "invalid_nuc_command",
     "signature": "invalid_nuc_signature",
+    "no_expiry": "nuc_expiry_required",
+    "lifetime": "nuc_lifetime_too_long",
+    "count_lifetime": "nuc_lifetime_too_long",
+    "selector": "unsupported_nuc_policy",
 }
 
 
