@@ -32,6 +32,8 @@ class FakeConfig:
     tokens: int = 8
     token_delay_s: float = 0.0
     first_byte_delay_s: float = 0.0
+    models_delay_s: float = 0.0
+    """How long ``GET /v1/models`` takes to answer (counted in the stats when it arrives)."""
     fault: str = "none"
     max_model_len: int = 4096
 
@@ -69,6 +71,8 @@ def create_fake_app(config: FakeConfig | None = None) -> Starlette:
 
     async def models(_request: Request) -> Response:
         state.stats.model_list_requests += 1
+        if state.config.models_delay_s:
+            await asyncio.sleep(state.config.models_delay_s)
         data = [
             {
                 "id": model,

@@ -1,8 +1,25 @@
 """The gateway's view of discovery: a cached snapshot, an endpoint picker, and ejection.
 
 Requests never touch the discovery store: a background task refreshes the snapshot. Endpoints
-are taken in turn; one that fails is ejected for a while and probed in the background, and one
-announced afresh is trusted again at once.
+are taken in turn, and one announced afresh is trusted at once. Only real requests and the
+snapshot's own background probes decide that a server is out of rotation ("ejected" for
+``NILAI_ENDPOINT_EJECT_S``); nothing a client can ask for, ``/readyz`` included, sends a probe:
+
+- A server that cannot be connected to (refused, or the connection timed out) is ejected at
+  once: a request that never reached it is failed over to the next server, so ejection only
+  saves later requests the wasted attempt.
+- A server that answers requests with errors (5xx other than 503, a broken connection) is
+  ejected after ``ERRORS_TO_EJECT`` in a row, so one request that makes a server fail (which a
+  caller could craft) does not take it out of rotation for everybody, and a broken server is
+  still found within a few requests. Any proper answer resets the count.
+- Slowness is never a reason: a slow model server is still the one that can answer, and a slow
+  answer is the request timeout's business. Nor is a full local connection pool, which says
+  nothing about the server.
+- In the background, a server ejected as unreachable is probed (``GET /v1/models``) every
+  refresh interval and readmitted as soon as it answers; every server is probed every
+  ``NILAI_ENDPOINT_PROBE_S``, and one that cannot be connected to is ejected before a request
+  has to find out. One round of probes at a time: a slow server never has more than one probe
+  from this process outstanding.
 
 What vanishes from discovery is remembered for a grace period (``NILAI_DISCOVERY_GRACE_S``):
 
@@ -30,22 +47,43 @@ from dataclasses import dataclass, field
 import httpx
 
 from nilai.discovery.base import Discovery, EndpointRecord
-from nilai.outages import OutageLog
+from nilai.outages import OutageLog, describe_error
 from nilai.protocol.models import ModelCard
 
 logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 1.0
+"""How long a background probe waits for ``/v1/models`` (connecting may take as long as a real
+request may: the shared client's connect timeout)."""
+ERRORS_TO_EJECT = 3
+"""Failed requests in a row (5xx, broken connections) that eject a server that still answers."""
+
+
+@dataclass
+class _Health:
+    """What requests and probes found out about one registration of a server."""
+
+    ejected_until: float = 0.0
+    ejected_at: float = 0.0
+    unreachable: bool = False
+    """Ejected because it could not be connected to: a probe that reaches it readmits it."""
+    errors_in_a_row: int = 0
+    """Failed requests since the last proper answer; kept through an ejection, so the first
+    request after it that fails again ejects the server again at once."""
 
 
 @dataclass
 class _Entry:
     record: EndpointRecord
-    ejected_until: float = 0.0
+    health: _Health = field(default_factory=_Health)
 
     @property
     def healthy(self) -> bool:
-        return self.ejected_until <= time.monotonic()
+        return self.health.ejected_until <= time.monotonic()
+
+    @property
+    def ejected_as_unreachable(self) -> bool:
+        return self.health.unreachable and not self.healthy
 
 
 @dataclass
@@ -66,11 +104,13 @@ class DiscoverySnapshot:
         refresh_s: float,
         eject_s: float,
         grace_s: float = 30.0,
+        probe_s: float = 5.0,
     ) -> None:
         self._discovery = discovery
         self._http = http
         self._refresh_s = refresh_s
         self._eject_s = eject_s
+        self._probe_s = probe_s
         self._grace_s = grace_s
         self._entries: dict[str, _Entry] = {}
         self._routes: dict[str, _ModelRoute] = {}
@@ -80,29 +120,51 @@ class DiscoverySnapshot:
         self._carried_until = 0.0
         self._vanished: dict[str, float] = {}
         """Models no server serves any more, and when they stopped being served."""
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._outage = OutageLog(
             logger, "discovery", "routing with the last servers it listed until it answers"
         )
         self.last_error: str | None = None
 
     async def start(self) -> None:
-        """Load the first snapshot and keep it fresh until ``aclose``."""
+        """Load the first snapshot; keep it fresh and the servers probed until ``aclose``."""
         await self.refresh()
-        self._task = asyncio.create_task(self._loop(), name="discovery-refresh")
+        self._tasks = [
+            asyncio.create_task(self._refresh_loop(), name="discovery-refresh"),
+            asyncio.create_task(self._probe_loop(), name="model-server-probes"),
+        ]
 
     async def aclose(self) -> None:
-        """Stop refreshing."""
-        if self._task is not None:
-            self._task.cancel()
+        """Stop refreshing and probing."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+        self._tasks = []
 
-    async def _loop(self) -> None:
+    async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self._refresh_s)
             await self.refresh()
-            await self.probe(only_ejected=True)
+
+    async def _probe_loop(self) -> None:
+        """Unreachable servers every refresh interval, every server every ``probe_s``.
+
+        Apart from ``refresh`` so that a slow probe never delays what discovery says; one round
+        at a time, so probes never pile up on a slow server, whoever asks for readiness.
+        """
+        last_round_of_all = time.monotonic()
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            now = time.monotonic()
+            all_due = self._probe_s > 0 and now - last_round_of_all >= self._probe_s
+            if all_due:
+                last_round_of_all = now
+            try:
+                await self.probe(only_ejected=not all_due)
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one round
+                logger.warning("model server probes failed: %s", describe_error(exc))
 
     async def refresh(self) -> None:
         """Re-read discovery; keep failure state only for servers not announced afresh."""
@@ -127,7 +189,7 @@ class DiscoverySnapshot:
         for record in records:
             old = self._entries.get(record.id)
             same = old is not None and old.record.registered_at == record.registered_at
-            entries[record.id] = _Entry(record, old.ejected_until if old and same else 0.0)
+            entries[record.id] = _Entry(record, old.health if old and same else _Health())
         self._carry_over(entries, now)
         self._entries = entries
         routes = self._build_routes()
@@ -220,31 +282,73 @@ class DiscoverySnapshot:
         return [m for m, r in self._routes.items() if any(e.healthy for e in r.endpoints)]
 
     def report_failure(self, endpoint: str) -> None:
-        """Stop sending to ``endpoint`` for a while."""
+        """``endpoint`` could not be connected to: stop sending to it for a while.
+
+        A probe that reaches it again readmits it sooner.
+        """
+        entry = self._entries.get(endpoint)
+        if entry is not None:
+            self._eject(entry, unreachable=True, why="unreachable")
+
+    def report_error(self, endpoint: str) -> None:
+        """``endpoint`` failed a request (5xx, a broken connection); eject it if that is a habit."""
         entry = self._entries.get(endpoint)
         if entry is None:
             return
-        if entry.healthy:
-            logger.warning("model server %s ejected for %.1fs", endpoint, self._eject_s)
-        entry.ejected_until = time.monotonic() + self._eject_s
+        entry.health.errors_in_a_row += 1
+        if entry.health.errors_in_a_row >= ERRORS_TO_EJECT:
+            why = f"{entry.health.errors_in_a_row} failed requests in a row"
+            self._eject(entry, unreachable=False, why=why)
 
     def report_success(self, endpoint: str) -> None:
-        """Trust ``endpoint`` again."""
+        """``endpoint`` answered a request properly: trust it again."""
         entry = self._entries.get(endpoint)
         if entry is not None:
-            entry.ejected_until = 0.0
+            entry.health.errors_in_a_row = 0
+            entry.health.ejected_until = 0.0
+            entry.health.unreachable = False
+
+    def _eject(self, entry: _Entry, *, unreachable: bool, why: str) -> None:
+        health = entry.health
+        if entry.healthy:
+            logger.warning(
+                "model server %s ejected for %.1fs (%s)", entry.record.id, self._eject_s, why
+            )
+        now = time.monotonic()
+        health.ejected_until = now + self._eject_s
+        health.ejected_at = now
+        health.unreachable = unreachable
 
     async def probe(self, *, only_ejected: bool = False) -> None:
-        """Ask servers for their model list; eject those that do not answer."""
-        entries = [e for e in self._entries.values() if not (only_ejected and e.healthy)]
+        """Ask servers for their model list: readmit or eject by reachability alone.
+
+        ``only_ejected`` probes just the servers ejected as unreachable; otherwise every server
+        is probed, except those ejected for failing requests (a model list that answers says
+        nothing about chat completions, so they sit out their ejection).
+        """
+        entries = [
+            entry
+            for entry in self._entries.values()
+            if entry.ejected_as_unreachable or (not only_ejected and entry.healthy)
+        ]
         await asyncio.gather(*(self._probe_one(entry) for entry in entries))
 
     async def _probe_one(self, entry: _Entry) -> None:
+        started = time.monotonic()
+        timeout = httpx.Timeout(PROBE_TIMEOUT_S, connect=self._http.timeout.connect)
         try:
-            url = f"{entry.record.url}/v1/models"
-            response = await self._http.get(url, timeout=PROBE_TIMEOUT_S)
-            response.raise_for_status()
-        except httpx.HTTPError:
-            self.report_failure(entry.record.id)
+            response = await self._http.get(f"{entry.record.url}/v1/models", timeout=timeout)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            self._eject(entry, unreachable=True, why="unreachable")
             return
-        self.report_success(entry.record.id)
+        except httpx.HTTPError as exc:
+            # Slow to list its models, a broken answer, or no free connection here: none of it
+            # says the server cannot take requests, and only real requests decide that.
+            logger.debug("probe of model server %s: %s", entry.record.id, type(exc).__name__)
+            return
+        health = entry.health
+        if response.is_success and entry.ejected_as_unreachable and started >= health.ejected_at:
+            # Started after the failure that ejected it, so this is news, not a straggler.
+            health.ejected_until = 0.0
+            health.unreachable = False
+            logger.info("model server %s reachable again", entry.record.id)

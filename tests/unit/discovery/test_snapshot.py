@@ -1,6 +1,6 @@
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import override
 
@@ -32,14 +32,20 @@ class ModelServers:
     def __init__(self) -> None:
         self.down: set[str] = set()
         self.refused: set[str] = set()
+        self.slow: set[str] = set()
         self.probed: list[str] = []
+        self.while_probing: Callable[[str], None] = lambda _base: None
+        """Runs while a probe of the given URL is in flight."""
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         base = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
         self.probed.append(base)
         assert request.url.path == "/v1/models"
+        self.while_probing(base)
         if base in self.refused:
             raise httpx.ConnectError("refused", request=request)
+        if base in self.slow:
+            raise httpx.ReadTimeout("slower than the probe waits", request=request)
         if base in self.down:
             return httpx.Response(500, json={"error": "down"})
         return httpx.Response(200, json={"object": "list", "data": [{"id": "m"}]})
@@ -240,14 +246,16 @@ async def test_refresh_drops_endpoints_that_left(
     assert snapshot.candidates("m") == []
 
 
-async def test_probe_ejects_failing_and_keeps_answering_endpoints(
+async def test_probe_that_is_slow_or_answered_with_an_error_ejects_nothing(
     discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, servers: ModelServers
 ):
     await _two_endpoints(discovery, snapshot)
-    servers.down.add(URL_B)
-    await snapshot.probe()
-    assert sorted(servers.probed) == [URL_A, URL_B]
-    assert _urls(snapshot.candidates("m")) == [URL_A]
+    servers.slow.add(URL_A)  # a slow model list is a slow server, not a broken one
+    servers.down.add(URL_B)  # the model list failing says nothing about chat completions
+    for _ in range(5):
+        await snapshot.probe()
+    assert sorted(servers.probed) == [URL_A] * 5 + [URL_B] * 5
+    assert sorted(_urls(snapshot.candidates("m"))) == [URL_A, URL_B]
 
 
 async def test_probe_ejects_unreachable_endpoint(
@@ -270,13 +278,112 @@ async def test_probe_restores_an_endpoint_that_answers_again(
     assert sorted(_urls(snapshot.candidates("m"))) == [URL_A, URL_B]
 
 
+@pytest.mark.parametrize("fault", ["down", "slow", "refused"])
 async def test_probe_keeps_ejected_endpoint_out_while_it_fails(
-    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, servers: ModelServers
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, servers: ModelServers, fault: str
 ):
     await _two_endpoints(discovery, snapshot)
     snapshot.report_failure(_record(URL_A).id)
-    servers.down.add(URL_A)
+    getattr(servers, fault).add(URL_A)
     await snapshot.probe(only_ejected=True)
+    assert _urls(snapshot.candidates("m")) == [URL_B]
+
+
+async def test_unreachable_endpoint_stays_out_while_probes_cannot_connect(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, servers: ModelServers, clock: FakeClock
+):
+    await _two_endpoints(discovery, snapshot)
+    snapshot.report_failure(_record(URL_A).id)
+    servers.refused.add(URL_A)
+    for _ in range(3):
+        clock.now += EJECT_S - 1
+        await snapshot.probe(only_ejected=True)
+        assert _urls(snapshot.candidates("m")) == [URL_B]
+    servers.refused.clear()
+    await snapshot.probe(only_ejected=True)
+    assert sorted(_urls(snapshot.candidates("m"))) == [URL_A, URL_B]
+
+
+async def test_probe_answered_before_a_new_failure_does_not_readmit(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, servers: ModelServers, clock: FakeClock
+):
+    await _two_endpoints(discovery, snapshot)
+    snapshot.report_failure(_record(URL_A).id)
+
+    def request_fails_meanwhile(base: str) -> None:
+        # A real request finds A unreachable while this probe (begun earlier) is in flight.
+        clock.now += 0.1
+        snapshot.report_failure(_record(base).id)
+
+    servers.while_probing = request_fails_meanwhile
+    await snapshot.probe(only_ejected=True)
+    assert _urls(snapshot.candidates("m")) == [URL_B]
+
+
+async def test_errors_eject_after_errors_to_eject_in_a_row_and_a_success_resets_them(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, clock: FakeClock
+):
+    await _two_endpoints(discovery, snapshot)
+    endpoint_a = _record(URL_A).id
+    for _ in range(snapshot_module.ERRORS_TO_EJECT - 1):
+        snapshot.report_error(endpoint_a)
+    snapshot.report_success(endpoint_a)
+    for _ in range(snapshot_module.ERRORS_TO_EJECT - 1):
+        snapshot.report_error(endpoint_a)
+    assert sorted(_urls(snapshot.candidates("m"))) == [URL_A, URL_B]
+    snapshot.report_error(endpoint_a)
+    assert _urls(snapshot.candidates("m")) == [URL_B]
+
+    # Back after the ejection, a server that fails again is out again at once.
+    clock.now += EJECT_S
+    assert sorted(_urls(snapshot.candidates("m"))) == [URL_A, URL_B]
+    snapshot.report_error(endpoint_a)
+    assert _urls(snapshot.candidates("m")) == [URL_B]
+
+
+async def test_probe_does_not_readmit_a_server_ejected_for_failing_requests(
+    discovery: FlakyDiscovery, snapshot: DiscoverySnapshot, servers: ModelServers, clock: FakeClock
+):
+    await _two_endpoints(discovery, snapshot)
+    for _ in range(snapshot_module.ERRORS_TO_EJECT):
+        snapshot.report_error(_record(URL_A).id)
+    servers.probed.clear()
+    await snapshot.probe()
+    await snapshot.probe(only_ejected=True)
+    # Its model list would answer, but that says nothing about chat: it sits out its ejection.
+    assert servers.probed == [URL_B]
+    assert _urls(snapshot.candidates("m")) == [URL_B]
+    clock.now += EJECT_S
+    assert sorted(_urls(snapshot.candidates("m"))) == [URL_A, URL_B]
+
+
+async def test_background_probes_unreachable_servers_every_refresh_and_all_every_probe_s(
+    discovery: FlakyDiscovery,
+    servers: ModelServers,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    ticks: list[float] = []
+
+    async def one_tick(seconds: float) -> None:
+        if len(ticks) == 12:
+            raise asyncio.CancelledError  # enough: stop the loop
+        ticks.append(seconds)
+        clock.now += seconds
+
+    monkeypatch.setattr(
+        snapshot_module, "asyncio", SimpleNamespace(sleep=one_tick, gather=asyncio.gather)
+    )
+    async with httpx.AsyncClient(transport=httpx.MockTransport(servers)) as http:
+        snapshot = DiscoverySnapshot(discovery, http, refresh_s=1, eject_s=EJECT_S, probe_s=5)
+        await _two_endpoints(discovery, snapshot)
+        snapshot.report_failure(_record(URL_A).id)
+        servers.refused.add(URL_A)
+        with pytest.raises(asyncio.CancelledError):
+            await snapshot._probe_loop()  # pyright: ignore[reportPrivateUsage]
+    assert ticks == [1] * 12
+    assert servers.probed.count(URL_A) == 12  # unreachable: every refresh, kept out meanwhile
+    assert servers.probed.count(URL_B) == 2  # in rotation: at 5 s and 10 s
     assert _urls(snapshot.candidates("m")) == [URL_B]
 
 

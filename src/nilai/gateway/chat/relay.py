@@ -3,11 +3,17 @@
 Failures before any byte reached the client become real statuses: unreachable → 503,
 nonsense → 502, too slow → 504. A refused or timed-out connection means the request was never
 received, so it is safe to try the next server of the same model.
+
+What a request found out goes back to the snapshot, which decides about ejection (see
+``nilai.discovery.snapshot``): could not connect → unreachable; a 5xx other than 503 or a
+broken connection → an error; any other answer → a success. Slowness and a full local
+connection pool are neither: they say nothing about whether the server works.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from http import HTTPStatus
 from typing import Any
 
@@ -23,6 +29,7 @@ from nilai.errors import (
     UpstreamUnavailable,
 )
 from nilai.gateway.chat.context import RequestContext
+from nilai.outages import OutageLog
 from nilai.protocol.base import json_object
 
 logger = logging.getLogger(__name__)
@@ -38,6 +45,11 @@ class Relay:
     def __init__(self, http: httpx.AsyncClient, snapshot: DiscoverySnapshot) -> None:
         self._http = http
         self._snapshot = snapshot
+        self._pool = OutageLog(
+            logger,
+            "the upstream connection pool (NILAI_UPSTREAM_MAX_CONNECTIONS)",
+            "every connection is busy; answering 503 with Retry-After, ejecting no model server",
+        )
 
     async def send(
         self, model: str, payload: bytes, ctx: RequestContext, *, stream: bool
@@ -51,23 +63,44 @@ class Relay:
                 content=payload,
                 headers=_SSE_HEADERS if stream else _JSON_HEADERS,
             )
+            started = time.monotonic()
             try:
                 response = await self._http.send(request, stream=stream)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout):
+            except httpx.PoolTimeout as exc:
+                # Every connection this process may open is busy: the gateway's own limit, not
+                # the server's fault, and the next server would wait for the same pool.
+                self._pool.failed(exc, started=started)
+                raise UpstreamUnavailable(
+                    "The gateway has no free connection to the model servers right now; "
+                    "try again shortly.",
+                    code="upstream_busy",
+                ) from exc
+            except (httpx.ConnectError, httpx.ConnectTimeout):
                 logger.warning("model server %s unreachable; trying the next", endpoint.id)
                 self._snapshot.report_failure(endpoint.id)
                 continue
             except httpx.TimeoutException as exc:
                 raise UpstreamTimeout("The model server did not answer in time.") from exc
             except httpx.HTTPError as exc:
+                self._snapshot.report_error(endpoint.id)
                 raise UpstreamProtocolError("The model server broke the connection.") from exc
+            self._pool.answered(started=started)
             ctx.endpoint = endpoint.id
+            if _server_failed(response.status_code):
+                self._snapshot.report_error(endpoint.id)
+            else:
+                self._snapshot.report_success(endpoint.id)
             if response.status_code != HTTPStatus.OK:
                 await _raise_for_status(response)
             return response
         raise UpstreamUnavailable(
             f"No model server for '{model}' is reachable right now; try again shortly."
         )
+
+
+def _server_failed(status: int) -> bool:
+    """A 5xx that says the server is broken; 503 is a working server shedding load."""
+    return status >= HTTPStatus.INTERNAL_SERVER_ERROR and status != HTTPStatus.SERVICE_UNAVAILABLE
 
 
 async def _raise_for_status(response: httpx.Response) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -14,8 +12,6 @@ from nilai.gateway.services import Services
 from nilai.protocol.health import Health, Liveness, Readiness
 
 router = APIRouter(tags=["health"])
-
-READY_CHECK_TIMEOUT_S = 1.5
 
 
 def _uptime(services: Services) -> str:
@@ -38,11 +34,16 @@ async def healthz(services: ServicesDep) -> Liveness:
 @router.get("/readyz", response_model=Readiness)
 @router.get("/v1/readyz", response_model=Readiness)
 async def readyz(services: ServicesDep) -> JSONResponse:
-    """Readiness: shared state reachable and at least one model server answering."""
-    checks: dict[str, str] = {"database": await _check(services.store.ping)}
-    if services.redis is not None:
-        checks["redis"] = await _check(services.discovery.ping)
-    await services.snapshot.probe()
+    """Readiness: shared state reachable and at least one model server in rotation.
+
+    Anyone may call it, so it costs the same however often it is called: the database and
+    Redis pings are shared and reused for a second (``SharedChecks``), and the model servers
+    are read from the routing snapshot, never probed from here. Probing is the snapshot's own
+    background work, at its own cadence; a probe run for a caller would let anonymous traffic
+    multiply requests to the model servers (and, when ejection followed a slow probe, take
+    working servers out of rotation).
+    """
+    checks = await services.readiness.results()
     checks["usage_log"] = _usage_log(services)
     healthy = services.snapshot.healthy_models()
     checks["models"] = f"ok ({len(healthy)} served)" if healthy else "no reachable model server"
@@ -67,12 +68,3 @@ def _usage_log(services: Services) -> str:
     if stalled_s > services.settings.usage_stall_s:
         return f"degraded (nothing written for {stalled_s:.0f}s; {counts})"
     return f"ok ({counts})"
-
-
-async def _check(ping: Callable[[], Awaitable[None]]) -> str:
-    try:
-        async with asyncio.timeout(READY_CHECK_TIMEOUT_S):
-            await ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        return f"unreachable ({type(exc).__name__})"
-    return "ok"
