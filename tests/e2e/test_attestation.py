@@ -21,7 +21,7 @@ from starlette.routing import Route
 from nilai.attestation.simulated import NOTICE, verify_document
 from nilai.attestation.verify import verify_report
 from nilai.cli import attest
-from tests.conftest import TEST_API_KEY
+from tests.conftest import REDIS_URL, TEST_API_KEY
 from tests.support.fake_tsm import FakeConfigfs
 from tests.support.servers import ServerThread, free_port
 
@@ -141,12 +141,30 @@ def test_unauthenticated_is_401(start_gateway, headers):
 # --- nilai attest verify -------------------------------------------------------------------
 
 
-def test_attest_verify_passes_and_says_simulated(start_gateway, capsys):
+def test_attest_verify_of_a_simulated_report_is_bound_but_exits_4(start_gateway, capsys):
     gateway = start_gateway()
-    assert attest_verify(gateway.url, "--api-key", TEST_API_KEY) == 0
+    assert attest_verify(gateway.url, "--api-key", TEST_API_KEY) == attest.EXIT_SIMULATED == 4
     out = capsys.readouterr().out
-    assert out.startswith("OK:")
-    assert NOTICE in out
+    assert out.startswith("SIMULATED: the report is bound to the key from /v1/public_key")
+    assert "checked       CPU and GPU documents signed by the gateway's key" in out
+    assert f"NOT verified  hardware: {NOTICE}" in out
+    assert out.rstrip().endswith("exit status 4: bound, evidence simulated (no hardware guarantee)")
+    assert "OK" not in out
+
+
+def test_attest_verify_help_lists_the_exit_statuses(capsys):
+    with pytest.raises(SystemExit) as done:
+        attest_verify("--help")
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for line in [
+        "0  bound to the key and the fresh nonce, and the evidence fully verified",
+        "1  a check failed",
+        "2  usage or connection problem",
+        "3  bound, but the hardware evidence is NOT verified",
+        "4  bound, but the evidence is SIMULATED",
+    ]:
+        assert line in out
 
 
 def test_attest_verify_reads_the_key_from_the_environment_and_pins(
@@ -156,7 +174,7 @@ def test_attest_verify_reads_the_key_from_the_environment_and_pins(
     monkeypatch.setenv("NILAI_API_KEY", TEST_API_KEY)
     key = base64.b64encode(public_key(gateway)).decode()
     saved = tmp_path / "report.json"
-    assert attest_verify(f"{gateway.url}/v1/", "--public-key", key, "--save", str(saved)) == 0
+    assert attest_verify(f"{gateway.url}/v1/", "--public-key", key, "--save", str(saved)) == 4
     assert "pinned key" in capsys.readouterr().out
     assert json.loads(saved.read_bytes())["verifying_key"] == key
 
@@ -238,10 +256,64 @@ def test_http_attester_evidence_through_the_gateway(start_gateway, serve, capsys
     assert json.loads(body["cpu_attestation"]) == {"report_data": bound, "kind": "cpu"}
     assert body["gpu_attestation"] == f"gpu:{bound}"
 
-    assert attest_verify(gateway.url, "--api-key", TEST_API_KEY) == 0
+    assert attest_verify(gateway.url, "--api-key", TEST_API_KEY) == 3
     out = capsys.readouterr().out
-    assert "not verified here" in out
+    assert out.startswith("UNVERIFIED: the report is bound")
+    assert "checked       the attester JSON report's report_data field holds report_data" in out
+    assert "NOT verified  hardware signature not verified: attester JSON report" in out
+    assert "NOT verified  gpu_attestation: not checked at all" in out
     assert "SIMULATED" not in out
+    assert out.rstrip().endswith("exit status 3: bound, hardware evidence not verified")
+
+
+def impostor(key: PrivateKey, cpu_attestation: str, **fields: Any) -> Starlette:
+    """A gateway with no TEE that claims hardware: the binding is right, the evidence is not."""
+    public = key.public_key.format()
+
+    async def report(request: Request) -> JSONResponse:
+        nonce = bytes.fromhex(request.query_params["nonce"])
+        body = {
+            "verifying_key": base64.b64encode(public).decode(),
+            "nonce": nonce.hex(),
+            "report_data": hashlib.sha256(public + nonce).hexdigest(),
+            "cpu_attestation": cpu_attestation,
+            "gpu_attestation": None,
+            "provider": "http",
+            "simulated": False,
+            "details": {},
+            **fields,
+        }
+        return JSONResponse(body)
+
+    async def public_key(request: Request) -> JSONResponse:
+        return JSONResponse(base64.b64encode(public).decode())
+
+    return Starlette(
+        routes=[Route("/v1/attestation/report", report), Route("/v1/public_key", public_key)]
+    )
+
+
+@pytest.mark.parametrize(
+    ("cpu", "fields", "reason"),
+    [
+        (base64.b64encode(b"not a quote").decode(), {}, "neither a TDX quote nor an SEV-SNP"),
+        ("opaque evidence", {}, "neither a JSON report nor a base64 quote"),
+        (json.dumps({"measurement": "ab"}), {}, "has no report_data"),
+        (
+            base64.b64encode(b"\0" * 0x4A0).decode(),
+            {"provider": "tsm", "details": {"tsm_provider": "sgx_guest"}},
+            "unknown TSM backend 'sgx_guest'",
+        ),
+        (base64.b64encode(b"\0" * 0x4A0).decode(), {"provider": "tsm"}, "unknown TSM backend"),
+        ("anything", {"provider": "nitro"}, "unknown provider 'nitro'"),
+    ],
+)
+def test_attest_verify_refuses_an_impostor_claiming_hardware(serve, capsys, cpu, fields, reason):
+    server = serve(impostor(PrivateKey(), cpu, **fields))
+    assert attest_verify(server.url, "--api-key", TEST_API_KEY) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAIL: ")
+    assert reason in out
 
 
 def test_failing_attester_is_a_502_without_detail(start_gateway, serve):
@@ -267,12 +339,70 @@ def test_unreachable_attester_is_a_502(start_gateway):
 def test_tsm_quote_through_the_gateway(start_gateway, tmp_path, monkeypatch, capsys):
     fake = FakeConfigfs(tmp_path / "tsm" / "report", monkeypatch)
     gateway = start_gateway(attestation_provider="tsm", attestation_tsm_path=fake.root)
-    assert attest_verify(gateway.url, "--api-key", TEST_API_KEY) == 0
+    assert attest_verify(gateway.url, "--api-key", TEST_API_KEY) == 3
     out = capsys.readouterr().out
+    assert out.startswith("UNVERIFIED: ")
     assert "provider      tsm (sev_guest)" in out
-    assert "SEV-SNP quote's user-data field holds report_data" in out
+    assert "checked       the SEV-SNP report's REPORT_DATA field holds report_data" in out
+    assert "NOT verified  hardware signature not verified: SEV-SNP report (AMD VCEK" in out
     assert len(fake.inblobs) == 1
     assert fake.entries() == []
+
+
+def test_tsm_quote_from_an_unknown_backend_fails_verification(
+    start_gateway, tmp_path, monkeypatch, capsys
+):
+    fake = FakeConfigfs(tmp_path / "tsm" / "report", monkeypatch, provider="arm_cca_guest")
+    gateway = start_gateway(attestation_provider="tsm", attestation_tsm_path=fake.root)
+    assert attest_verify(gateway.url, "--api-key", TEST_API_KEY) == 1
+    assert capsys.readouterr().out.startswith("FAIL: unknown TSM backend 'arm_cca_guest'")
+
+
+# --- rate limit ----------------------------------------------------------------------------
+
+
+def test_attestation_reports_are_rate_limited_per_account(start_gateway):
+    other_key = "second-test-key-0123456789"  # pragma: allowlist secret
+    gateway = start_gateway(
+        api_keys=[TEST_API_KEY, other_key],
+        attestation_rate_limit_minute=3,
+        rate_limit_minute=100,  # chat's own limit: attestation reports are counted apart
+    )
+    allowed = [get_report(gateway, "00") for _ in range(3)]
+    assert [response.status_code for response in allowed] == [200, 200, 200]
+    assert [r.headers["x-ratelimit-remaining"] for r in allowed] == ["2", "1", "0"]
+    assert allowed[0].headers["x-ratelimit-limit"] == "3"
+
+    refused = get_report(gateway, "00")
+    assert refused.status_code == 429
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    assert "3 attestation reports per minute for this account" in error["message"]
+
+    # Another account has its own budget, and chat budgets are not spent on reports.
+    other = get_report(gateway, "00", headers={"Authorization": f"Bearer {other_key}"})
+    assert other.status_code == 200
+
+
+def test_attestation_reports_have_a_rate_limit_by_default(start_gateway):
+    gateway = start_gateway()  # the default: 60 reports a minute per account
+    statuses = [get_report(gateway, "00").status_code for _ in range(61)]
+    assert statuses == [200] * 60 + [429]
+
+
+def test_attestation_rate_limit_is_shared_by_replicas_through_redis(start_gateway, redis_prefix):
+    shared = {"redis_url": REDIS_URL, "redis_prefix": redis_prefix}
+    replicas = [start_gateway(attestation_rate_limit_minute=3, **shared) for _ in range(2)]
+    statuses = [get_report(replicas[i % 2], "00").status_code for i in range(4)]
+    assert statuses == [200, 200, 200, 429]
+
+
+def test_attestation_rate_limit_zero_switches_it_off(start_gateway):
+    gateway = start_gateway(attestation_rate_limit_minute=0)
+    responses = [get_report(gateway, "00") for _ in range(5)]
+    assert [response.status_code for response in responses] == [200] * 5
+    assert "x-ratelimit-limit" not in responses[0].headers
 
 
 async def test_gateway_refuses_to_start_with_http_provider_and_no_url(tmp_path):

@@ -55,7 +55,8 @@ def make_attestation_provider(
                 "(the attester's report URL)"
             )
         if not url.startswith(("http://", "https://")):
-            raise ValueError(f"NILAI_ATTESTATION_URL {url!r} must start with http:// or https://")
+            # Not quoted: the URL may carry user:password@ (SECURITY.md, secrets hygiene).
+            raise ValueError("NILAI_ATTESTATION_URL must start with http:// or https://")
         return HttpAttester(url, http, timeout_s=timeout_s)
     if provider == "tsm":
         root = Path(tsm_path)
@@ -69,3 +70,9 @@ def make_attestation_provider(
     raise ValueError(
         f"NILAI_ATTESTATION_PROVIDER={provider!r} is unknown; use one of {', '.join(PROVIDERS)}"
     )
+
+
+async def close_attestation_provider(provider: AttestationProvider) -> None:
+    """Release what ``provider`` holds: the tsm provider's quote threads; others hold nothing."""
+    if isinstance(provider, TsmProvider):
+        await provider.aclose()

@@ -11,6 +11,10 @@ Assumed contract (the attester is operator-configured, ``NILAI_ATTESTATION_URL``
   string (kept as is) or a JSON object (kept as its canonical JSON text). If the attester
   echoes ``nonce`` or ``report_data`` (hex), it must equal what was sent. Other keys are
   ignored. Bodies over 1 MiB are refused.
+- The CPU evidence must carry the ``report_data`` it was asked for, where a client can find
+  it (``quotes.attester_user_data``): a JSON report with a top-level ``report_data`` (hex, or
+  an array of byte values, zero-padded to 64 bytes or not), or base64 of an SEV-SNP report or
+  TDX quote. Evidence that does not is refused here, as every client would refuse it.
 
 Failures never reach the client in detail: unreachable attester, error status or unusable
 body → 502; no answer within the time limit → 504. The log says which, without bodies.
@@ -27,6 +31,7 @@ from typing import Any
 import httpx
 
 from nilai.attestation.base import Evidence
+from nilai.attestation.quotes import QuoteFormatError, attester_user_data
 from nilai.crypto.canonical import canonical_json
 from nilai.errors import UpstreamProtocolError, UpstreamTimeout
 
@@ -110,7 +115,20 @@ def parse_evidence(raw: bytes, report_data: bytes) -> Evidence:
     if cpu is None:
         logger.warning("attester answer has no CPU evidence")
         raise _invalid()
+    _require_report_data(cpu, report_data)
     return Evidence(cpu_attestation=cpu, gpu_attestation=_evidence_text(_first(answer, _GPU_KEYS)))
+
+
+def _require_report_data(cpu: str, report_data: bytes) -> None:
+    """Refuse CPU evidence that does not carry ``report_data`` where a client would look."""
+    try:
+        found = attester_user_data(cpu)
+    except QuoteFormatError as exc:
+        logger.warning("attester evidence carries no report_data: %s", exc)
+        raise _invalid() from None
+    if not found.holds(report_data):
+        logger.warning("attester evidence's %s is not the report_data sent", found.field)
+        raise _invalid()
 
 
 def _first(answer: dict[str, Any], keys: tuple[str, ...]) -> object:

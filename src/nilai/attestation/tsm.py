@@ -9,16 +9,23 @@ every write). Removing the directory removes the entry.
 
 Each report uses its own entry, so concurrent requests never share an ``inblob``; reading
 ``generation`` before and after the quote still catches anyone writing to it meanwhile. The
-file I/O blocks (the kernel talks to the firmware), so it runs in a worker thread.
+file I/O blocks (the kernel talks to the firmware), so it runs in a worker thread of the
+provider's own small pool, never the loop's default one (which DNS lookups share). A thread
+cannot be interrupted in the kernel: when a report times out its thread keeps running, so the
+bound on quote threads counts threads running, not requests waiting, and a slot comes back
+only when its thread returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
+import contextlib
 import logging
 import os
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,19 +59,41 @@ class TsmProvider:
     name = "tsm"
     simulated = False
 
-    def __init__(self, root: Path, *, timeout_s: float) -> None:
+    def __init__(
+        self, root: Path, *, timeout_s: float, max_threads: int = MAX_CONCURRENT_REPORTS
+    ) -> None:
         self._root = root
         self._timeout_s = timeout_s
-        # The firmware serialises reports anyway; this bounds the worker threads they hold.
-        self._slots = asyncio.Semaphore(MAX_CONCURRENT_REPORTS)
+        self._max_threads = max_threads
+        # Threads start on first use, not here: building the provider starts nothing.
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_threads, thread_name_prefix="nilai-tsm"
+        )
+        # Taken before a quote thread starts and given back when it returns (not when its
+        # request gives up), so at most ``max_threads`` threads are ever in the kernel.
+        self._slots = asyncio.Semaphore(max_threads)
+        self._lock = threading.Lock()
+        self._running = 0
+
+    @property
+    def running(self) -> int:
+        """Quote threads running now, including those whose requests timed out."""
+        with self._lock:
+            return self._running
 
     async def report(self, report_data: bytes) -> Evidence:
         """Return the quote over ``report_data``; 502 when it fails, 504 when it is too slow."""
         try:
-            async with asyncio.timeout(self._timeout_s), self._slots:
-                quote = await asyncio.to_thread(collect_quote, self._root, report_data)
+            async with asyncio.timeout(self._timeout_s):
+                await self._slots.acquire()
+                quote = await self._collect(report_data)
         except TimeoutError:
-            logger.warning("configfs-tsm report took longer than %.1fs", self._timeout_s)
+            logger.warning(
+                "configfs-tsm report took longer than %.1fs (%d of %d quote threads running)",
+                self._timeout_s,
+                self.running,
+                self._max_threads,
+            )
             raise UpstreamTimeout(
                 "The hardware attestation report took too long.", code="attestation_timeout"
             ) from None
@@ -79,6 +108,41 @@ class TsmProvider:
             gpu_attestation=None,
             details=_details(quote),
         )
+
+    def _collect(self, report_data: bytes) -> asyncio.Future[TsmQuote]:
+        """Start a quote thread in a slot already taken; the slot returns with the thread."""
+        loop = asyncio.get_running_loop()
+
+        def release(_: object) -> None:
+            # Runs in the quote thread (or here if it never started); the loop may be closed
+            # by then at shutdown, when nobody waits for the slot any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._slots.release)
+
+        try:
+            job = self._pool.submit(self._run, report_data)
+        except RuntimeError:  # the pool is shut down: the provider is closed
+            self._slots.release()
+            raise TsmError("the provider is closed") from None
+        job.add_done_callback(release)
+        # Cancelling this future (a timeout) cannot stop a running thread; ``release`` waits
+        # for the thread, not for this future.
+        return asyncio.wrap_future(job, loop=loop)
+
+    def _run(self, report_data: bytes) -> TsmQuote:
+        with self._lock:
+            self._running += 1
+        try:
+            return collect_quote(self._root, report_data)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    async def aclose(self) -> None:
+        """Stop taking reports; a quote thread still in the kernel ends when the kernel returns."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if running := self.running:
+            logger.info("%d configfs-tsm quote threads still running at shutdown", running)
 
 
 def collect_quote(root: Path, report_data: bytes) -> TsmQuote:

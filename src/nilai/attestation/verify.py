@@ -7,12 +7,15 @@ What a report can prove here, without vendor tooling:
 - ``report_data`` is ``SHA-256(public key ‖ nonce)``, computed by the client itself;
 - simulated evidence: both documents are signed by that key, over that ``report_data``, and
   are of the kind their field names (CPU in ``cpu_attestation``, GPU in ``gpu_attestation``);
-- configfs-tsm evidence: the quote's own user-data field (SEV-SNP ``REPORT_DATA``, TDX
-  ``REPORTDATA``) holds ``report_data``.
+- hardware evidence (``tsm`` and ``http``): the quote's own user-data field (SEV-SNP
+  ``REPORT_DATA``, TDX ``REPORTDATA``, or an attester JSON report's ``report_data``) holds
+  ``report_data``. Evidence whose field cannot be found (an unknown TSM backend, an attester
+  report without ``report_data``, an unknown provider) is refused: nothing is skipped silently.
 
-What it cannot prove: that a hardware quote is genuine. Its signature chain (AMD VCEK/ASK/ARK,
-Intel PCS, NVIDIA's attestation service) must be checked with the vendor's tools, which will
-then show the same ``report_data``.
+What it does not prove: that a hardware quote is genuine. Its signature chain (AMD VCEK/ASK/ARK,
+Intel PCS, NVIDIA's attestation service), TCB and measurements must be checked with the
+vendor's tools, which will then show the same ``report_data``. ``VerifiedReport.unverified``
+lists what was left unchecked, so that no caller mistakes a bound report for a verified one.
 """
 
 from __future__ import annotations
@@ -26,24 +29,36 @@ from coincurve import PublicKey
 from pydantic import ValidationError
 
 from nilai.attestation.base import EvidenceError, report_data
+from nilai.attestation.quotes import (
+    QuoteFormatError,
+    UserData,
+    attester_user_data,
+    tsm_user_data,
+)
 from nilai.attestation.report import AttestationReport
-from nilai.attestation.simulated import is_simulated_document, verify_document
+from nilai.attestation.simulated import NOTICE, is_simulated_document, verify_document
 
-REPORT_DATA_FIELD_SIZE = 64
-SEV_SNP_REPORT_DATA_OFFSET = 0x50
-TDX_TEE_TYPE = 0x81
-# Quote header (48 bytes), then the TD report body; REPORTDATA sits 520 bytes into the body.
-# Version 5 quotes put a 6-byte body descriptor (type, size) before the body.
-TDX_REPORT_DATA_OFFSETS = {4: 48 + 520, 5: 48 + 6 + 520}
+HARDWARE_SIGNATURE_NOT_VERIFIED = "hardware signature not verified"
+_VENDOR_CHAINS = {
+    "SEV-SNP report": "AMD VCEK/ASK/ARK chain, TCB version and launch measurement",
+    "TDX quote": "Intel PCK chain, TCB status and measurements (MRTD, RTMRs)",
+    "attester JSON report": "the attester's report is plain JSON, signed by no hardware",
+}
 
 
 @dataclass(frozen=True, slots=True)
 class VerifiedReport:
-    """What a successful check established."""
+    """A report bound to the expected key and nonce, with what else was and was not checked.
+
+    The binding (key, nonce, ``report_data``) always holds when a report is returned; failures
+    raise ``EvidenceError`` instead. ``proven`` and ``unverified`` describe the evidence.
+    """
 
     report: AttestationReport
-    quote_check: str | None
-    """How the hardware quote was tied to ``report_data``, when it could be (tsm only)."""
+    proven: tuple[str, ...]
+    """Checks of the evidence that passed, in words (beyond the binding itself)."""
+    unverified: tuple[str, ...]
+    """What these checks cannot establish; empty only when the evidence is fully verified."""
 
     @property
     def simulated(self) -> bool:
@@ -95,10 +110,9 @@ def verify_report(body: bytes | str, *, public_key: bytes, nonce: bytes) -> Veri
             "this key and nonce"
         )
     if report.simulated:
-        _check_simulated(report, public_key, expected)
-        return VerifiedReport(report, None)
+        return _check_simulated(report, public_key, expected)
     _refuse_simulated_documents(report)
-    return VerifiedReport(report, _check_quote(report, expected))
+    return _check_hardware(report, expected)
 
 
 def _first_problem(exc: ValidationError) -> str:
@@ -131,12 +145,21 @@ def _check_nonce(report: AttestationReport, nonce: bytes) -> None:
         )
 
 
-def _check_simulated(report: AttestationReport, public_key: bytes, expected: bytes) -> None:
+def _check_simulated(
+    report: AttestationReport, public_key: bytes, expected: bytes
+) -> VerifiedReport:
     verify_document(report.cpu_attestation, kind="cpu", public_key=public_key, report_data=expected)
+    signed = "CPU document"
     if report.gpu_attestation is not None:
         verify_document(
             report.gpu_attestation, kind="gpu", public_key=public_key, report_data=expected
         )
+        signed = "CPU and GPU documents"
+    return VerifiedReport(
+        report,
+        proven=(f"{signed} signed by the gateway's key over report_data",),
+        unverified=(f"hardware: {NOTICE} (anyone holding the key can issue it, anywhere)",),
+    )
 
 
 def _refuse_simulated_documents(report: AttestationReport) -> None:
@@ -147,37 +170,36 @@ def _refuse_simulated_documents(report: AttestationReport) -> None:
             )
 
 
-def _check_quote(report: AttestationReport, expected: bytes) -> str | None:
-    """Tie a configfs-tsm quote to ``report_data`` through its user-data field."""
-    if report.provider != "tsm":
-        return None
+def _check_hardware(report: AttestationReport, expected: bytes) -> VerifiedReport:
+    """Find ``report_data`` in the CPU evidence; list the hardware checks left to vendors."""
+    found = _cpu_user_data(report)
+    if not found.holds(expected):
+        raise EvidenceError(f"the {found.source}'s {found.field} field does not hold report_data")
+    unverified = [
+        f"{HARDWARE_SIGNATURE_NOT_VERIFIED}: {found.source} ({_VENDOR_CHAINS[found.source]})"
+    ]
+    if report.gpu_attestation is not None:
+        unverified.append("gpu_attestation: not checked at all (use NVIDIA's attestation SDK)")
+    return VerifiedReport(
+        report,
+        proven=(f"the {found.source}'s {found.field} field holds report_data",),
+        unverified=tuple(unverified),
+    )
+
+
+def _cpu_user_data(report: AttestationReport) -> UserData:
     try:
-        quote = base64.b64decode(report.cpu_attestation, validate=True)
-    except binascii.Error:
-        raise EvidenceError("cpu_attestation is not a base64 quote") from None
-    backend = report.details.get("tsm_provider", "")
-    located = _locate_report_data(quote, backend)
-    if located is None:
-        return None
-    label, offset = located
-    field = quote[offset : offset + REPORT_DATA_FIELD_SIZE]
-    if field != expected.ljust(REPORT_DATA_FIELD_SIZE, b"\0"):
-        raise EvidenceError(f"the {label} quote's user-data field does not hold report_data")
-    return f"the {label} quote's user-data field holds report_data"
-
-
-def _locate_report_data(quote: bytes, backend: str) -> tuple[str, int] | None:
-    offset: int | None = None
-    label = backend
-    if backend.startswith("sev"):
-        label, offset = "SEV-SNP", SEV_SNP_REPORT_DATA_OFFSET
-    elif backend.startswith("tdx") and len(quote) >= 8:  # noqa: PLR2004 - version + tee type
-        version = int.from_bytes(quote[0:2], "little")
-        tee_type = int.from_bytes(quote[4:8], "little")
-        if tee_type == TDX_TEE_TYPE:
-            label, offset = "TDX", TDX_REPORT_DATA_OFFSETS.get(version)
-    if offset is None:
-        return None
-    if len(quote) < offset + REPORT_DATA_FIELD_SIZE:
-        raise EvidenceError(f"the {label} quote is too short ({len(quote)} bytes)")
-    return label, offset
+        if report.provider == "tsm":
+            try:
+                quote = base64.b64decode(report.cpu_attestation, validate=True)
+            except binascii.Error:
+                raise EvidenceError("cpu_attestation is not a base64 quote") from None
+            return tsm_user_data(quote, report.details.get("tsm_provider", ""))
+        if report.provider == "http":
+            return attester_user_data(report.cpu_attestation)
+    except QuoteFormatError as exc:
+        raise EvidenceError(str(exc)) from None
+    raise EvidenceError(
+        f"unknown provider {report.provider!r}: its evidence cannot be checked, so the report "
+        "proves nothing"
+    )

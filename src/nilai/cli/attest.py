@@ -1,7 +1,11 @@
-"""``nilai attest verify URL``: fetch a fresh attestation report and check its binding.
+"""``nilai attest verify URL``: fetch a fresh attestation report and say what it proves.
 
-Exit status: 0 when the report is bound to the key and to the fresh nonce (and simulated
-evidence verifies), 1 when a check fails, 2 for usage or connection problems.
+Exit status (``EXIT_STATUS_HELP``): 0 when the report is bound to the key and the fresh nonce
+and its evidence is fully verified; 1 when a check fails; 2 for usage or connection problems;
+3 when the binding holds but the hardware evidence is not verified (its signature chain is
+left to the vendor's tools); 4 when the binding holds but the evidence is simulated. This
+version verifies no hardware signature, so a hardware report ends with 3, never 0: a script
+that accepts only 0 fails closed.
 """
 
 from __future__ import annotations
@@ -17,11 +21,32 @@ import httpx
 
 from nilai.attestation.base import EvidenceError
 from nilai.attestation.report import SERVER_NONCE_BYTES
-from nilai.attestation.simulated import NOTICE
 from nilai.attestation.verify import VerifiedReport, decode_public_key, verify_report
 from nilai.cli.common import fail
 
 COMMAND = "attest verify"
+
+EXIT_VERIFIED = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_HARDWARE_UNVERIFIED = 3
+EXIT_SIMULATED = 4
+
+EXIT_STATUS_HELP = f"""\
+exit status:
+  {EXIT_VERIFIED}  bound to the key and the fresh nonce, and the evidence fully verified
+  {EXIT_FAILED}  a check failed: wrong key, stale nonce, unbound or unreadable evidence
+  {EXIT_USAGE}  usage or connection problem (no verdict)
+  {EXIT_HARDWARE_UNVERIFIED}  bound, but the hardware evidence is NOT verified: the quote's
+     signature chain, TCB and measurements are left to the vendor's tools (this
+     version verifies no hardware signature, so every tsm and http report ends here)
+  {EXIT_SIMULATED}  bound, but the evidence is SIMULATED: no hardware guarantee
+"""
+_MEANINGS = {
+    EXIT_VERIFIED: "bound and verified",
+    EXIT_HARDWARE_UNVERIFIED: "bound, hardware evidence not verified",
+    EXIT_SIMULATED: "bound, evidence simulated (no hardware guarantee)",
+}
 
 
 class GatewayError(Exception):
@@ -36,7 +61,12 @@ def register(commands: Any) -> None:
     )
     actions = parser.add_subparsers(dest="attest_command", required=True, metavar="ACTION")
     verify: argparse.ArgumentParser = actions.add_parser(
-        "verify", help="fetch a report for a fresh nonce and check it is bound to the key"
+        "verify",
+        help="fetch a report for a fresh nonce and check it is bound to the key",
+        description="Fetch an attestation report for a fresh nonce, check that it is bound\n"
+        "to the gateway's key and that nonce, and say what was and was not verified.",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     verify.add_argument("url", help="gateway base URL, e.g. https://nilai.example.com")
     verify.add_argument("--api-key", help="API key (default: the NILAI_API_KEY variable)")
@@ -79,9 +109,17 @@ def run(args: argparse.Namespace) -> int:
         verified = verify_report(body, public_key=public_key, nonce=nonce)
     except EvidenceError as exc:
         print(f"FAIL: {exc}")
-        return 1
-    print_outcome(verified, pinned=pinned is not None)
-    return 0
+        return EXIT_FAILED
+    return print_outcome(verified, pinned=pinned is not None)
+
+
+def exit_status(verified: VerifiedReport) -> int:
+    """The exit status for a bound report: 0 only when nothing was left unverified."""
+    if verified.simulated:
+        return EXIT_SIMULATED
+    if verified.unverified:
+        return EXIT_HARDWARE_UNVERIFIED
+    return EXIT_VERIFIED
 
 
 def base_url(url: str) -> str:
@@ -136,28 +174,36 @@ def _error_message(response: httpx.Response) -> str:
     return str(message)
 
 
-def print_outcome(verified: VerifiedReport, *, pinned: bool) -> None:
-    """Say what holds, and what this tool could not establish."""
+def print_outcome(verified: VerifiedReport, *, pinned: bool) -> int:
+    """Say what holds and what was not verified; return the exit status that says the same."""
     report = verified.report
+    status = exit_status(verified)
     source = "the pinned key" if pinned else "the key from /v1/public_key"
-    print(f"OK: the report is bound to {source} and to a fresh nonce.")
+    bound = f"the report is bound to {source} and to a fresh nonce"
+    verdicts = {
+        EXIT_VERIFIED: f"OK: {bound}, and its evidence is verified.",
+        EXIT_HARDWARE_UNVERIFIED: f"UNVERIFIED: {bound}, but its hardware evidence is NOT "
+        "verified.",
+        EXIT_SIMULATED: f"SIMULATED: {bound}, but its evidence is simulated.",
+    }
+    print(verdicts[status])
     print(f"  verifying_key {report.verifying_key}")
     print(f"  nonce         {report.nonce}")
     print(f"  report_data   {report.report_data} = SHA-256(public key || nonce)")
     backend = report.details.get("tsm_provider")
     print(f"  provider      {report.provider}{f' ({backend})' if backend else ''}")
+    for check in verified.proven:
+        print(f"  checked       {check}")
+    for gap in verified.unverified:
+        print(f"  NOT verified  {gap}")
     if not pinned:
         print("  (pass --public-key to pin the key instead of trusting /v1/public_key)")
-    if verified.simulated:
-        gpu = " and GPU" if report.gpu_attestation is not None else ""
-        print(f"  CPU{gpu} evidence signed by the gateway's key over report_data")
-        print(f"{NOTICE}.")
-        return
-    if verified.quote_check:
-        print(f"  {verified.quote_check}")
-    print(
-        "The hardware quote itself is not verified here: check cpu_attestation"
-        + (" and gpu_attestation" if report.gpu_attestation is not None else "")
-        + " with the vendor's tools (AMD SEV-SNP or Intel TDX quote verification, NVIDIA's "
-        "attestation SDK for GPUs); they must accept it and show this report_data."
-    )
+    if status == EXIT_HARDWARE_UNVERIFIED:
+        print(
+            "Check cpu_attestation"
+            + (" and gpu_attestation" if report.gpu_attestation is not None else "")
+            + " with the vendor's tools (AMD SEV-SNP or Intel TDX quote verification, NVIDIA's "
+            "attestation SDK for GPUs); they must accept it and show this report_data."
+        )
+    print(f"exit status {status}: {_MEANINGS[status]}")
+    return status

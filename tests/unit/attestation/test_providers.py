@@ -2,6 +2,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -20,9 +21,12 @@ from nilai.crypto.keys import Signer
 from nilai.crypto.verify import VerificationError, verify_response
 from nilai.errors import UpstreamProtocolError, UpstreamTimeout, ValidationFailed
 from tests.support.fake_tsm import SEV_SNP_REPORT_DATA_OFFSET, FakeConfigfs
+from tests.support.servers import wait_until
 
 ATTESTER = "http://attester.internal:9000/v2/report"
 DATA = hashlib.sha256(b"some key and nonce").digest()
+CPU_REPORT = {"report_data": DATA.hex(), "measurement": "ab"}
+"""An attester's JSON CPU report carrying the report_data it was asked for."""
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +227,85 @@ async def test_tsm_slow_report_is_a_504(tmp_path, monkeypatch):
     assert caught.value.status == 504
 
 
+class StuckQuotes:
+    """``collect_quote`` stand-in whose threads stay in the "kernel" until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.started = 0
+        self.inside = 0
+        self.most_inside = 0
+        self.thread_names: set[str] = set()
+
+    def __call__(self, root: Path, data: bytes) -> tsm.TsmQuote:
+        with self.lock:
+            self.started += 1
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+            self.thread_names.add(threading.current_thread().name)
+        try:
+            self.release.wait(timeout=30)
+            return tsm.TsmQuote(b"quote over " + data, None, "sev_guest", "0")
+        finally:
+            with self.lock:
+                self.inside -= 1
+
+
+async def test_tsm_timed_out_quote_threads_keep_their_slots(tmp_path, monkeypatch):
+    stuck = StuckQuotes()
+    monkeypatch.setattr(tsm, "collect_quote", stuck)
+    provider = TsmProvider(tmp_path, timeout_s=1.0)
+    try:
+        # Four requests fill the four slots; their quotes hang and the requests time out.
+        first = await asyncio.gather(
+            *(provider.report(DATA) for _ in range(4)), return_exceptions=True
+        )
+        assert all(isinstance(result, UpstreamTimeout) for result in first)
+        # Two more, while those threads are still in the kernel, time out waiting for a slot:
+        # no fifth thread is started.
+        second = await asyncio.gather(
+            *(provider.report(DATA) for _ in range(2)), return_exceptions=True
+        )
+        assert all(isinstance(result, UpstreamTimeout) for result in second)
+        assert (stuck.started, stuck.most_inside) == (4, 4)
+        assert provider.running == 4
+
+        stuck.release.set()  # the kernel returns: the slots come back with the threads
+        await asyncio.to_thread(wait_until, lambda: provider.running == 0, timeout_s=10)
+        evidence = await provider.report(DATA)
+        assert base64.b64decode(evidence.cpu_attestation) == b"quote over " + DATA
+        assert stuck.started == 5
+    finally:
+        stuck.release.set()
+        await provider.aclose()
+
+
+async def test_tsm_quotes_run_in_the_providers_own_threads(tmp_path, monkeypatch):
+    before = {thread.name for thread in threading.enumerate()}
+    stuck = StuckQuotes()
+    stuck.release.set()
+    monkeypatch.setattr(tsm, "collect_quote", stuck)
+    provider = TsmProvider(tmp_path, timeout_s=5)
+    # Building the provider starts no thread; the first report does.
+    assert {thread.name for thread in threading.enumerate()} == before
+    await asyncio.gather(*(provider.report(DATA) for _ in range(6)))
+    assert stuck.started == 6
+    assert stuck.thread_names  # not the loop's default pool, which DNS lookups share
+    assert all(name.startswith("nilai-tsm") for name in stuck.thread_names)
+    assert len(stuck.thread_names) <= tsm.MAX_CONCURRENT_REPORTS
+
+    await provider.aclose()
+    await asyncio.to_thread(
+        wait_until,
+        lambda: not any(t.name.startswith("nilai-tsm") for t in threading.enumerate()),
+        timeout_s=10,
+    )
+    with pytest.raises(UpstreamProtocolError):  # closed: no new quote thread
+        await provider.report(DATA)
+    assert stuck.started == 6
+
+
 def test_tsm_refuses_report_data_over_64_bytes(tmp_path):
     with pytest.raises(ValueError, match="at most 64"):
         collect_quote(tmp_path, b"x" * 65)
@@ -243,7 +326,7 @@ async def test_http_sends_report_data_as_hex_and_keeps_cpu_and_gpu_apart():
         return httpx.Response(
             200,
             json={
-                "cpu_attestation": "cpu-quote",
+                "cpu_attestation": json.dumps(CPU_REPORT),
                 "gpu_attestation": "gpu-token",
                 "nonce": DATA.hex(),
             },
@@ -253,7 +336,8 @@ async def test_http_sends_report_data_as_hex_and_keeps_cpu_and_gpu_apart():
         provider = HttpAttester(ATTESTER, client, timeout_s=5)
         assert (provider.name, provider.simulated) == ("http", False)
         evidence = await provider.report(DATA)
-    assert (evidence.cpu_attestation, evidence.gpu_attestation) == ("cpu-quote", "gpu-token")
+    assert json.loads(evidence.cpu_attestation) == CPU_REPORT
+    assert evidence.gpu_attestation == "gpu-token"
     assert seen[0].method == "GET"
     assert seen[0].url.path == "/v2/report"
     assert seen[0].url.params["nonce"] == DATA.hex()
@@ -264,7 +348,7 @@ async def test_http_keeps_the_query_of_the_configured_url():
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request.url)
-        return httpx.Response(200, json={"cpu_attestation": "q"})
+        return httpx.Response(200, json={"cpu_attestation": CPU_REPORT})
 
     async with attester(handler) as client:
         await HttpAttester(f"{ATTESTER}?workload=nilai", client, timeout_s=5).report(DATA)
@@ -274,18 +358,19 @@ async def test_http_keeps_the_query_of_the_configured_url():
 
 async def test_http_accepts_report_objects_and_gpu_token_names():
     def handler(request: httpx.Request) -> httpx.Response:
-        body = {"report": {"measurement": "ab", "report_data": "cd"}, "gpu_token": "jwt"}
-        return httpx.Response(200, json=body)
+        # nilCC's attester writes the SEV-SNP report's 64-byte report_data as byte values.
+        report = {"measurement": "ab", "report_data": list(DATA.ljust(64, b"\0"))}
+        return httpx.Response(200, json={"report": report, "gpu_token": "jwt"})
 
     async with attester(handler) as client:
         evidence = await HttpAttester(ATTESTER, client, timeout_s=5).report(DATA)
-    assert json.loads(evidence.cpu_attestation) == {"measurement": "ab", "report_data": "cd"}
+    assert json.loads(evidence.cpu_attestation)["measurement"] == "ab"
     assert evidence.gpu_attestation == "jwt"
 
 
 async def test_http_without_gpu_evidence_has_none():
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"cpu_attestation": "q", "gpu_attestation": None})
+        return httpx.Response(200, json={"cpu_attestation": CPU_REPORT, "gpu_attestation": None})
 
     async with attester(handler) as client:
         evidence = await HttpAttester(ATTESTER, client, timeout_s=5).report(DATA)
@@ -300,8 +385,8 @@ async def test_http_without_gpu_evidence_has_none():
         httpx.Response(200, json={"gpu_attestation": "only-gpu"}),
         httpx.Response(200, json={"cpu_attestation": ""}),
         httpx.Response(200, json={"cpu_attestation": 42}),
-        httpx.Response(200, json={"cpu_attestation": "q", "nonce": "00" * 32}),
-        httpx.Response(200, json={"cpu_attestation": "q", "report_data": 7}),
+        httpx.Response(200, json={"cpu_attestation": CPU_REPORT, "nonce": "00" * 32}),
+        httpx.Response(200, json={"cpu_attestation": CPU_REPORT, "report_data": 7}),
         httpx.Response(200, content=b"x" * (MAX_BODY_BYTES + 1)),
         httpx.Response(500, json={"error": "secret internal detail"}),
         httpx.Response(404, text="not found"),
@@ -314,6 +399,25 @@ async def test_http_unusable_answers_are_502_without_detail(response):
     assert caught.value.status == 502
     assert "secret" not in caught.value.message
     assert "attester.internal" not in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "cpu",
+    [
+        "opaque-quote",
+        base64.b64encode(b"not a quote").decode(),
+        {"measurement": "ab"},
+        {"report_data": "00" * 32},
+        {"report_data": DATA.hex() + "ff"},
+    ],
+)
+async def test_http_evidence_must_carry_the_report_data_sent(cpu, caplog):
+    # A client could not find report_data in this evidence, so it is refused here already.
+    async with attester(lambda request: httpx.Response(200, json={"report": cpu})) as client:
+        with pytest.raises(UpstreamProtocolError) as caught:
+            await HttpAttester(ATTESTER, client, timeout_s=5).report(DATA)
+    assert caught.value.code == "attester_invalid_response"
+    assert "report_data" in caplog.text
 
 
 async def test_http_unreachable_attester_is_502():
@@ -350,7 +454,7 @@ async def test_http_read_timeout_is_504():
 async def test_http_overall_time_limit_is_504():
     async def handler(request: httpx.Request) -> httpx.Response:
         await asyncio.sleep(5)
-        return httpx.Response(200, json={"cpu_attestation": "late"})
+        return httpx.Response(200, json={"cpu_attestation": CPU_REPORT})
 
     async with attester(handler) as client:
         started = time.monotonic()
