@@ -1,7 +1,7 @@
 # nilai developer tasks. `make` (or `make help`) lists them.
 #
 # Every tool target depends on $(STAMP), so the first `make test` on a fresh clone runs
-# scripts/setup.sh, and editing pyproject.toml triggers a reinstall.
+# scripts/setup.sh, and editing pyproject.toml or constraints.txt triggers a reinstall.
 
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,7 +17,7 @@ BENCH_RESULTS := bench/results
 .DEFAULT_GOAL := help
 .PHONY: help setup interop format lint typecheck test audit serve bench bench-quick \
 	bench-load-quick hooks clean \
-	deploy-check
+	deploy-check lock upgrade-deps pin-images
 
 help: ## List the targets
 	@echo "Usage: make TARGET   (VENV=$(VENV))"
@@ -25,12 +25,13 @@ help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-13s %s\n", $$1, $$2}' \
 		$(MAKEFILE_LIST)
 
-# The install stamp holds the SHA-256 of pyproject.toml. When pyproject.toml is newer but its
-# content is unchanged (e.g. after a git checkout), refreshing the stamp's time is enough.
-$(STAMP): pyproject.toml
+# The install stamp holds the SHA-256 of pyproject.toml and constraints.txt (as scripts/setup.sh
+# writes it). When they are newer but their content is unchanged (e.g. after a git checkout),
+# refreshing the stamp's time is enough.
+$(STAMP): pyproject.toml constraints.txt
 	@if [ -f "$@" ] && [ -x "$(BIN)/python" ] && [ "$$(cat "$@")" = "$$($(BIN)/python -c \
-		'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())' \
-		2>/dev/null)" ]; then \
+		'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read() \
+		+ open("constraints.txt", "rb").read()).hexdigest())' 2>/dev/null)" ]; then \
 		touch "$@"; \
 	else \
 		VENV="$(VENV)" bash scripts/setup.sh; \
@@ -87,6 +88,20 @@ bench-load-quick: $(STAMP) ## The load benchmark in quick mode (~1 min): load.md
 
 deploy-check: $(STAMP) ## Check deploy/compose.yaml and lint the Dockerfiles (hadolint)
 	VENV="$(VENV)" bash scripts/check_deploy.sh
+
+# Not on $(STAMP): after a dependency was added or raised in pyproject.toml, a set-up would
+# reinstall the old locked versions (or fail on them) before they could be locked anew.
+lock: ## Write constraints.txt: the versions installed in the virtualenv (scripts/lock.py)
+	@test -x "$(BIN)/python" || { echo "no $(VENV): run make setup first" >&2; exit 1; }
+	$(BIN)/python scripts/lock.py --write
+
+upgrade-deps: ## Upgrade every dependency within pyproject.toml, then `make lock`; test it!
+	@test -x "$(BIN)/python" || { echo "no $(VENV): run make setup first" >&2; exit 1; }
+	$(BIN)/python -m pip install --upgrade --upgrade-strategy eager -e '.[dev,local]'
+	$(BIN)/python scripts/lock.py --write
+
+pin-images: ## Pin the base and service images by digest (docker buildx or crane; a registry)
+	python3 scripts/pin_images.py --update
 
 hooks: $(STAMP) ## Install the pre-commit git hooks
 	$(BIN)/pre-commit install

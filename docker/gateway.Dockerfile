@@ -3,26 +3,33 @@
 #   docker build -f docker/gateway.Dockerfile -t nilai-gateway .
 # Stage 1 builds nilai's wheel and installs it with its dependencies into /opt/nilai; the final
 # stage copies only that virtualenv onto a slim Python, runs as an unprivileged user, and holds
-# no compiler, no pip cache and no source tree. Pin the base by digest for reproducible builds.
+# no compiler, no pip cache and no source tree. Every package is installed at the version locked
+# in constraints.txt (`make lock`), so the image runs the set the tests ran against.
+#
+# The base image is named once, below, and pinned by digest: `make pin-images`
+# (scripts/pin_images.py) writes the digest where a registry is reachable; a build may also pass
+# --build-arg PYTHON_IMAGE=python:3.12-slim-bookworm@sha256:<digest>.
+ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
-FROM python:3.12-slim-bookworm AS builder
+FROM ${PYTHON_IMAGE} AS builder
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /build
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY src ./src
 
 # Every dependency ships manylinux wheels for CPython 3.12, so nothing is compiled here.
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && python -m venv /opt/nilai \
-    && /opt/nilai/bin/pip install --no-cache-dir /wheels/nilai-*.whl \
+    && /opt/nilai/bin/pip install --no-cache-dir --constraint constraints.txt \
+        /wheels/nilai-*.whl \
     && /opt/nilai/bin/pip uninstall --yes pip
 
 
-FROM python:3.12-slim-bookworm
+FROM ${PYTHON_IMAGE}
 
 ENV PATH=/opt/nilai/bin:$PATH \
     PYTHONUNBUFFERED=1 \

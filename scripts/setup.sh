@@ -8,9 +8,13 @@
 #   VENV=.venv                   where the virtualenv lives (default .venv, as in the Makefile)
 #   NILAI_INSTALL_HOOKS=1        also install the pre-commit git hooks (same as `make hooks`)
 #
+# Every package is installed at the version locked in constraints.txt (pip constraints; `make lock`
+# regenerates it from a tested virtualenv), so CI and every clone test the same set.
+#
 # Safe to run again: an existing virtualenv is reused (or rebuilt when its Python is older than
 # 3.12) and the install is refreshed. The last step writes $VENV/.installed with the SHA-256 of
-# pyproject.toml, which the Makefile uses to tell when the install is out of date.
+# pyproject.toml and constraints.txt, which the Makefile uses to tell when the install is out of
+# date.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -102,14 +106,15 @@ say "Upgrading pip"
 say "Installing nilai (editable) with the dev tools and the local engine"
 say "(PyTorch and transformers: a few GB on the first install; pip shows its progress)"
 rm -f -- "$STAMP"
-"$VENV/bin/python" -m pip install --progress-bar on -e '.[dev,local]'
+"$VENV/bin/python" -m pip install --progress-bar on --constraint constraints.txt -e '.[dev,local]'
 
 "$VENV/bin/python" - "$STAMP" <<'EOF'
 import hashlib
 import pathlib
 import sys
 
-digest = hashlib.sha256(pathlib.Path("pyproject.toml").read_bytes()).hexdigest()
+files = ("pyproject.toml", "constraints.txt")
+digest = hashlib.sha256(b"".join(pathlib.Path(name).read_bytes() for name in files)).hexdigest()
 pathlib.Path(sys.argv[1]).write_text(digest + "\n")
 EOF
 

@@ -132,6 +132,69 @@ def test_metrics_can_be_switched_off(start_gateway):
     assert httpx.get(f"{gateway.url}/metrics").status_code == 404
 
 
+# --- X-Forwarded-For: believed only from the proxies in NILAI_FORWARDED_ALLOW_IPS ---------------
+# These run real `nilai api` processes: which headers uvicorn believes is set in run_server.
+
+SCRAPERS = "192.0.2.0/24"  # a documentation network standing for the Prometheus hosts
+SCRAPER = "192.0.2.10"
+OUTSIDER = "203.0.113.5"
+
+
+def started(replica: Replica) -> Replica:
+    def healthy() -> bool:
+        if replica.process.poll() is not None:
+            raise AssertionError(f"nilai api exited:\n{replica.tail()}")
+        try:
+            return httpx.get(f"{replica.url}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(healthy, timeout_s=20)
+    return replica
+
+
+def scrape_status(url: str, forwarded_for: str, *, source: str = "127.0.0.1") -> int:
+    """The status of GET /metrics from ``source`` (a loopback address) with X-Forwarded-For."""
+    transport = httpx.HTTPTransport(local_address=source)
+    with httpx.Client(transport=transport, timeout=5) as client:
+        response = client.get(f"{url}/metrics", headers={"X-Forwarded-For": forwarded_for})
+    return response.status_code
+
+
+def test_metrics_do_not_believe_x_forwarded_for_without_configured_proxies(
+    start_replica: Callable[..., Replica],
+):
+    """A proxy on 127.0.0.1 that passes the header through cannot let a client pick its address.
+
+    uvicorn believes X-Forwarded-For from 127.0.0.1 unless told otherwise; the gateway tells it
+    to believe no one by default, so the client here is 127.0.0.1, outside the allowlist.
+    """
+    gateway = started(start_replica("no-proxies", NILAI_METRICS_ALLOW=SCRAPERS))
+    assert scrape_status(gateway.url, SCRAPER) == 403
+    assert scrape_status(gateway.url, f"{OUTSIDER}, {SCRAPER}") == 403
+
+
+def test_metrics_believe_x_forwarded_for_from_configured_proxies_only(
+    start_replica: Callable[..., Replica],
+):
+    gateway = started(
+        start_replica(
+            "proxied",
+            NILAI_METRICS_ALLOW=f"{SCRAPERS},127.0.0.1/32",
+            NILAI_FORWARDED_ALLOW_IPS="127.0.0.1",
+        )
+    )
+    # The proxy (127.0.0.1) relays a scrape from the allowlisted network.
+    assert scrape_status(gateway.url, SCRAPER) == 200
+    # A client forged the scraper's (or loopback's) address; the proxy appended the client's
+    # own: the last address that is not a trusted proxy is the client.
+    assert scrape_status(gateway.url, f"{SCRAPER}, {OUTSIDER}") == 403
+    assert scrape_status(gateway.url, f"127.0.0.1, {OUTSIDER}") == 403
+    # A client that is not a configured proxy is itself, whatever it claims.
+    assert scrape_status(gateway.url, "127.0.0.1", source="127.0.0.2") == 403
+    assert scrape_status(gateway.url, SCRAPER, source="127.0.0.2") == 403
+
+
 def test_request_id_reaches_the_response_the_log_and_the_query_log(
     start_fake: Callable[..., FakeHandle], start_replica: Callable[..., Replica], tmp_path: Path
 ):

@@ -36,8 +36,13 @@ class ServerThread:
         self._sock = bind_loopback(port)
         self.port: int = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        # As `nilai api` with NILAI_FORWARDED_ALLOW_IPS unset: X-Forwarded-For is not believed.
         config = uvicorn.Config(
-            app, log_level="warning", lifespan="auto", timeout_graceful_shutdown=2
+            app,
+            log_level="warning",
+            lifespan="auto",
+            timeout_graceful_shutdown=2,
+            proxy_headers=False,
         )
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,151 @@ def test_every_setting_is_documented_in_env_sample():
     text = (Path(__file__).parents[2] / ".env.sample").read_text()
     missing = [name for name in NilaiSettings.model_fields if f"NILAI_{name.upper()}=" not in text]
     assert missing == []
+
+
+# --- errors never repeat a value (SECURITY.md: no secrets in output) ---------------------------
+
+SECRET = "S3cretPassw0rd"  # pragma: allowlist secret
+NILAI = str(Path(sys.executable).parent / "nilai")
+
+# (what is wrong, environment, YAML file text or None, the setting the error must name)
+BAD_SETTINGS = [
+    ("upstream URL", {"NILAI_UPSTREAM_URLS": f"ftp://user:{SECRET}@host"}, None, "upstream_urls"),
+    (
+        "second upstream URL",
+        {"NILAI_UPSTREAM_URLS": f"http://ok,user:{SECRET}@host:8000"},
+        None,
+        "upstream_urls",
+    ),
+    (
+        "attestation URL",
+        {"NILAI_ATTESTATION_URL": f"ftp://user:{SECRET}@host"},
+        None,
+        "attestation_url",
+    ),
+    (
+        "mistyped YAML key",
+        {},
+        f"databse_url: postgresql+asyncpg://nilai:{SECRET}@db/nilai\n",
+        "databse_url",
+    ),
+    ("YAML value of the wrong type", {}, f"port: '{SECRET}'\n", "port"),
+    (
+        "bad YAML upstream URL",
+        {},
+        f"upstream_urls: [ftp://nilai:{SECRET}@model:8000]\n",
+        "upstream_urls",
+    ),
+]
+
+
+def _bad_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str], yaml_text: str | None
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if yaml_text is not None:
+        _yaml(tmp_path, yaml_text, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    ("env", "yaml_text", "field"),
+    [case[1:] for case in BAD_SETTINGS],
+    ids=[case[0] for case in BAD_SETTINGS],
+)
+def test_settings_errors_name_the_setting_but_never_its_value(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    env: dict[str, str],
+    yaml_text: str | None,
+    field: str,
+):
+    """str(ValidationError) is what a traceback or a log line shows: no input in it."""
+    _bad_settings(monkeypatch, tmp_path, env, yaml_text)
+    with pytest.raises(ValidationError) as raised:
+        NilaiSettings()
+    assert field in str(raised.value)
+    assert SECRET not in str(raised.value)
+    assert SECRET not in repr(raised.value.errors(include_input=False))
+
+
+# Every case through `nilai api`; the two other ways settings errors are printed (the admin
+# commands, `nilai worker local`) with one case each from the environment and from YAML.
+COMMAND_CASES = [(["api"], case) for case in BAD_SETTINGS] + [
+    (command, case)
+    for command in (["keys", "list"], ["worker", "local", "--model", "m"])
+    for case in (BAD_SETTINGS[0], BAD_SETTINGS[3])
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "env", "yaml_text", "field"),
+    [(command, *case[1:]) for command, case in COMMAND_CASES],
+    ids=[f"{' '.join(command[:2])}: {case[0]}" for command, case in COMMAND_CASES],
+)
+def test_commands_print_where_settings_are_wrong_never_the_secret(
+    tmp_path: Path,
+    command: list[str],
+    env: dict[str, str],
+    yaml_text: str | None,
+    field: str,
+):
+    """The commands' own output: exit 2, the setting named, the password nowhere."""
+    variables = {k: v for k, v in os.environ.items() if not k.startswith("NILAI_")}
+    variables.update(env, NILAI_DATA_DIR=str(tmp_path / "data"))
+    if yaml_text is not None:
+        config = tmp_path / "nilai.yaml"
+        config.write_text(yaml_text)
+        variables["NILAI_CONFIG_FILE"] = str(config)
+    done = subprocess.run(
+        [NILAI, *command], env=variables, capture_output=True, text=True, timeout=60, check=False
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "invalid settings" in done.stderr
+    assert field in done.stderr
+    assert SECRET not in output
+    assert "Traceback" not in output
+
+
+def test_a_yaml_syntax_error_names_the_line_not_its_text(tmp_path: Path):
+    config = tmp_path / "nilai.yaml"
+    config.write_text(f"database_url: postgresql://nilai:{SECRET}@db/nilai\n  port: [9100\n")
+    variables = {k: v for k, v in os.environ.items() if not k.startswith("NILAI_")}
+    variables["NILAI_CONFIG_FILE"] = str(config)
+    done = subprocess.run(
+        [NILAI, "api"], env=variables, capture_output=True, text=True, timeout=60, check=False
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "not valid YAML at line 2" in done.stderr
+    assert SECRET not in output
+    assert "Traceback" not in output
+
+
+def test_a_yaml_file_that_is_not_a_mapping_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    _yaml(tmp_path, "- port\n- 9100\n", monkeypatch)
+    with pytest.raises(ValueError, match="must be a mapping of setting names"):
+        NilaiSettings()
+
+
+# --- forwarded headers -------------------------------------------------------------------------
+
+
+def test_forwarded_headers_are_believed_from_no_one_by_default():
+    assert NilaiSettings().forwarded_allow_ips == []
+
+
+def test_forwarded_allow_ips_are_written_out_as_networks(monkeypatch: pytest.MonkeyPatch):
+    """uvicorn parses "10.1.2.3/8" strictly and would silently trust nothing for it."""
+    monkeypatch.setenv("NILAI_FORWARDED_ALLOW_IPS", "127.0.0.1, 10.1.2.3/8,::1")
+    assert NilaiSettings().forwarded_allow_ips == ["127.0.0.1/32", "10.0.0.0/8", "::1/128"]
+
+
+@pytest.mark.parametrize("value", ["*", "proxy.internal", "10.0.0.0/33"])
+def test_forwarded_allow_ips_must_be_addresses(monkeypatch: pytest.MonkeyPatch, value: str):
+    monkeypatch.setenv("NILAI_FORWARDED_ALLOW_IPS", value)
+    with pytest.raises(ValidationError, match="forwarded_allow_ips"):
+        NilaiSettings()

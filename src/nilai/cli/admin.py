@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from nilai.auth.stored_keys import generate_key
 from nilai.cli.common import fail
 from nilai.gateway.lifespan import open_store
-from nilai.settings import NilaiSettings
+from nilai.settings import NilaiSettings, settings_problems
 from nilai.store import migrate
 from nilai.store.base import Account, ApiKey, Usage
 from nilai.store.sql import SqlStore, make_engine, new_id, now
@@ -131,12 +131,7 @@ def _settings() -> NilaiSettings:
     try:
         return NilaiSettings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"NILAI_{'.'.join(map(str, error['loc'])).upper()}: {error['msg']}"
-            if error["loc"]
-            else error["msg"]
-            for error in exc.errors()
-        )
+        problems = "; ".join(settings_problems(exc))
         raise AdminError(f"invalid settings: {problems}", 2) from exc
     except ValueError as exc:
         raise AdminError(f"invalid settings: {_first_line(exc)}", 2) from exc

@@ -6,15 +6,23 @@ import sys
 
 from pydantic import ValidationError
 
-from nilai.settings import NilaiSettings
+from nilai.settings import NilaiSettings, settings_problems
 
 
 def load_settings(command: str) -> NilaiSettings | None:
-    """The settings from the environment, or None after printing why they are invalid."""
+    """The settings from the environment, or None after printing why they are invalid.
+
+    Each problem is printed as where and what (``settings_problems``), never with the value:
+    a value may be a URL with its password or an API key (SECURITY.md).
+    """
     try:
         return NilaiSettings()
-    except (ValidationError, ValueError) as exc:
-        print(f"nilai {command}: invalid settings:\n{exc}", file=sys.stderr)
+    except ValidationError as exc:
+        problems = "".join(f"\n  {problem}" for problem in settings_problems(exc))
+        print(f"nilai {command}: invalid settings:{problems}", file=sys.stderr)
+        return None
+    except ValueError as exc:
+        print(f"nilai {command}: invalid settings: {exc}", file=sys.stderr)
         return None
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from nilai.cli.common import load_settings
 from nilai.discovery.announcer import Announcer
 from nilai.discovery.redis import RedisDiscovery
 from nilai.gateway.lifespan import make_redis
@@ -61,7 +62,9 @@ def run_tiny(args: argparse.Namespace) -> int:
 
 def run_local(args: argparse.Namespace) -> int:
     """Load the model, then serve it until interrupted."""
-    settings = NilaiSettings()
+    settings = load_settings("worker local")
+    if settings is None:
+        return 2
     configure_logging(settings.log_level, settings.log_format)
     from nilai.workers.local.engine import TransformersEngine
     from nilai.workers.local.server import create_worker_app

@@ -121,6 +121,11 @@ def run_server(app: ASGIApp | str, settings: NilaiSettings, *, workers: int = 1)
         limits.body_read_timeout_s,
         limits.keepalive_timeout_s,
     )
+    if settings.forwarded_allow_ips:
+        logger.info(
+            "X-Forwarded-For and X-Forwarded-Proto trusted from: %s",
+            ", ".join(settings.forwarded_allow_ips),
+        )
     uvicorn.run(
         app,
         factory=isinstance(app, str),
@@ -132,6 +137,12 @@ def run_server(app: ASGIApp | str, settings: NilaiSettings, *, workers: int = 1)
         ws="none",
         log_config=None,
         access_log=False,
+        # uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1 (or from whatever its
+        # FORWARDED_ALLOW_IPS variable says), so a proxy on loopback that passes the header
+        # through lets any client pick the address /metrics checks. Only the proxies the
+        # operator names are believed; with none, the peer address is the client.
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=list(settings.forwarded_allow_ips),
         # uvicorn's parameter is typed int; rounding up never cuts a request the app's own
         # shutdown drain (which uses the exact value) still lets finish.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),

@@ -42,6 +42,8 @@ def _allowed(host: str | None, allow: tuple[str, ...]) -> bool:
 )
 async def metrics(request: Request, services: ServicesDep) -> Response:
     """Prometheus metrics of this process (``NILAI_METRICS_ALLOW`` says who may scrape)."""
+    # The connection's peer, unless it is a proxy in NILAI_FORWARDED_ALLOW_IPS: then uvicorn
+    # has put the client that proxy named in its X-Forwarded-For here (gateway/server.py).
     host = request.client.host if request.client else None
     if not _allowed(host, tuple(services.settings.metrics_allow)):
         raise Forbidden("Metrics are only served to the addresses in NILAI_METRICS_ALLOW.")
