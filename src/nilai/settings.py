@@ -3,23 +3,30 @@
 The names are the operator contract (DESIGN §8), so fields are flat: each field ``x`` is the
 variable ``NILAI_X`` and the YAML key ``x``. A YAML key that names no field is an error rather
 than silently ignored.
+
+Settings hold secrets (database and Redis URLs with passwords, API keys), so an invalid value is
+never repeated in an error: pydantic's errors leave out the input (``hide_input_in_errors``), no
+validator quotes a value that may hold credentials, and ``settings_problems`` words the errors
+for the command line as location and message only.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self, cast
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+import yaml
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
 )
 
 CONFIG_FILE_VARIABLE = "NILAI_CONFIG_FILE"
@@ -40,6 +47,42 @@ def _split_commas(value: object) -> object:
     return value
 
 
+def _scheme_of(url: str) -> str:
+    """The scheme of ``url`` for an error message; never the rest, which may hold a password."""
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]{0,31})://", url)
+    return f"scheme {match.group(1).lower()!r}" if match else "no scheme"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in the YAML file at ``path``; a ValueError that names a place, not a value.
+
+    A file-backed YAML error carries no excerpt of the file, but its wording is redone here
+    anyway, so that no future parser message can quote a line that holds a password.
+    """
+    try:
+        with path.open(encoding="utf-8") as stream:
+            data: object = yaml.safe_load(stream)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(
+            f"{CONFIG_FILE_VARIABLE}={path}: not valid YAML{where}: {exc.problem}"
+        ) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"{CONFIG_FILE_VARIABLE}={path}: not a readable YAML file ({type(exc).__name__})"
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        # A ValueError, as every other settings problem, for the commands to report alike.
+        raise ValueError(  # noqa: TRY004
+            f"{CONFIG_FILE_VARIABLE}={path}: must be a mapping of setting names to values, "
+            f"not a {type(data).__name__}"
+        )
+    return cast("dict[str, Any]", data)
+
+
 class NilaiSettings(BaseSettings):
     """Everything an operator can configure; see ``.env.sample`` for each variable."""
 
@@ -48,6 +91,9 @@ class NilaiSettings(BaseSettings):
         extra="forbid",
         frozen=True,
         validate_default=True,
+        # str(ValidationError) would otherwise quote each bad value, password and all, in any
+        # traceback or log line that shows it.
+        hide_input_in_errors=True,
     )
 
     # server
@@ -66,6 +112,8 @@ class NilaiSettings(BaseSettings):
     api_key_hashes: CommaList = Field(default_factory=list)
     nuc_auto_accounts: bool = True
     nuc_root_issuers: CommaList = Field(default_factory=list)
+    nuc_max_lifetime_s: int = Field(default=86_400, ge=60, le=30 * 86_400)
+    nuc_replay_protection: bool = True
 
     # storage: accounts, keys, query logs
     database_url: SecretStr | None = None
@@ -103,6 +151,7 @@ class NilaiSettings(BaseSettings):
     discovery_ttl_s: float = Field(default=15.0, gt=0)
     discovery_refresh_s: float = Field(default=1.0, gt=0)
     endpoint_eject_s: float = Field(default=5.0, ge=0)
+    endpoint_probe_s: float = Field(default=5.0, ge=0)
     discovery_grace_s: float = Field(default=30.0, ge=0)
 
     # upstream relay
@@ -119,6 +168,7 @@ class NilaiSettings(BaseSettings):
     attestation_url: str | None = None
     attestation_tsm_path: Path = Path("/sys/kernel/config/tsm/report")
     attestation_timeout_s: float = Field(default=10.0, gt=0)
+    attestation_rate_limit_minute: int = Field(default=60, ge=0)
 
     # hardening
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
@@ -135,6 +185,7 @@ class NilaiSettings(BaseSettings):
     hsts: bool = False
     metrics_enabled: bool = True
     metrics_allow: CommaList = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    forwarded_allow_ips: CommaList = Field(default_factory=list)
     docs_enabled: bool = True
 
     cors_origins: CommaList = Field(
@@ -157,7 +208,7 @@ class NilaiSettings(BaseSettings):
             path = Path(config_file)
             if not path.is_file():
                 raise ValueError(f"{CONFIG_FILE_VARIABLE}={config_file}: no such file")
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=_read_yaml(path)))
         return tuple(sources)
 
     @field_validator(
@@ -168,6 +219,7 @@ class NilaiSettings(BaseSettings):
         "upstream_urls",
         "cors_origins",
         "metrics_allow",
+        "forwarded_allow_ips",
         "model_concurrency_limits",
         mode="before",
     )
@@ -178,10 +230,21 @@ class NilaiSettings(BaseSettings):
     @field_validator("upstream_urls")
     @classmethod
     def _strip_slashes(cls, value: list[str]) -> list[str]:
-        for url in value:
+        for number, url in enumerate(value, 1):
             if not url.startswith(("http://", "https://")):
-                raise ValueError(f"upstream URL {url!r} must start with http:// or https://")
+                # The URL may carry user:password@, so only its position and scheme are named.
+                raise ValueError(
+                    f"entry {number} has {_scheme_of(url)}; "
+                    "upstream URLs must start with http:// or https://"
+                )
         return [url.rstrip("/") for url in value]
+
+    @field_validator("attestation_url")
+    @classmethod
+    def _check_attestation_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"has {_scheme_of(value)}; it must start with http:// or https://")
+        return value
 
     @field_validator("api_key_hashes")
     @classmethod
@@ -202,6 +265,22 @@ class NilaiSettings(BaseSettings):
                     f"metrics_allow: {item!r} is not an IP address or network"
                 ) from exc
         return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _check_proxies(cls, value: list[str]) -> list[str]:
+        # uvicorn reads "10.0.0.1/8" strictly and would silently trust nothing for it, so each
+        # entry is written out as the network it names; "*" (trust anyone) is refused.
+        networks: list[str] = []
+        for item in value:
+            try:
+                networks.append(str(ipaddress.ip_network(item, strict=False)))
+            except ValueError as exc:
+                raise ValueError(
+                    f"{item!r} is not an IP address or network "
+                    "(list the proxies' addresses; '*' is not accepted)"
+                ) from exc
+        return networks
 
     @field_validator("nuc_root_issuers")
     @classmethod
@@ -257,3 +336,28 @@ class NilaiSettings(BaseSettings):
         if self.api_key is not None:
             keys.append(self.api_key.get_secret_value())
         return [key for key in keys if key]
+
+
+def settings_problems(exc: ValidationError) -> list[str]:
+    """One line per error in ``exc``: where (the variable or YAML key) and what, never the value.
+
+    ``NilaiSettings`` already leaves the input out of its errors; this also drops pydantic's
+    layout (types, documentation links) that means nothing to an operator, and suggests the
+    setting a mistyped YAML key was probably meant to be.
+    """
+    problems: list[str] = []
+    for error in exc.errors(include_url=False, include_context=False, include_input=False):
+        location = error["loc"]
+        message = error["msg"].removeprefix("Value error, ")
+        if not location:
+            problems.append(message)
+            continue
+        name = str(location[0])
+        items = "".join(f"[{part}]" for part in location[1:])
+        if error["type"] == "extra_forbidden":
+            guess = difflib.get_close_matches(name, NilaiSettings.model_fields, n=1)
+            hint = f"; did you mean {guess[0]}?" if guess else ""
+            problems.append(f"{name}{items}: not a setting (a key of {CONFIG_FILE_VARIABLE}){hint}")
+        else:
+            problems.append(f"{name}{items} (NILAI_{name.upper()}): {message}")
+    return problems

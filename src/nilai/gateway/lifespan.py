@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from nilai.attestation.factory import make_attestation_provider
+from nilai.attestation.factory import close_attestation_provider, make_attestation_provider
 from nilai.auth.strategies import make_authenticator
 from nilai.crypto.keys import load_or_create_key
 from nilai.discovery.announcer import Announcer
@@ -29,6 +29,7 @@ from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.gateway.chat.service import ChatService
 from nilai.gateway.drain import Drain
 from nilai.gateway.metrics import Metrics
+from nilai.gateway.readiness import SharedChecks
 from nilai.gateway.services import Services
 from nilai.limits.base import ConcurrencyLimiter, RateLimiter
 from nilai.limits.memory import MemoryConcurrencyLimiter, MemoryRateLimiter
@@ -96,6 +97,8 @@ def make_admission(settings: NilaiSettings, redis: Redis | None) -> Admission:
         web_search_minute=settings.web_search_rate_limit_minute or None,
         web_search_hour=settings.web_search_rate_limit_hour or None,
         web_search_day=settings.web_search_rate_limit_day or None,
+        token_uses_max_s=settings.nuc_max_lifetime_s,
+        attestation_minute=settings.attestation_rate_limit_minute or None,
     )
     rate: RateLimiter
     concurrency: ConcurrencyLimiter
@@ -156,6 +159,7 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             tsm_path=settings.attestation_tsm_path,
             timeout_s=settings.attestation_timeout_s,
         )
+        stack.push_async_callback(close_attestation_provider, attestation)
         store = await open_store(settings)
         stack.push_async_callback(store.aclose)
         sink = UsageSink(
@@ -174,10 +178,16 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             refresh_s=settings.discovery_refresh_s,
             eject_s=settings.endpoint_eject_s,
             grace_s=settings.discovery_grace_s,
+            probe_s=settings.endpoint_probe_s,
         )
         await snapshot.start()
         stack.push_async_callback(snapshot.aclose)
-        authenticator = make_authenticator(settings, store, signer.public_key_bytes)
+        pings = {"database": store.ping}
+        if redis is not None:
+            pings["redis"] = discovery.ping
+        readiness = SharedChecks(pings)
+        stack.push_async_callback(readiness.aclose)
+        authenticator = make_authenticator(settings, store, signer.public_key_bytes, redis=redis)
         admission = make_admission(settings, redis)
         stack.push_async_callback(admission.aclose)
         drain = Drain(settings.shutdown_grace_s)
@@ -212,8 +222,10 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             usage_sink=sink,
             chat=chat,
             attestation=attestation,
+            admission=admission,
             metrics=metrics,
             drain=drain,
+            readiness=readiness,
         )
 
 

@@ -15,6 +15,8 @@ from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.gateway.chat.service import ChatService
 from nilai.gateway.drain import Drain
 from nilai.gateway.metrics import Metrics
+from nilai.gateway.readiness import SharedChecks
+from nilai.limits.policy import Admission
 from nilai.settings import NilaiSettings
 from nilai.store.base import Store
 from nilai.usage.sink import UsageSink
@@ -36,5 +38,7 @@ class Services:
     usage_sink: UsageSink
     chat: ChatService
     attestation: AttestationProvider
+    admission: Admission
     metrics: Metrics
     drain: Drain
+    readiness: SharedChecks

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from nilai.auth.base import Principal
+from nilai.auth.base import TOKEN_CLOCK_SKEW_S, Principal, TokenLimit
 from nilai.errors import LimitsUnavailable, RateLimited
 from nilai.limits.base import ALLOWED, ConcurrencyLimiter, Decision, Limit, RateLimiter
 from nilai.outages import OutageLog
@@ -19,9 +19,6 @@ from nilai.outages import OutageLog
 logger = logging.getLogger(__name__)
 
 _WINDOWS = (("minute", 60), ("hour", 3600), ("day", 86400))
-_CLOCK_SKEW_S = 300
-"""A token's use count outlives the token by this much, so clocks a little apart between
-replicas and Redis cannot reset the count while some replica still accepts the token."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +35,11 @@ class LimitDefaults:
     web_search_minute: int | None = 10
     web_search_hour: int | None = 100
     web_search_day: int | None = 1000
+    token_uses_max_s: int = 86_400
+    """The longest a token's use count is kept (``NILAI_NUC_MAX_LIFETIME_S``): the NUC
+    verifier refuses a limited token usable for longer, so no count is dropped while its token
+    is still accepted, and no count is kept forever."""
+    attestation_minute: int | None = 60
 
 
 class Admission:
@@ -93,9 +95,7 @@ class Admission:
                 "uses of this token",
                 token.uses,
                 None,
-                expires_at=token.expires_at.timestamp() + _CLOCK_SKEW_S
-                if token.expires_at
-                else None,
+                expires_at=self._token_count_expiry(token),
             )
             for token in principal.token_limits
         ]
@@ -112,6 +112,16 @@ class Admission:
             ]
         return limits
 
+    def _token_count_expiry(self, token: TokenLimit) -> float:
+        """When (Unix time) a token's use count may be dropped.
+
+        With the token (plus a clock skew margin), and never later than the longest a count is
+        kept.
+        """
+        latest = time.time() + self._defaults.token_uses_max_s
+        ends = token.expires_at.timestamp() if token.expires_at else latest
+        return min(ends, latest) + TOKEN_CLOCK_SKEW_S
+
     async def admit(self, principal: Principal, *, web_search: bool = False) -> Decision:
         """Count the request against its limits; raise ``RateLimited`` if one is full."""
         limits = self.account_limits(principal, web_search=web_search)
@@ -123,6 +133,20 @@ class Admission:
             name = "web searches per second (all accounts)"
             limits.append(Limit("{search}:second", name, rps, 1))
         return await self._check(limits, uuid.uuid4().hex)
+
+    async def admit_attestation(self, principal: Principal) -> Decision:
+        """Count one attestation report against the account's own budget for reports.
+
+        Reports are budgeted apart from chat requests: each asks the attester or the hardware
+        for a fresh quote, while verifying a gateway should not use up an account's chats.
+        """
+        count = self._defaults.attestation_minute
+        if not count:
+            return ALLOWED
+        tag = f"{{acct:{principal.account_id}}}"
+        name = "attestation reports per minute for this account"
+        limit = Limit(f"{tag}:attestation:minute", name, count, 60)
+        return await self._check([limit], uuid.uuid4().hex)
 
     async def _check(self, limits: list[Limit], member: str) -> Decision:
         if not limits:

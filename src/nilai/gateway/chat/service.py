@@ -18,6 +18,8 @@ from typing import Any, cast
 import httpx
 import orjson
 
+from nilai.auth.nuc_policies import check_request_policies
+from nilai.crypto.domains import CHAT_COMPLETION_CHUNK_OBJECT
 from nilai.crypto.keys import Signer
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.errors import (
@@ -30,7 +32,7 @@ from nilai.errors import (
 )
 from nilai.gateway.chat.context import RequestContext
 from nilai.gateway.chat.relay import Relay, error_event, parse_completion
-from nilai.gateway.chat.signing import StreamSigner, sign_completion
+from nilai.gateway.chat.signing import StreamSigner, claim_object, sign_completion
 from nilai.gateway.chat.validate import ValidatedChat, validate_chat
 from nilai.gateway.drain import Drain
 from nilai.gateway.metrics import OTHER_MODEL, Metrics
@@ -81,6 +83,7 @@ class ChatService:
         ctx.web_search = request.web_search
         ctx.nilrag = bool(request.nilrag)
         ctx.multimodal = request.has_image()
+        check_request_policies(ctx.principal, request)
         if ctx.principal.prompt_document is not None:
             raise NotSupported(
                 "This token references a nilDB prompt document; this gateway cannot fetch "
@@ -296,6 +299,8 @@ class _StreamRelay:
     def feed(self, payload: bytes) -> list[bytes]:
         """Take one upstream payload; return the payloads to send now."""
         chunk = _parse_chunk(payload)
+        # The verifier accepts only chunks that say what they are; add it where upstream didn't.
+        claimed = claim_object(chunk, CHAT_COMPLETION_CHUNK_OBJECT)
         self._ctx.mark_first_token()
         usage = chunk.get("usage")
         if usage:
@@ -312,8 +317,9 @@ class _StreamRelay:
         if "usage" in chunk and not self._continuous:
             del chunk["usage"]
             payload = orjson.dumps(chunk)
-        elif b"\n" in payload or b"\r" in payload:
-            # One event per line is what clients and the verifier read; re-encode compactly.
+        elif claimed or b"\n" in payload or b"\r" in payload:
+            # Send the added ``object``, and one event per line (what clients and the verifier
+            # read): re-encode compactly.
             payload = orjson.dumps(chunk)
         payload = one_line(payload)
         if _has_content(chunk):
