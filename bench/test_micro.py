@@ -22,8 +22,8 @@ from nilai.crypto.canonical import canonical_json
 from nilai.crypto.domains import SignatureDomain
 from nilai.crypto.keys import Signer
 from nilai.gateway.chat.context import RequestContext
-from nilai.gateway.chat.service import _StreamRelay  # pyright: ignore[reportPrivateUsage]
 from nilai.gateway.chat.signing import StreamSigner
+from nilai.gateway.chat.stream import ChunkForwarder
 from nilai.limits.base import Limit
 from nilai.limits.redis import RedisRateLimiter
 from nilai.protocol.chat import ChatCompletionRequest
@@ -126,7 +126,7 @@ def test_sse_relay_per_chunk(benchmark: BenchmarkFixture, signer: Signer) -> Non
     """Relay one upstream chunk: parse, strip the running usage, hash, frame (as the gateway)."""
     request = ChatCompletionRequest.model_validate_json(CHAT_REQUEST)
     ctx = RequestContext.begin("bench", Principal("acct", "api_key"), CHAT_REQUEST)
-    relay = _StreamRelay(StreamSigner(signer, ctx.request_sha256), ctx, request)
+    relay = ChunkForwarder(StreamSigner(signer, ctx.request_sha256), ctx, request)
     framed = benchmark(lambda: [frame(out) for out in relay.feed(CHUNK)])
     if not framed or b"usage" in framed[0]:
         pytest.fail("the chunk must go out, without the usage the client did not ask for")

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request, Response
 
 from nilai.gateway.chat.context import RequestContext
 from nilai.gateway.chat.parse import BodyLimits, check_content_type, parse_chat_request
+from nilai.gateway.chat.stream import ChatStreamResponse
 from nilai.gateway.deps import PrincipalDep, RequestIdDep, ServicesDep
-from nilai.gateway.streaming import ChatStreamResponse
 from nilai.protocol.base import inline_json_schema
 from nilai.protocol.chat import ChatCompletionRequest
 from nilai.protocol.errors import error_responses

@@ -16,8 +16,9 @@ from nilai.discovery.memory import MemoryDiscovery
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.errors import UpstreamProtocolError
 from nilai.gateway.chat.context import RequestContext
-from nilai.gateway.chat.service import ChatService, _StreamRelay
+from nilai.gateway.chat.service import ChatService
 from nilai.gateway.chat.signing import StreamSigner
+from nilai.gateway.chat.stream import ChunkForwarder
 from nilai.gateway.drain import Drain
 from nilai.gateway.metrics import Metrics
 from nilai.limits.memory import MemoryConcurrencyLimiter, MemoryRateLimiter
@@ -78,7 +79,7 @@ USAGE_ONLY = orjson.dumps(_usage_chunk())
 UPSTREAM = [ROLE, HEL, LO, FINISH, USAGE_ONLY]
 
 
-def _relay(signer: Signer, ctx: RequestContext, include_usage: bool = False) -> _StreamRelay:
+def _relay(signer: Signer, ctx: RequestContext, include_usage: bool = False) -> ChunkForwarder:
     request = ChatCompletionRequest.model_validate(
         {
             "model": "m",
@@ -87,7 +88,7 @@ def _relay(signer: Signer, ctx: RequestContext, include_usage: bool = False) -> 
             "stream_options": {"include_usage": include_usage},
         }
     )
-    return _StreamRelay(StreamSigner(signer, ctx.request_sha256), ctx, request)
+    return ChunkForwarder(StreamSigner(signer, ctx.request_sha256), ctx, request)
 
 
 def _run(

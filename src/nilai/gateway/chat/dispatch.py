@@ -1,5 +1,8 @@
 """Calls to model servers: pick a server, fail over on refused connections, map failures.
 
+The answer goes back with the server that gave it; the caller records it (only the chat
+service writes the request context).
+
 Failures before any byte reached the client become real statuses: unreachable → 503,
 nonsense → 502, too slow → 504. A refused or timed-out connection means the request was never
 received, so it is safe to try the next server of the same model.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -23,12 +27,10 @@ import orjson
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.errors import (
     InvalidRequest,
-    NilaiError,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from nilai.gateway.chat.context import RequestContext
 from nilai.outages import OutageLog
 from nilai.protocol.base import json_object
 
@@ -39,7 +41,27 @@ _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json
 _SSE_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 
 
-class Relay:
+@dataclass(frozen=True, slots=True)
+class Dispatched:
+    """A model server's answer, and the id of the server that gave it."""
+
+    response: httpx.Response
+    endpoint: str
+
+    async def ok(self) -> httpx.Response:
+        """The response, if its status is 200; otherwise close it and raise what it means.
+
+        Raises:
+            UpstreamUnavailable: The server is overloaded (429, 503).
+            InvalidRequest: The server rejected the request (its message, shortened).
+            UpstreamProtocolError: The server failed.
+        """
+        if self.response.status_code != HTTPStatus.OK:
+            await _raise_for_status(self.response)
+        return self.response
+
+
+class Dispatcher:
     """Sends chat payloads to the servers of a model."""
 
     def __init__(self, http: httpx.AsyncClient, snapshot: DiscoverySnapshot) -> None:
@@ -51,10 +73,17 @@ class Relay:
             "every connection is busy; answering 503 with Retry-After, ejecting no model server",
         )
 
-    async def send(
-        self, model: str, payload: bytes, ctx: RequestContext, *, stream: bool
-    ) -> httpx.Response:
-        """Return the first successful response (body unread when ``stream``)."""
+    async def send(self, model: str, payload: bytes, *, stream: bool) -> Dispatched:
+        """Return the first answer (body unread when ``stream``) and its server.
+
+        Any status is returned: ``Dispatched.ok`` turns a failed one into an error, after the
+        caller has noted which server answered.
+
+        Raises:
+            UpstreamUnavailable: No server could be reached, or the connection pool is full.
+            UpstreamTimeout: The server did not answer in time.
+            UpstreamProtocolError: The connection broke.
+        """
         candidates = self._snapshot.candidates(model)
         for endpoint in candidates:
             request = self._http.build_request(
@@ -85,14 +114,11 @@ class Relay:
                 self._snapshot.report_error(endpoint.id)
                 raise UpstreamProtocolError("The model server broke the connection.") from exc
             self._pool.answered(started=started)
-            ctx.endpoint = endpoint.id
             if _server_failed(response.status_code):
                 self._snapshot.report_error(endpoint.id)
             else:
                 self._snapshot.report_success(endpoint.id)
-            if response.status_code != HTTPStatus.OK:
-                await _raise_for_status(response)
-            return response
+            return Dispatched(response, endpoint.id)
         raise UpstreamUnavailable(
             f"No model server for '{model}' is reachable right now; try again shortly."
         )
@@ -142,10 +168,3 @@ def parse_completion(body: bytes) -> dict[str, Any]:
     if data is None or not isinstance(data.get("choices"), list):
         raise UpstreamProtocolError("The model server sent an unexpected response.")
     return data
-
-
-def error_event(error: NilaiError) -> bytes:
-    """The in-band error payload that ends a stream that already started."""
-    return orjson.dumps(
-        {"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}}
-    )

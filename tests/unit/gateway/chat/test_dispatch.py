@@ -1,4 +1,4 @@
-"""What a relayed request tells the routing snapshot: which failures eject a model server."""
+"""What a dispatched request tells the routing snapshot: which failures eject a model server."""
 
 import contextlib
 from collections.abc import AsyncIterator, Callable
@@ -6,14 +6,12 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
-from nilai.auth.base import Principal
 from nilai.discovery import snapshot as snapshot_module
 from nilai.discovery.base import EndpointRecord, endpoint_id
 from nilai.discovery.memory import MemoryDiscovery
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.errors import InvalidRequest, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
-from nilai.gateway.chat.context import RequestContext
-from nilai.gateway.chat.relay import Relay
+from nilai.gateway.chat.dispatch import Dispatcher
 from nilai.protocol.models import ModelCard
 
 URL_A = "http://model-a:8000"
@@ -67,56 +65,53 @@ async def snapshot(servers: ModelServers) -> AsyncIterator[DiscoverySnapshot]:
 
 
 @pytest.fixture
-async def relay(snapshot: DiscoverySnapshot, servers: ModelServers) -> AsyncIterator[Relay]:
+async def dispatcher(
+    snapshot: DiscoverySnapshot, servers: ModelServers
+) -> AsyncIterator[Dispatcher]:
     async with httpx.AsyncClient(transport=httpx.MockTransport(servers)) as http:
-        yield Relay(http, snapshot)
-
-
-def _ctx() -> RequestContext:
-    return RequestContext.begin("req-1", Principal("acct", "api_key"), PAYLOAD)
+        yield Dispatcher(http, snapshot)
 
 
 def _in_rotation(snapshot: DiscoverySnapshot) -> list[str]:
     return sorted(record.url for record in snapshot.candidates("m"))
 
 
-async def _send(relay: Relay) -> httpx.Response:
-    return await relay.send("m", PAYLOAD, _ctx(), stream=False)
+async def _send(dispatcher: Dispatcher) -> httpx.Response:
+    return await (await dispatcher.send("m", PAYLOAD, stream=False)).ok()
 
 
 async def test_a_full_local_connection_pool_answers_503_and_ejects_no_model_server(
-    relay: Relay, snapshot: DiscoverySnapshot, servers: ModelServers
+    dispatcher: Dispatcher, snapshot: DiscoverySnapshot, servers: ModelServers
 ):
     servers.answers[URL_A] = servers.answers[URL_B] = _raises(httpx.PoolTimeout)
     for _ in range(5):
         with pytest.raises(UpstreamUnavailable) as refused:
-            await _send(relay)
+            await _send(dispatcher)
         assert refused.value.code == "upstream_busy"
         assert refused.value.headers["Retry-After"] == "1"
     assert _in_rotation(snapshot) == [URL_A, URL_B]
     servers.answers.clear()
-    assert (await _send(relay)).status_code == 200
+    assert (await _send(dispatcher)).status_code == 200
 
 
 async def test_a_refused_connection_ejects_the_server_and_fails_over(
-    relay: Relay, snapshot: DiscoverySnapshot, servers: ModelServers
+    dispatcher: Dispatcher, snapshot: DiscoverySnapshot, servers: ModelServers
 ):
     servers.answers[URL_A] = _raises(httpx.ConnectError)
     for _ in range(3):
-        ctx = _ctx()
-        response = await relay.send("m", PAYLOAD, ctx, stream=False)
-        assert response.status_code == 200
-        assert ctx.endpoint == endpoint_id(URL_B)
+        answer = await dispatcher.send("m", PAYLOAD, stream=False)
+        assert answer.response.status_code == 200
+        assert answer.endpoint == endpoint_id(URL_B)
     assert _in_rotation(snapshot) == [URL_B]
     assert servers.requests.count(URL_A) == 1  # tried once, then out of rotation
 
 
 async def test_a_connect_timeout_ejects_the_server(
-    relay: Relay, snapshot: DiscoverySnapshot, servers: ModelServers
+    dispatcher: Dispatcher, snapshot: DiscoverySnapshot, servers: ModelServers
 ):
     servers.answers[URL_A] = servers.answers[URL_B] = _raises(httpx.ConnectTimeout)
     with pytest.raises(UpstreamUnavailable) as refused:
-        await _send(relay)
+        await _send(dispatcher)
     assert refused.value.code == "model_unavailable"
     assert _in_rotation(snapshot) == []
 
@@ -127,26 +122,26 @@ async def test_a_connect_timeout_ejects_the_server(
     ids=["500", "502", "504", "broken-connection"],
 )
 async def test_a_server_failing_requests_in_a_row_is_ejected(
-    relay: Relay, snapshot: DiscoverySnapshot, servers: ModelServers, failure: Answer
+    dispatcher: Dispatcher, snapshot: DiscoverySnapshot, servers: ModelServers, failure: Answer
 ):
     servers.answers[URL_A] = servers.answers[URL_B] = failure
     # Taken in turn: each server fails one request short of the habit.
     for _ in range(2 * (snapshot_module.ERRORS_TO_EJECT - 1)):
         with pytest.raises(UpstreamProtocolError):
-            await _send(relay)
+            await _send(dispatcher)
     assert _in_rotation(snapshot) == [URL_A, URL_B]
     with pytest.raises(UpstreamProtocolError):
-        await _send(relay)
+        await _send(dispatcher)
     assert len(_in_rotation(snapshot)) == 1
     with pytest.raises(UpstreamProtocolError):
-        await _send(relay)
+        await _send(dispatcher)
     assert _in_rotation(snapshot) == []
     with pytest.raises(UpstreamUnavailable):
-        await _send(relay)
+        await _send(dispatcher)
 
 
 async def test_one_proper_answer_between_failures_keeps_the_server_in_rotation(
-    relay: Relay, snapshot: DiscoverySnapshot, servers: ModelServers
+    dispatcher: Dispatcher, snapshot: DiscoverySnapshot, servers: ModelServers
 ):
     snapshot.report_failure(endpoint_id(URL_B))  # every request to A
     for proper_answer in (_status(400), _status(200)):
@@ -154,11 +149,11 @@ async def test_one_proper_answer_between_failures_keeps_the_server_in_rotation(
             servers.answers[URL_A] = _status(500)
             for _ in range(snapshot_module.ERRORS_TO_EJECT - 1):
                 with pytest.raises(UpstreamProtocolError):
-                    await _send(relay)
+                    await _send(dispatcher)
             # A refused request is an answer too: the server works, the request was wrong.
             servers.answers[URL_A] = proper_answer
             with contextlib.suppress(InvalidRequest):
-                await _send(relay)
+                await _send(dispatcher)
     assert _in_rotation(snapshot) == [URL_A]
 
 
@@ -172,7 +167,7 @@ async def test_one_proper_answer_between_failures_keeps_the_server_in_rotation(
     ids=["503-overloaded", "429-overloaded", "slow"],
 )
 async def test_an_overloaded_or_slow_server_is_never_ejected(
-    relay: Relay,
+    dispatcher: Dispatcher,
     snapshot: DiscoverySnapshot,
     servers: ModelServers,
     answer: Answer,
@@ -181,21 +176,21 @@ async def test_an_overloaded_or_slow_server_is_never_ejected(
     servers.answers[URL_A] = servers.answers[URL_B] = answer
     for _ in range(4 * snapshot_module.ERRORS_TO_EJECT):
         with pytest.raises(error):
-            await _send(relay)
+            await _send(dispatcher)
     assert _in_rotation(snapshot) == [URL_A, URL_B]
 
 
 async def test_a_full_connection_pool_is_logged_once_and_once_when_it_frees(
-    relay: Relay, servers: ModelServers, caplog: pytest.LogCaptureFixture
+    dispatcher: Dispatcher, servers: ModelServers, caplog: pytest.LogCaptureFixture
 ):
     servers.answers[URL_A] = servers.answers[URL_B] = _raises(httpx.PoolTimeout)
-    with caplog.at_level("INFO", logger="nilai.gateway.chat.relay"):
+    with caplog.at_level("INFO", logger="nilai.gateway.chat.dispatch"):
         for _ in range(5):
             with pytest.raises(UpstreamUnavailable):
-                await _send(relay)
+                await _send(dispatcher)
         servers.answers.clear()
-        await _send(relay)
-        await _send(relay)
+        await _send(dispatcher)
+        await _send(dispatcher)
     lines = [record.getMessage() for record in caplog.records]
     assert len(lines) == 2, lines
     assert lines[0].startswith("the upstream connection pool (NILAI_UPSTREAM_MAX_CONNECTIONS) ")

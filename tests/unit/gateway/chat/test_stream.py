@@ -1,0 +1,179 @@
+"""The contract of the streaming path: reading, relaying, ending and releasing."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from nilai.auth.base import Principal
+from nilai.errors import NilaiError, UpstreamProtocolError
+from nilai.gateway.chat.context import CLIENT_CLOSED, RequestContext
+from nilai.gateway.chat.stream import ReadDeadline, SseFraming, read_batches, relay_events
+from nilai.gateway.drain import Drain
+from nilai.upstream.sse import DONE, frame
+
+END = b'{"end":true}'
+
+
+@pytest.fixture
+def ctx() -> RequestContext:
+    return RequestContext.begin("req-1", Principal("acct", "api_key"), b"{}")
+
+
+class Echo:
+    """A translator that forwards every payload and ends with ``END``; ``bad`` payloads fail."""
+
+    def feed(self, payload: bytes) -> list[bytes]:
+        if payload == b"bad":
+            raise UpstreamProtocolError("The model server sent a malformed stream chunk.")
+        return [payload]
+
+    def finish(self) -> list[bytes]:
+        return [END]
+
+
+async def _reads(*reads: bytes, then: BaseException | None = None) -> AsyncIterator[bytes]:
+    """An upstream body: ``reads`` one by one, then ``then`` raised (if given)."""
+    for read in reads:
+        yield read
+    if then is not None:
+        raise then
+
+
+async def _silent_after(*reads: bytes) -> AsyncIterator[bytes]:
+    """An upstream body: ``reads``, then nothing more (a model server gone quiet)."""
+    for read in reads:
+        yield read
+    await asyncio.Event().wait()
+
+
+def _batches(raw: AsyncIterator[bytes], first_s: float = 5, idle_s: float = 5):
+    drain = Drain(10)
+    return read_batches(raw, ReadDeadline(first_s, idle_s, drain), drain)
+
+
+async def _collect(
+    raw: AsyncIterator[bytes], ctx: RequestContext, **limits: float
+) -> tuple[list[bytes | str], list[str]]:
+    """Every write the relay makes, with ``"released"`` where the release ran."""
+    writes: list[bytes | str] = []
+
+    async def release() -> None:
+        writes.append("released")
+
+    async for write in relay_events(_batches(raw, **limits), Echo(), ctx, release=release):
+        # One at a time, not extend(): the release must land between the writes it came between.
+        writes.append(write)  # noqa: PERF401
+    return writes, [w for w in writes if isinstance(w, str)]
+
+
+def _error(write: bytes | str) -> dict[str, object]:
+    assert isinstance(write, bytes)
+    last_event = write.removesuffix(frame(DONE)).split(b"\n\n")[-2]
+    return json.loads(last_event.removeprefix(b"data: "))["error"]
+
+
+async def test_one_write_per_upstream_read_and_release_before_the_end(ctx: RequestContext):
+    raw = _reads(frame(b"1") + frame(b"2"), frame(b"3"), frame(DONE))
+    writes, _ = await _collect(raw, ctx)
+    assert writes == [
+        frame(b"1") + frame(b"2"),
+        frame(b"3"),
+        "released",
+        frame(END) + frame(DONE),
+    ]
+    assert ctx.status == 200
+
+
+async def test_an_upstream_that_ends_without_done_still_gets_the_signed_end(ctx: RequestContext):
+    writes, _ = await _collect(_reads(frame(b"1")), ctx)
+    assert writes == [frame(b"1"), "released", frame(END) + frame(DONE)]
+
+
+async def test_a_silent_server_times_out_naming_the_first_token(ctx: RequestContext):
+    writes, released = await _collect(_silent_after(), ctx, first_s=0.02, idle_s=5)
+    assert released == ["released"]
+    assert isinstance(writes[-1], bytes)
+    assert writes[-1].endswith(frame(DONE))
+    assert "first token within 0.02s" in str(_error(writes[-1])["message"])
+    assert ctx.status == 504
+
+
+async def test_a_server_silent_after_a_token_times_out_naming_the_next_token(
+    ctx: RequestContext,
+):
+    writes, _ = await _collect(_silent_after(frame(b"1")), ctx, first_s=5, idle_s=0.02)
+    assert writes[0] == frame(b"1")
+    assert "next token within 0.02s" in str(_error(writes[-1])["message"])
+    assert ctx.status == 504
+
+
+async def test_a_connection_broken_mid_stream_ends_in_band_after_the_release(
+    ctx: RequestContext,
+):
+    raw = _reads(frame(b"1"), then=httpx.ReadError("reset"))
+    writes, _ = await _collect(raw, ctx)
+    assert writes[:2] == [frame(b"1"), "released"]
+    error = _error(writes[2])
+    assert (error["type"], error["message"]) == (
+        "upstream_error",
+        "The model server broke the stream.",
+    )
+    assert (ctx.status, ctx.error_kind) == (502, "UpstreamProtocolError")
+
+
+async def test_a_bad_payload_ends_the_stream_with_what_came_before_it(ctx: RequestContext):
+    raw = _reads(frame(b"1") + frame(b"bad") + frame(b"never"), frame(b"late"))
+    writes, _ = await _collect(raw, ctx)
+    assert writes[0] == "released"
+    final = writes[1]
+    assert isinstance(final, bytes)
+    assert final.startswith(frame(b"1") + b'data: {"error"')
+    assert b"never" not in final
+    assert b"late" not in final
+    assert final.endswith(frame(DONE))
+    assert ctx.status == 502
+
+
+async def test_a_client_that_leaves_is_recorded_and_sees_nothing_more(ctx: RequestContext):
+    released: list[str] = []
+
+    async def release() -> None:
+        released.append("released")
+
+    events = relay_events(_batches(_silent_after(frame(b"1"))), Echo(), ctx, release=release)
+    assert await anext(events) == frame(b"1")
+    await events.aclose()
+    # The relay's own release is for the normal end; the ChatStream releases on a close.
+    assert released == []
+    assert (ctx.status, ctx.error_kind) == (CLIENT_CLOSED, "ClientDisconnected")
+
+
+def test_the_deadline_moves_from_first_token_to_idle() -> None:
+    deadline = ReadDeadline(3, 7, Drain(10))
+    assert (deadline.waiting_for_first_token, deadline.limit_s) == (True, 3)
+    deadline.arrived()
+    assert (deadline.waiting_for_first_token, deadline.limit_s) == (False, 7)
+    assert "next token within 7s" in deadline.expired().message
+
+
+async def test_another_api_frames_its_own_events_errors_and_end(ctx: RequestContext):
+    """What the Responses API needs: typed events and its own error and end, same relay."""
+
+    def typed(payload: bytes) -> bytes:
+        return b"event: delta\n" + frame(payload)
+
+    def failed(error: NilaiError) -> bytes:
+        return b"event: error\n" + frame(error.code.encode())
+
+    async def release() -> None:
+        pass
+
+    framing = SseFraming(event=typed, error=failed, end=b"event: end\n\n")
+    ok = relay_events(_batches(_reads(frame(b"1"))), Echo(), ctx, release=release, framing=framing)
+    assert [w async for w in ok] == [typed(b"1"), typed(END) + b"event: end\n\n"]
+    broken = _batches(_reads(frame(b"bad")))
+    bad = relay_events(broken, Echo(), ctx, release=release, framing=framing)
+    assert [w async for w in bad] == [b"event: error\n" + frame(b"bad_gateway") + b"event: end\n\n"]
