@@ -24,9 +24,10 @@ from redis.asyncio import Redis
 
 from nilai.auth.base import Principal
 from nilai.errors import LimitsUnavailable
-from nilai.gateway.lifespan import make_admission, make_redis
+from nilai.gateway.lifespan import make_admission
 from nilai.limits.policy import Admission
 from nilai.settings import NilaiSettings
+from nilai.state.redis import make_redis
 from tests.conftest import REDIS_URL, TEST_API_KEY
 from tests.support.private_redis import PrivateRedis
 from tests.support.servers import bind_loopback, free_port

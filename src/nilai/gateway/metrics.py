@@ -138,14 +138,7 @@ class Metrics:
 
 def limit_kind(limit: Limit) -> str:
     """A bounded name for a limit: minute, hour, day, lifetime, token, web_search_*, ..."""
-    if limit.concurrent:
-        return "model_concurrency"
-    suffix = limit.key.rsplit("}:", 1)[-1]
-    if suffix == "uses":
-        return "token"
-    if suffix == "second":
-        return "web_search_all_accounts"
-    return suffix.replace("search:", "web_search_")
+    return limit.kind
 
 
 class MetricsMiddleware:

@@ -22,6 +22,9 @@ class Limit:
     expires_at: float | None = None
     """For a count without a window: when (Unix time) the counter can be forgotten, because
     whatever it limits (a token) is no longer accepted then."""
+    kind: str = "other"
+    """A bounded name for metrics (minute, lifetime, token, web_search_hour, ...): never the
+    key, which holds account and token ids."""
 
     @property
     def resets(self) -> bool:
@@ -45,6 +48,14 @@ class Decision:
 
 
 ALLOWED = Decision(allowed=True)
+
+
+class LimitStoreUnavailable(Exception):
+    """The store that keeps the counters cannot be reached; ``__cause__`` says why.
+
+    Raised by every limiter backend in place of its client's own errors, so the policy decides
+    fail-open or fail-closed without knowing which store is configured.
+    """
 
 
 class RateLimiter(Protocol):

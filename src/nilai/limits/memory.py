@@ -92,12 +92,20 @@ class MemoryConcurrencyLimiter:
         name = "concurrent requests for this model"
         if used >= limit:
             raise RateLimited(
-                Decision(False, Limit(key, name, limit, None, concurrent=True), 0, 1.0)
+                Decision(
+                    False,
+                    Limit(key, name, limit, None, concurrent=True, kind="model_concurrency"),
+                    0,
+                    1.0,
+                )
             )
         self._in_flight[key] = used + 1
         try:
             yield Decision(
-                True, Limit(key, name, limit, None, concurrent=True), limit - used - 1, 0.0
+                True,
+                Limit(key, name, limit, None, concurrent=True, kind="model_concurrency"),
+                limit - used - 1,
+                0.0,
             )
         finally:
             self._in_flight[key] -= 1

@@ -9,11 +9,16 @@ import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-from redis.exceptions import RedisError
-
 from nilai.auth.base import TOKEN_CLOCK_SKEW_S, Principal, TokenLimit
 from nilai.errors import LimitsUnavailable, RateLimited
-from nilai.limits.base import ALLOWED, ConcurrencyLimiter, Decision, Limit, RateLimiter
+from nilai.limits.base import (
+    ALLOWED,
+    ConcurrencyLimiter,
+    Decision,
+    Limit,
+    LimitStoreUnavailable,
+    RateLimiter,
+)
 from nilai.outages import OutageLog
 
 logger = logging.getLogger(__name__)
@@ -78,14 +83,26 @@ class Admission:
             "day": account.rate_limit_day if account and account.rate_limit_day else d.day,
         }
         limits = [
-            Limit(f"{tag}:{window}", f"requests per {window} for this account", count, seconds)
+            Limit(
+                f"{tag}:{window}",
+                f"requests per {window} for this account",
+                count,
+                seconds,
+                kind=window,
+            )
             for window, seconds in _WINDOWS
             if (count := counts[window])
         ]
         lifetime = account.rate_limit_lifetime if account and account.rate_limit_lifetime else None
         if lifetime := lifetime or d.lifetime:
             limits.append(
-                Limit(f"{tag}:lifetime", "requests in total for this account", lifetime, None)
+                Limit(
+                    f"{tag}:lifetime",
+                    "requests in total for this account",
+                    lifetime,
+                    None,
+                    kind="lifetime",
+                )
             )
         limits += [
             Limit(
@@ -96,6 +113,7 @@ class Admission:
                 token.uses,
                 None,
                 expires_at=self._token_count_expiry(token),
+                kind="token",
             )
             for token in principal.token_limits
         ]
@@ -106,7 +124,13 @@ class Admission:
                 "day": d.web_search_day,
             }
             limits += [
-                Limit(f"{tag}:search:{window}", f"web searches per {window}", count, seconds)
+                Limit(
+                    f"{tag}:search:{window}",
+                    f"web searches per {window}",
+                    count,
+                    seconds,
+                    kind=f"web_search_{window}",
+                )
                 for window, seconds in _WINDOWS
                 if (count := searches[window])
             ]
@@ -131,7 +155,7 @@ class Admission:
             # two hash slots: a single Redis server or a replica set, not Redis Cluster.)
             rps = self._defaults.web_search_rps
             name = "web searches per second (all accounts)"
-            limits.append(Limit("{search}:second", name, rps, 1))
+            limits.append(Limit("{search}:second", name, rps, 1, kind="web_search_all_accounts"))
         return await self._check(limits, uuid.uuid4().hex)
 
     async def admit_attestation(self, principal: Principal) -> Decision:
@@ -145,7 +169,7 @@ class Admission:
             return ALLOWED
         tag = f"{{acct:{principal.account_id}}}"
         name = "attestation reports per minute for this account"
-        limit = Limit(f"{tag}:attestation:minute", name, count, 60)
+        limit = Limit(f"{tag}:attestation:minute", name, count, 60, kind="attestation_minute")
         return await self._check([limit], uuid.uuid4().hex)
 
     async def _check(self, limits: list[Limit], member: str) -> Decision:
@@ -155,16 +179,19 @@ class Admission:
         started = time.monotonic()
         try:
             decision = await self._rate.hit(limits, member)
-        except (RedisError, OSError) as exc:
+        except LimitStoreUnavailable as exc:
             return self._unavailable(exc, started=started)
         self._outage.answered(started=started)
         if not decision.allowed:
             raise RateLimited(decision)
         return decision
 
-    def _unavailable(self, exc: BaseException, *, started: float) -> Decision:
+    def _unavailable(self, exc: LimitStoreUnavailable, *, started: float) -> Decision:
         """Fail open or closed; the first failure of an outage is logged with its cause."""
-        self._outage.failed(exc, started=started)
+        # The log names the store client's own error (a refused connection, a timeout), which
+        # is what an operator acts on; the backend-neutral wrapper says nothing more.
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        self._outage.failed(cause, started=started)
         if self._fail_open:
             return ALLOWED
         raise LimitsUnavailable(
@@ -182,20 +209,17 @@ class Admission:
         """Hold one of the model's concurrency slots while the block runs."""
         limit = self._overrides.get(model, self._defaults.model_concurrency)
         started = time.monotonic()
-        try:
-            lease = self._concurrency.lease(f"{{model:{model}}}:inflight", limit)
-            decision = await lease.__aenter__()
-        except RateLimited:
-            self._outage.answered(started=started)
-            raise
-        except (RedisError, OSError) as exc:
-            yield self._unavailable(exc, started=started)
-            return
-        self._outage.answered(started=started)
-        try:
-            yield decision
-        except BaseException as exc:
-            if not await lease.__aexit__(type(exc), exc, exc.__traceback__):
+        async with contextlib.AsyncExitStack() as held:
+            try:
+                lease = self._concurrency.lease(f"{{model:{model}}}:inflight", limit)
+                decision = await held.enter_async_context(lease)
+            except RateLimited:
+                self._outage.answered(started=started)
                 raise
-        else:
-            await lease.__aexit__(None, None, None)
+            except LimitStoreUnavailable as exc:
+                # No slot is held: the block runs (fail open) or is refused (fail closed).
+                decision = self._unavailable(exc, started=started)
+            else:
+                self._outage.answered(started=started)
+            # Outside the try: a failure in the block is the block's, not the slot store's.
+            yield decision

@@ -17,9 +17,10 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from nilai.errors import RateLimited
-from nilai.limits.base import Decision, Limit
+from nilai.limits.base import Decision, Limit, LimitStoreUnavailable
 from nilai.outages import OutageLog
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,18 @@ logger = logging.getLogger(__name__)
 
 def _script(name: str) -> str:
     return resources.files("nilai.limits").joinpath("lua", name).read_text()
+
+
+@contextlib.asynccontextmanager
+async def _store_errors() -> AsyncGenerator[None]:
+    """Say a failure to reach Redis as the backend-neutral ``LimitStoreUnavailable``.
+
+    The original error is chained as the cause: the outage log names it.
+    """
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise LimitStoreUnavailable("the limit store (Redis) cannot be reached") from exc
 
 
 class RedisRateLimiter:
@@ -46,7 +59,8 @@ class RedisRateLimiter:
         for limit in limits:
             drop_at_ms = int(limit.expires_at * 1000) if limit.expires_at else 0
             args += [limit.count, (limit.window_s or 0) * 1000, drop_at_ms]
-        allowed, index, remaining, reset_ms = await self._hit(keys=keys, args=args)
+        async with _store_errors():
+            allowed, index, remaining, reset_ms = await self._hit(keys=keys, args=args)
         return Decision(bool(allowed), limits[int(index) - 1], int(remaining), int(reset_ms) / 1000)
 
 
@@ -72,12 +86,20 @@ class RedisConcurrencyLimiter:
         """Hold one slot of ``key`` while the block runs."""
         full_key = self._prefix + key
         lease_id = uuid.uuid4().hex
-        acquired, used, _ = await self._acquire(
-            keys=[full_key], args=[lease_id, limit, self._ttl_ms]
-        )
+        async with _store_errors():
+            acquired, used, _ = await self._acquire(
+                keys=[full_key], args=[lease_id, limit, self._ttl_ms]
+            )
         decision = Decision(
             bool(acquired),
-            Limit(key, "concurrent requests for this model", limit, None, concurrent=True),
+            Limit(
+                key,
+                "concurrent requests for this model",
+                limit,
+                None,
+                concurrent=True,
+                kind="model_concurrency",
+            ),
             remaining=max(0, limit - int(used)),
             # Held slots are renewed, so their expiry says nothing about when one frees.
             reset_s=1.0,

@@ -24,8 +24,8 @@ import httpx
 
 from nilai.discovery.announcer import Announcer
 from nilai.discovery.redis import RedisDiscovery
-from nilai.gateway.lifespan import make_redis
 from nilai.settings import NilaiSettings
+from nilai.state.redis import make_redis
 from nilai.upstream.http import make_http_client
 
 VLLM_BIN_VARIABLE = "NILAI_VLLM_BIN"

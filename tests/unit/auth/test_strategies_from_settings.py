@@ -1,3 +1,5 @@
+"""Authenticators built from the settings: configured API keys, and private keys sent by mistake."""
+
 import pytest
 
 from nilai.auth.strategies import PRIVATE_KEY_SENT, make_authenticator

@@ -1,0 +1,1 @@
+"""State shared by gateway replicas and workers: the Redis client."""
