@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,14 +21,22 @@ from tests.support.servers import free_port, wait_until
 pytestmark = pytest.mark.e2e
 
 NILAI = str(Path(sys.executable).parent / "nilai")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any NILAI_* variable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NILAI_")}
+    env.update(extra)
+    return env
 
 
 class Serve:
     """A `nilai serve` process in its own process group, as a terminal would run it."""
 
     def __init__(self, data_dir: Path, port: int) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NILAI_")}
-        env.update({"NILAI_DATA_DIR": str(data_dir), "NILAI_PORT": str(port)})
+        # TMPDIR: the banner's commands save the answer there, not in the shared /tmp.
+        env = clean_env(NILAI_DATA_DIR=str(data_dir), NILAI_PORT=str(port), TMPDIR=str(data_dir))
         self.url = f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen(
             [NILAI, "serve"],
@@ -57,6 +66,12 @@ class Serve:
         wait_until(ready, timeout_s=120, interval_s=0.25)
         wait_until(lambda: any("Press Ctrl-C" in line for line in self.lines))
 
+    def printed_commands(self) -> list[str]:
+        """The shell commands of the banner: the lines after each "...:" heading."""
+        banner = "".join(self.lines).split(f"nilai is serving at {self.url}", 1)[1]
+        paragraphs = banner.split("\n\n")
+        return [p.split("\n", 1)[1] for p in paragraphs if p.split("\n", 1)[0].endswith(":")]
+
     def printed_key(self) -> str | None:
         for line in self.lines:
             if "API key (shown once" in line:
@@ -74,6 +89,34 @@ class Serve:
         self._reader.join(timeout=10)
         assert self.process.stdout is not None
         self.process.stdout.close()
+
+
+def run_printed_commands(serve: Serve, **env: str) -> list[str]:
+    """Paste each command of the banner into a shell at the repository root; their outputs.
+
+    The three commands are: curl (saving the answer), `nilai verify` of it, the openai SDK.
+    """
+    outputs: list[str] = []
+    for command in serve.printed_commands():
+        done = subprocess.run(
+            ["/bin/sh", "-c", command],
+            cwd=REPO_ROOT,
+            env=clean_env(**env),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, (command, done.stdout, done.stderr)
+        outputs.append(done.stdout)
+    return outputs
+
+
+def assert_printed_commands_work(serve: Serve, **env: str) -> None:
+    answer, verified, sdk = run_printed_commands(serve, **env)
+    assert '"choices"' in answer
+    assert verified.startswith("OK: response signature valid"), verified
+    assert sdk.strip()
 
 
 def alive(pid: int) -> bool:
@@ -94,8 +137,12 @@ def test_serve_answers_signed_and_ctrl_c_leaves_nothing(tmp_path, tiny_model_dir
         key = serve.printed_key()
         assert key is not None
         output = "".join(serve.lines)
-        assert f"curl {serve.url}/v1/chat/completions" in output
+        assert f"curl -s {serve.url}/v1/chat/completions" in output
         assert "random weights" in output
+        # The gateway registers the worker in-process and says so; the worker says nothing else.
+        assert "Not announced" not in output
+        assert output.count(" serving tiny-model") == 1
+        assert_printed_commands_work(serve)
 
         client = openai.OpenAI(base_url=f"{serve.url}/v1", api_key=key, max_retries=0)
         raw = client.chat.completions.with_raw_response.create(
@@ -126,6 +173,8 @@ def test_serve_answers_signed_and_ctrl_c_leaves_nothing(tmp_path, tiny_model_dir
         again.wait_ready()
         assert again.printed_key() is None
         assert "only its hash is kept" in "".join(again.lines)
+        # The commands read the key from $NILAI_API_KEY now, in the shell and in Python alike.
+        assert_printed_commands_work(again, NILAI_API_KEY=key)
         response = httpx.get(f"{again.url}/v1/models", headers={"Authorization": f"Bearer {key}"})
         assert response.status_code == 200
         # Even a SIGKILL of serve must not leave the worker running.
@@ -135,3 +184,25 @@ def test_serve_answers_signed_and_ctrl_c_leaves_nothing(tmp_path, tiny_model_dir
         wait_until(lambda: not alive(worker), timeout_s=10)
     finally:
         again.stop()
+
+
+def test_serve_on_a_busy_port_exits_2_with_how_to_pick_another_before_loading(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [NILAI, "serve"],
+            env=clean_env(NILAI_DATA_DIR=str(tmp_path), NILAI_PORT=str(port)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"nilai serve: cannot listen on 127.0.0.1:{port} (is already in use); pick another "
+        f"port with --port {port + 1} or NILAI_PORT={port + 1} make serve"
+    )
+    assert "serving at" not in done.stdout
+    assert not (tmp_path / "tiny-model").exists()  # nothing was loaded or generated

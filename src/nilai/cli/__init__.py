@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Sequence
 
 from nilai import __version__
 from nilai.cli import admin, announce, api, attest, serve, verify, worker
+from nilai.cli.usage import show_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nilai", description="Confidential LLM gateway with signed answers."
     )
     parser.add_argument("--version", action="version", version=f"nilai {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # A bare `nilai` shows what it can do instead of argparse's "arguments are required".
+    parser.set_defaults(handler=functools.partial(show_commands, parser))
     for module in (serve, api, announce, worker, verify, attest, admin):
         module.register(commands)
     return parser

@@ -1,5 +1,9 @@
 """``nilai db``, ``nilai accounts`` and ``nilai keys``: the schema, accounts and API keys.
 
+Each command says on stderr which database it uses (password masked): run with other settings
+than the gateway's, it would read and write another database. Stdout stays for the result, so
+scripts can read it (the key from ``nilai keys create``).
+
 Every failure is one line on stderr and a non-zero status: 2 for bad input (arguments,
 settings, database URL, revision), 1 for the rest (not found, conflicts, database errors).
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,18 +21,19 @@ from typing import Any
 
 from alembic.util import CommandError
 from pydantic import ValidationError
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nilai.auth.stored_keys import generate_key
 from nilai.cli.common import fail
-from nilai.gateway.lifespan import open_store
 from nilai.settings import NilaiSettings, settings_problems
 from nilai.store import migrate
 from nilai.store.base import Account, ApiKey, Usage
+from nilai.store.open import open_store
 from nilai.store.sql import SqlStore, make_engine, new_id, now
 
+DEFAULT = "default"  # `accounts update --rate-limit-PERIOD default` removes the override
 MAX_LIMIT = 2**31 - 1  # the rate-limit columns are 32-bit integers
 MAX_NAME = 200  # the name columns' length
 PERIODS = ("minute", "hour", "day", "lifetime")
@@ -98,7 +104,18 @@ def _register_accounts(actions: Any) -> None:
         ("disable", "disable an account and so all its keys", _accounts_disable),
         ("enable", "enable a disabled account", _accounts_enable),
     ):
-        _action(actions, name, summary, body).add_argument("account", metavar="ID_OR_NAME")
+        _action(actions, name, summary, body).add_argument(
+            "account", metavar="ID_OR_NAME", help="account id or name"
+        )
+    update = _action(actions, "update", "change an account's rate limits", _accounts_update)
+    update.add_argument("account", metavar="ID_OR_NAME", help="account id or name")
+    for period in PERIODS:
+        update.add_argument(
+            f"--rate-limit-{period}",
+            metavar="N",
+            help=f"requests per {period}, or '{DEFAULT}' for the gateway's setting "
+            "(default: unchanged)",
+        )
 
 
 def _register_keys(actions: Any) -> None:
@@ -108,7 +125,9 @@ def _register_keys(actions: Any) -> None:
     listing = _action(actions, "list", "list API keys (never the keys themselves)", _keys_list)
     listing.add_argument("--account", metavar="ID_OR_NAME", help="only this account's keys")
     revoke = _action(actions, "revoke", "revoke an API key", _keys_revoke)
-    revoke.add_argument("key", metavar="KEY_ID_OR_PREFIX")
+    revoke.add_argument(
+        "key", metavar="KEY_ID_OR_PREFIX", help="the key's id, or its prefix as `keys list` shows"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,9 +156,10 @@ def _settings() -> NilaiSettings:
         raise AdminError(f"invalid settings: {_first_line(exc)}", 2) from exc
 
 
-def _with_store(action: StoreAction) -> None:
+def _with_store(action: StoreAction, settings: NilaiSettings | None = None) -> None:
     """Open the store (migrating it when NILAI_DB_AUTO_MIGRATE), run ``action``, close it."""
-    settings = _settings()
+    settings = settings or _settings()
+    _say_database(make_url(settings.db_url))
 
     async def session() -> None:
         store = await open_store(settings)
@@ -158,6 +178,7 @@ def _with_engine(action: EngineAction) -> None:
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         Path(str(parsed.database)).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     shown = parsed.render_as_string(hide_password=True)
+    _say_database(parsed)
 
     async def session() -> None:
         engine = make_engine(url)
@@ -167,6 +188,15 @@ def _with_engine(action: EngineAction) -> None:
             await engine.dispose()
 
     asyncio.run(session())
+
+
+def _say_database(url: URL) -> None:
+    """Name the database on stderr: the SQLite file, or the URL without password or query."""
+    if url.get_backend_name() == "sqlite":
+        where = f"the SQLite database {url.database or ':memory:'}"
+    else:
+        where = f"the database {url.set(query={}).render_as_string(hide_password=True)}"
+    print(f"using {where} (NILAI_DATABASE_URL)", file=sys.stderr)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -300,6 +330,32 @@ def _accounts_add(args: argparse.Namespace) -> None:
         print(f"created account {_label(account)}; limits: {_limits_text(account)}")
 
     _with_store(add)
+
+
+def _accounts_update(args: argparse.Namespace) -> None:
+    """``nilai accounts update ID_OR_NAME [--rate-limit-PERIOD N|default ...]``."""
+    id_or_name = str(args.account)
+    changes: dict[str, int | None] = {}
+    for period in PERIODS:
+        value: str | None = getattr(args, f"rate_limit_{period}")
+        if value is not None:
+            number = None if value == DEFAULT else _limit(value, period)
+            changes[f"rate_limit_{period}"] = number
+    if not changes:
+        options = ", ".join(f"--rate-limit-{period}" for period in PERIODS)
+        raise AdminError(f"nothing to change: give one or more of {options}", 2)
+    settings = _settings()
+
+    async def update(store: SqlStore) -> None:
+        account = await _find_account(store, id_or_name)
+        updated = await store.update_limits(account.id, changes)
+        print(f"updated account {_label(updated)}; limits: {_limits_text(updated)}")
+        print(
+            f"Running gateways apply it within {settings.key_cache_ttl_s:g} s "
+            "(they cache accounts for NILAI_KEY_CACHE_TTL_S)."
+        )
+
+    _with_store(update, settings)
 
 
 def _accounts_list(args: argparse.Namespace) -> None:

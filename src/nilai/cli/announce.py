@@ -10,9 +10,9 @@ from typing import Any
 from nilai.cli.common import fail, load_settings
 from nilai.discovery.announcer import Announcer, ModelOverrides
 from nilai.discovery.redis import RedisDiscovery
-from nilai.gateway.lifespan import make_redis
 from nilai.logging import configure_logging
 from nilai.settings import NilaiSettings
+from nilai.state.redis import make_redis
 from nilai.upstream.http import make_http_client
 
 
@@ -23,11 +23,32 @@ def register(commands: Any) -> None:
         "announce", help="register a model server in discovery (needs NILAI_REDIS_URL)"
     )
     parser.add_argument("--url", required=True, help="base URL of the server, e.g. http://h:8000")
-    parser.add_argument("--ttl", type=float, help="lease seconds (default NILAI_DISCOVERY_TTL_S)")
-    parser.add_argument("--tool-support", action="store_true", default=None)
-    parser.add_argument("--multimodal", action="store_true", default=None)
-    parser.add_argument("--max-model-len", type=int, help="context length, if not reported")
-    parser.add_argument("--description", help="text shown in /v1/models")
+    parser.add_argument(
+        "--ttl", type=float, help="lease seconds (default: NILAI_DISCOVERY_TTL_S, 15)"
+    )
+    parser.add_argument(
+        "--tool-support",
+        action="store_true",
+        default=None,
+        help="list the models as supporting tool calls "
+        "(default: as its /v1/models says; off if it is silent)",
+    )
+    parser.add_argument(
+        "--multimodal",
+        action="store_true",
+        default=None,
+        help="list the models as accepting images "
+        "(default: as its /v1/models says; off if it is silent)",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        help="context length in tokens (default: as its /v1/models says)",
+    )
+    parser.add_argument(
+        "--description",
+        help="text shown in /v1/models (default: as its /v1/models says, else empty)",
+    )
     parser.set_defaults(handler=run)
 
 

@@ -31,8 +31,12 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print OK and return 0 when the signature holds, else print why and return 1."""
-    raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
-    request = Path(args.request).read_bytes() if args.request else None
+    try:
+        raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+        request = Path(args.request).read_bytes() if args.request else None
+    except OSError as exc:
+        print(f"FAIL: {unreadable(exc)}")
+        return 2
     try:
         public_key = args.public_key or fetch_public_key(str(args.gateway))
     except (httpx.HTTPError, ValueError, TypeError) as exc:
@@ -46,6 +50,12 @@ def run(args: argparse.Namespace) -> int:
     bound = " and bound to the given request" if request is not None else ""
     print(f"OK: {verified.kind} signature valid{bound} (request_sha256 {verified.request_sha256})")
     return 0
+
+
+def unreadable(exc: OSError) -> str:
+    """``cannot read PATH: REASON`` in one line, without Python's errno prefix."""
+    reason = exc.strerror or type(exc).__name__
+    return f"cannot read {exc.filename}: {reason}"
 
 
 def fetch_public_key(gateway: str) -> str:

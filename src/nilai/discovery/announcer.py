@@ -71,6 +71,30 @@ def _card(entry: object) -> ModelCard:
     return ModelCard.model_validate(fields)
 
 
+SERVER_POLL_S = 0.1
+"""Seconds between checks while a server that is starting in this process is not yet answering."""
+
+
+async def until_answering(
+    http: httpx.AsyncClient, url: str, stop: asyncio.Event, interval_s: float = SERVER_POLL_S
+) -> bool:
+    """Wait until ``url``'s ``/v1/models`` answers (True) or ``stop`` is set (False).
+
+    For a server that announces itself: its start-up code runs before it listens, so a first
+    check then would fail, warn, and leave it unannounced for a whole lease period. Failures
+    here are expected, so they are not logged.
+    """
+    while not stop.is_set():
+        try:
+            await fetch_models(http, url, ModelOverrides(), timeout_s=1.0)
+        except (httpx.HTTPError, ValueError):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval_s)
+        else:
+            return True
+    return False
+
+
 class Announcer:
     """Registers one server, renews its lease, withdraws it on failure or stop."""
 
@@ -94,7 +118,7 @@ class Announcer:
         self._failures = 0
         self._outage = OutageLog(
             logger,
-            f"discovery for {self.url}",
+            f"discovery ({discovery.location}) for {self.url}",
             f"trying again every {self._retry_s:g} s",
         )
 

@@ -35,6 +35,9 @@ class EndpointRecord(BaseModel, frozen=True):
 class Discovery(Protocol):
     """Where model servers are registered with a lease that expires unless renewed."""
 
+    location: str
+    """Where the registrations are kept, for log lines: a Redis URL (password masked)."""
+
     async def register(self, record: EndpointRecord, ttl_s: float) -> None:
         """Add or replace a server's record and (re)start its lease."""
         ...

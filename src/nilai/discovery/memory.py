@@ -11,6 +11,8 @@ from nilai.discovery.base import EndpointRecord
 class MemoryDiscovery:
     """Discovery held in a dict; leases expire on the monotonic clock."""
 
+    location = "in-process"
+
     def __init__(self) -> None:
         self._records: dict[str, tuple[EndpointRecord, float]] = {}
         self._generation = uuid.uuid4().hex

@@ -122,7 +122,9 @@ class DiscoverySnapshot:
         """Models no server serves any more, and when they stopped being served."""
         self._tasks: list[asyncio.Task[None]] = []
         self._outage = OutageLog(
-            logger, "discovery", "routing with the last servers it listed until it answers"
+            logger,
+            f"discovery ({discovery.location})",
+            "routing with the last servers it listed until it answers",
         )
         self.last_error: str | None = None
 

@@ -444,8 +444,9 @@ async def test_discovery_outage_is_logged_once_with_its_cause_and_once_when_it_e
     lines = [record.getMessage() for record in caplog.records]
     down = [line for line in lines if "unavailable" in line]
     assert down == [
-        f"discovery for {URL} unavailable (ConnectionError: store down); trying again every 0.01 s"
+        f"discovery (in-process) for {URL} unavailable (ConnectionError: store down); "
+        "trying again every 0.01 s"
     ]
     back = [line for line in lines if "available again" in line]
     assert len(back) == 1
-    assert back[0].startswith(f"discovery for {URL} available again after ")
+    assert back[0].startswith(f"discovery (in-process) for {URL} available again after ")

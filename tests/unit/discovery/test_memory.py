@@ -80,7 +80,11 @@ async def test_deregister():
     assert await discovery.list() == [second]
 
 
-async def test_ping_and_aclose():
+async def test_ping_answers_without_touching_the_records():
+    # Readiness pings discovery on every probe: a ping must neither fail nor forget endpoints.
     discovery = MemoryDiscovery()
-    await discovery.ping()
+    record = _record("http://a")
+    await discovery.register(record, 10)
+    assert await discovery.ping() is None
+    assert await discovery.list() == [record]
     await discovery.aclose()

@@ -560,7 +560,7 @@ async def test_discovery_outage_is_logged_once_with_its_cause_and_once_when_it_e
     lines = [record.getMessage() for record in caplog.records]
     down = [line for line in lines if "unavailable" in line]
     assert down == [
-        "discovery unavailable (ConnectionError: store down); "
+        "discovery (in-process) unavailable (ConnectionError: store down); "
         "routing with the last servers it listed until it answers"
     ]
     back = [line for line in lines if "available again" in line]
