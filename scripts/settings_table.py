@@ -20,18 +20,27 @@ _SETTING = re.compile(r"^# (NILAI_[A-Z0-9_]+)=(.*)$")
 
 
 def rows(sample: str) -> list[tuple[str, str, str]]:
-    """(variable, default, meaning) for every ``# NILAI_X=default`` line, in file order."""
+    """(variable, default, meaning) for every ``# NILAI_X=default`` line, in file order.
+
+    The meaning is the comment block above the variable, or above the group of variables it
+    belongs to (consecutive ``NILAI_X=`` lines under one comment).
+    """
     found: list[tuple[str, str, str]] = []
     comment: list[str] = []
+    after_setting = False
     for line in sample.splitlines():
         match = _SETTING.match(line)
         if match:
+            # A comment above a group of settings ("..., rows per batch, and seconds between
+            # batches.") describes each of them.
             found.append((match[1], match[2], " ".join(comment)))
-            comment = []
+            after_setting = True
         elif line.startswith("# ") and not line.startswith("# ---"):
+            if after_setting:
+                comment, after_setting = [], False
             comment.append(line[2:].strip())
         else:
-            comment = []
+            comment, after_setting = [], False
     return found
 
 

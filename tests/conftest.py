@@ -11,7 +11,9 @@ from typing import Any
 import openai
 import pytest
 import redis
+from coincurve import PrivateKey
 
+from nilai.crypto.keys import Signer
 from nilai.gateway.app import create_app
 from nilai.settings import NilaiSettings
 from tests.fakes.fake_openai_server import FakeConfig, FakeState, create_fake_app
@@ -66,6 +68,12 @@ class GatewayHandle:
     @property
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {TEST_API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def signer() -> Signer:
+    """A fresh signing key for each test module: the one definition every test shares."""
+    return Signer(PrivateKey())
 
 
 @pytest.fixture

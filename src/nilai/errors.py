@@ -16,7 +16,8 @@ exception class with a readable message.
 - ``ShuttingDown`` (503): the replica is shutting down; another replica can take the request.
 - ``UpstreamProtocolError`` (502): the model server answered with something unusable.
 - ``UpstreamTimeout`` (504): the time limit passed.
-- ``RateLimited`` (429): a rate or concurrency limit is reached; ``Retry-After`` says when.
+- ``RateLimited`` (429): a rate or concurrency limit is reached; ``Retry-After`` says when, and
+  ``x-should-retry: false`` tells SDKs not to sleep out a long wait.
 - ``AccountsUnavailable`` (503): stored API keys or NUC accounts cannot be checked now (the
   accounts database is unreachable, or too many unknown keys are being checked); ``Retry-After``.
 - ``NotSupported`` (501): a nilai extra (web search, nilRAG) this gateway does not offer.
@@ -204,6 +205,15 @@ class NotSupported(NilaiError):
     default_code = "not_supported"
 
 
+MAX_RETRYABLE_WAIT_S = 5
+"""The longest ``Retry-After`` a client's automatic retry is invited to wait out.
+
+A longer wait (a minute, hour or day window) is answered with ``x-should-retry: false``, which
+the openai SDKs obey, so the caller sees the 429 and its message at once instead of a silent
+sleep. Short waits (a concurrency slot: 1 s) stay retryable.
+"""
+
+
 class RateLimited(NilaiError):
     """A limit is reached; the decision says which and for how long."""
 
@@ -217,10 +227,12 @@ class RateLimited(NilaiError):
         retry = decision.retry_after_s
         resets = limit is None or limit.resets
         when = f"Retry after {retry} s." if resets else "This limit does not reset."
-        super().__init__(
-            f"Rate limit reached: {what}. {when}",
-            headers={"Retry-After": str(retry), **rate_limit_headers(decision)},
-        )
+        headers = {"Retry-After": str(retry), **rate_limit_headers(decision)}
+        if retry > MAX_RETRYABLE_WAIT_S or not resets:
+            # The openai SDKs would otherwise sleep out Retry-After (up to 2 min) per retry and
+            # look hung; this header makes them raise RateLimitError with the message at once.
+            headers["x-should-retry"] = "false"
+        super().__init__(f"Rate limit reached: {what}. {when}", headers=headers)
         self.decision = decision
 
 

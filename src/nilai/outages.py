@@ -16,6 +16,16 @@ import time
 _MESSAGE_CHARS = 200
 # ``scheme://user:password@host``: a client library may put its connection URL in a message.
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^@/\s]*@")
+# ``scheme://user:password@``: the user name is kept, the password masked.
+_URL_PASSWORD = re.compile(r"(?P<head>^[a-zA-Z][a-zA-Z0-9+.-]*://[^:@/\s]*:)[^@/\s]*@")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``: ``redis://:***@host:6379/0``.
+
+    Log lines and start-up errors name the database or Redis they mean, never its password.
+    """
+    return _URL_PASSWORD.sub(r"\g<head>***@", url, count=1)
 
 
 def describe_error(error: BaseException) -> str:

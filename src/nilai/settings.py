@@ -16,6 +16,7 @@ import difflib
 import ipaddress
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, cast
 
@@ -33,6 +34,10 @@ CONFIG_FILE_VARIABLE = "NILAI_CONFIG_FILE"
 
 AuthStrategy = Literal["api_key", "nuc"]
 CommaList = Annotated[list[str], NoDecode]
+
+
+POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
+"""Database URL schemes read as ``postgresql+asyncpg://``."""
 
 
 def default_data_dir() -> Path:
@@ -305,6 +310,22 @@ class NilaiSettings(BaseSettings):
                 raise ValueError(f"model_concurrency_limits entry {item!r} must be MODEL=N, N >= 1")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _asyncpg_for_postgresql(cls, value: SecretStr | None) -> SecretStr | None:
+        """``postgresql://`` and ``postgres://`` (libpq's spelling) mean the asyncpg driver.
+
+        SQLAlchemy reads a bare ``postgresql://`` as psycopg2, which nilai does not install:
+        the URL an operator copies from their provider would fail with ``No module named``.
+        """
+        if value is None:
+            return None
+        url = value.get_secret_value()
+        for scheme in POSTGRESQL_SCHEMES:
+            if url.startswith(scheme):
+                return SecretStr("postgresql+asyncpg://" + url.removeprefix(scheme))
+        return value
+
     @model_validator(mode="after")
     def _check_strategies(self) -> Self:
         if not self.auth_strategies:
@@ -336,6 +357,38 @@ class NilaiSettings(BaseSettings):
         if self.api_key is not None:
             keys.append(self.api_key.get_secret_value())
         return [key for key in keys if key]
+
+
+OTHER_VARIABLES = frozenset(
+    {
+        CONFIG_FILE_VARIABLE,
+        "NILAI_VLLM_BIN",  # nilai worker vllm: the vllm executable
+        "NILAI_INSTALL_HOOKS",  # make install: the git hooks
+        "NILAI_DOMAIN",  # deploy/compose.yaml: Caddy's site address
+        "NILAI_GATEWAY_WORKERS",  # deploy/compose.yaml: nilai api --workers
+        "NILAI_URL",  # the locustfile and examples: the gateway to call
+    }
+)
+"""``NILAI_*`` variables read outside these settings, so not mistakes."""
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per ``NILAI_*`` name in ``environ`` that nothing reads, with the closest known.
+
+    A mistyped name (``NILAI_API_KEYY``) would otherwise be ignored without a word, and the
+    gateway would run without the setting the operator thinks they made. Values are never shown.
+    """
+    known = {f"NILAI_{name.upper()}" for name in NilaiSettings.model_fields} | OTHER_VARIABLES
+    lines: list[str] = []
+    for name in sorted(environ):
+        if not name.startswith("NILAI_") or name in known:
+            continue
+        # Compared without the shared prefix, which would make every name look close.
+        suffixes = [other.removeprefix("NILAI_") for other in known]
+        guess = difflib.get_close_matches(name.removeprefix("NILAI_"), suffixes, n=1)
+        hint = f"; did you mean NILAI_{guess[0]}?" if guess else ""
+        lines.append(f"{name} is not a nilai setting and is ignored{hint}")
+    return lines
 
 
 def settings_problems(exc: ValidationError) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -153,6 +154,27 @@ def test_verify_reports_unreachable_gateway(tmp_path, capsys):
     saved.write_text("{}")
     assert main(["verify", str(saved), "--gateway", f"http://127.0.0.1:{free_port()}"]) == 2
     assert "cannot get the public key" in capsys.readouterr().out
+
+
+def test_verify_names_a_missing_file_in_one_line(tmp_path, capsys):
+    missing = tmp_path / "nofile.json"
+    assert main(["verify", str(missing), "--public-key", "unused"]) == 2
+    out = capsys.readouterr().out
+    assert out == f"FAIL: cannot read {missing}: No such file or directory\n"
+
+
+def test_worker_local_says_a_mistyped_model_directory_does_not_exist(tmp_path, capsys):
+    typo = tmp_path / "typo"
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:  # the command sets up logging onto this test's captured stderr: undo that after
+        assert main(["worker", "local", "--model", str(typo)]) == 2
+    finally:
+        root.handlers[:], root.level = handlers, level
+    err = capsys.readouterr().err
+    assert f"model directory {typo} does not exist" in err
+    assert "network access" in err
+    assert "Traceback" not in err
 
 
 def test_announce_needs_redis(capsys, monkeypatch):

@@ -122,6 +122,28 @@ def test_minute_limit_admits_five_then_429(
         client.chat.completions.create(model="fake-model", messages=MESSAGES, stream=True)
 
 
+def test_sdk_raises_at_once_on_a_minute_limit_instead_of_sleeping_out_retry_after(
+    start_fake: Callable[..., FakeHandle],
+    start_gateway: Callable[..., GatewayHandle],
+):
+    fake = start_fake()
+    gateway = start_gateway(upstream_urls=[fake.url], rate_limit_minute=1)
+    assert chat(gateway.url).status_code == 200
+    refused = chat(gateway.url)
+    assert int(refused.headers["Retry-After"]) > 5
+    assert refused.headers["x-should-retry"] == "false"
+
+    sent: list[httpx.Request] = []
+    http = httpx.Client(event_hooks={"request": [sent.append]})
+    client = openai.OpenAI(
+        base_url=f"{gateway.url}/v1", api_key=TEST_API_KEY, max_retries=2, http_client=http
+    )
+    with http, pytest.raises(openai.RateLimitError) as raised:
+        client.chat.completions.create(model="fake-model", messages=MESSAGES)
+    assert len(sent) == 1  # no retry, so no sleep of up to a minute before it
+    assert "Retry after" in raised.value.message
+
+
 def test_model_concurrency_refuses_the_third_until_a_stream_ends(
     backend: dict[str, Any],  # first: its Redis keys are deleted after the gateway stops
     start_fake: Callable[..., FakeHandle],
@@ -133,7 +155,9 @@ def test_model_concurrency_refuses_the_third_until_a_stream_ends(
         first = streams.enter_context(open_stream(client, gateway.url))
         streams.enter_context(open_stream(client, gateway.url))
 
-        assert_rate_limited(chat(gateway.url), "2 concurrent requests for this model")
+        refused = chat(gateway.url)
+        assert_rate_limited(refused, "2 concurrent requests for this model")
+        assert "x-should-retry" not in refused.headers  # a 1 s wait: SDKs may retry it
         assert_rate_limited(chat(gateway.url, stream=True), "concurrent requests")
         with pytest.raises(openai.RateLimitError):
             gateway.client().chat.completions.create(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -135,6 +136,17 @@ def stream_chat(gateway) -> tuple[httpx.Response, list[bytes], float]:
     return response, events, time.monotonic() - started
 
 
+# --- files ---------------------------------------------------------------------------------
+
+
+def test_data_directory_is_0700_and_the_sqlite_database_0600(start_gateway, tmp_path):
+    data_dir = tmp_path / "fresh" / "nilai"
+    gateway = start_gateway(data_dir=data_dir, database_url=None)
+    assert httpx.get(f"{gateway.url}/v1/models", headers=gateway.auth).status_code == 200
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data_dir / "nilai.db").stat().st_mode) == 0o600
+
+
 # --- CORS ----------------------------------------------------------------------------------
 
 
@@ -180,6 +192,21 @@ def test_preflight_from_a_disallowed_origin_is_refused(start_gateway, origin):
     assert response.status_code == 400  # Starlette's refusal of the preflight
     assert "access-control-allow-origin" not in response.headers
     assert_security_headers(response)
+
+
+def test_refused_preflight_is_an_openai_error(start_gateway):
+    gateway = start_gateway()
+    response = preflight(gateway, "https://evil.example")
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {
+        "error": {
+            "message": "Disallowed CORS origin.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "cors_disallowed",
+        }
+    }
 
 
 @pytest.mark.parametrize("origin", DEFAULT_ORIGINS)

@@ -29,6 +29,8 @@ pytestmark = pytest.mark.integration
 PG_HOST = "127.0.0.1"
 PG_PORT = 5432
 KEY_SHAPE = re.compile(r"^nilai_[0-9a-f]{12}_[A-Za-z0-9_-]{43}$", re.MULTILINE)
+# What every command that reaches for the database prints first, on stderr.
+DATABASE_LINE = re.compile(r"using the (SQLite )?database \S+ \(NILAI_DATABASE_URL\)\n")
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def assert_fails(result: Result, status: int, *fragments: str) -> None:
     assert result.status == status, result
     assert result.out == ""
     assert "Traceback" not in result.err
-    lines = result.err.strip().splitlines()
+    lines = DATABASE_LINE.sub("", result.err, count=1).strip().splitlines()
     assert len(lines) == 1, result.err
     assert lines[0].startswith("nilai ")
     for fragment in fragments:
@@ -111,7 +113,7 @@ def assert_fails(result: Result, status: int, *fragments: str) -> None:
 
 def ok(result: Result) -> str:
     assert result.status == 0, result
-    assert result.err == ""
+    assert DATABASE_LINE.fullmatch(result.err), result.err
     return result.out
 
 
@@ -260,6 +262,51 @@ def test_accounts_errors(backend: Backend, cli):
     for action in ("show", "disable", "enable"):
         assert_fails(cli("accounts", action, "nobody"), 1, "no account", "nobody")
     assert ok(cli("accounts", "list")).count("\n") == 2  # header and acme only
+
+
+def test_accounts_update_changes_and_clears_limits(backend: Backend, cli):
+    acme = account_id(ok(cli("accounts", "add", "acme", "--rate-limit-minute", "10")))
+    out = ok(cli("accounts", "update", "acme", "--rate-limit-hour", "100", "--rate-limit-day", "9"))
+    assert f"updated account acme ({acme}); limits: minute=10, hour=100, day=9" in out
+    assert "within 3 s" in out  # the gateways' account cache (NILAI_KEY_CACHE_TTL_S)
+    out = ok(cli("accounts", "update", acme, "--rate-limit-minute", "default"))
+    assert "limits: hour=100, day=9" in out
+    assert "limits:   hour=100, day=9" in ok(cli("accounts", "show", "acme"))
+    out = ok(
+        cli(
+            "accounts",
+            "update",
+            "acme",
+            "--rate-limit-hour",
+            "default",
+            "--rate-limit-day",
+            "default",
+        )
+    )
+    assert "limits: defaults" in out
+
+    assert_fails(cli("accounts", "update", "acme"), 2, "nothing to change")
+    assert_fails(cli("accounts", "update", "acme", "--rate-limit-day", "0"), 2, "--rate-limit-day")
+    assert_fails(cli("accounts", "update", "nobody", "--rate-limit-day", "5"), 1, "no account")
+
+
+def test_admin_commands_name_their_database_on_stderr_with_the_password_masked(
+    backend: Backend, monkeypatch, cli
+):
+    url = backend.url.replace("postgres@", "postgres:s3cret@")  # trust auth ignores it
+    monkeypatch.setenv("NILAI_DATABASE_URL", url)
+    if backend.name == "sqlite":
+        shown = f"using the SQLite database {url.removeprefix('sqlite+aiosqlite:///')} "
+    else:
+        shown = f"using the database {url.replace(':s3cret@', ':***@')} "
+    ok(cli("accounts", "add", "acme"))
+    created = cli("keys", "create", "acme")
+    for result in (created, cli("db", "current"), cli("keys", "list"), cli("accounts", "list")):
+        assert result.err.startswith(shown), result.err
+        assert "s3cret" not in result.err + result.out
+    # stdout carries only the result, so a script can read the key from it
+    assert created_key(created.out) == created.out.splitlines()[1]
+    assert "database" not in created.out
 
 
 # keys
@@ -418,4 +465,7 @@ def test_entry_point_adds_an_account_and_creates_a_key(backend: Backend):
     refused = run("keys", "create", "nobody")
     assert refused.returncode == 1
     assert refused.stdout == ""
-    assert refused.stderr.strip() == "nilai keys create: no account with id or name 'nobody'"
+    assert refused.stderr == (
+        f"using the SQLite database {backend.url.removeprefix('sqlite+aiosqlite:///')} "
+        "(NILAI_DATABASE_URL)\nnilai keys create: no account with id or name 'nobody'\n"
+    )

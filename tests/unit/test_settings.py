@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from nilai.settings import NilaiSettings, default_data_dir
+from nilai.settings import NilaiSettings, default_data_dir, unknown_variables
 
 
 @pytest.fixture(autouse=True)
@@ -353,3 +353,41 @@ def test_forwarded_allow_ips_must_be_addresses(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setenv("NILAI_FORWARDED_ALLOW_IPS", value)
     with pytest.raises(ValidationError, match="forwarded_allow_ips"):
         NilaiSettings()
+
+
+@pytest.mark.parametrize(
+    ("url", "read_as"),
+    [
+        ("postgresql://nilai:pw@db:5432/nilai", "postgresql+asyncpg://nilai:pw@db:5432/nilai"),
+        ("postgres://nilai:pw@db/nilai", "postgresql+asyncpg://nilai:pw@db/nilai"),
+        ("postgresql+asyncpg://nilai@db/nilai", "postgresql+asyncpg://nilai@db/nilai"),
+        ("sqlite+aiosqlite:////var/lib/nilai.db", "sqlite+aiosqlite:////var/lib/nilai.db"),
+    ],
+)
+def test_a_postgresql_url_is_read_with_the_asyncpg_driver(
+    monkeypatch: pytest.MonkeyPatch, url: str, read_as: str
+):
+    """The URL a provider hands out (``postgresql://``, ``postgres://``) works as written."""
+    monkeypatch.setenv("NILAI_DATABASE_URL", url)
+    assert NilaiSettings().db_url == read_as
+
+
+def test_a_mistyped_nilai_variable_is_named_with_the_closest_setting():
+    environ = {
+        "NILAI_API_KEYY": "sk-secret",
+        "NILAI_PORT": "8080",
+        "NILAI_ZQXW": "1",
+        "NILAIX": "1",
+        "PATH": "/bin",
+    }
+    assert unknown_variables(environ) == [
+        "NILAI_API_KEYY is not a nilai setting and is ignored; did you mean NILAI_API_KEY?",
+        "NILAI_ZQXW is not a nilai setting and is ignored",
+    ]
+
+
+def test_variables_nilai_reads_outside_its_settings_are_not_unknown():
+    environ = dict.fromkeys(
+        ["NILAI_CONFIG_FILE", "NILAI_VLLM_BIN", "NILAI_INSTALL_HOOKS", "NILAI_URL"], "x"
+    )
+    assert unknown_variables(environ) == []

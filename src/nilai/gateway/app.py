@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nilai import __version__
-from nilai.gateway.errors import install_error_handlers
-from nilai.gateway.lifespan import build_services
+from nilai.gateway.errors import OpenAIErrorCORS, install_error_handlers
+from nilai.gateway.lifespan import StartupError, build_services
 from nilai.gateway.metrics import Metrics, MetricsMiddleware
 from nilai.gateway.middleware import RequestIdMiddleware
 from nilai.gateway.routes import attestation, chat, health, keys, models, usage
@@ -18,6 +19,8 @@ from nilai.gateway.routes import metrics as metrics_route
 from nilai.gateway.security import BodySizeLimit, SecurityHeaders
 from nilai.logging import configure_logging
 from nilai.settings import NilaiSettings
+
+logger = logging.getLogger(__name__)
 
 
 def create_app(settings: NilaiSettings | None = None) -> FastAPI:
@@ -27,7 +30,14 @@ def create_app(settings: NilaiSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncGenerator[None]:
-        async with build_services(settings, metrics) as services:
+        async with AsyncExitStack() as stack:
+            try:
+                services = await stack.enter_async_context(build_services(settings, metrics))
+            except StartupError as exc:
+                # One line naming the setting and the fix; the traceback only for debugging.
+                logger.error("cannot start: %s", exc)  # noqa: TRY400 (traceback at debug only)
+                logger.debug("start-up failure", exc_info=True)
+                raise
             app.state.services = services
             yield
 
@@ -51,7 +61,7 @@ def create_app(settings: NilaiSettings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     allow_any = "*" in settings.cors_origins
     app.add_middleware(
-        CORSMiddleware,
+        OpenAIErrorCORS,
         allow_origins=["*"] if allow_any else settings.cors_origins,
         allow_credentials=not allow_any,
         allow_methods=["GET", "POST", "OPTIONS"],
@@ -62,7 +72,47 @@ def create_app(settings: NilaiSettings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     # Outermost, so every response gets the headers, including those of the layers inside.
     app.add_middleware(SecurityHeaders, hsts=settings.hsts)
+    app.add_middleware(StartupFailureInOneLine)
     return app
+
+
+class StartupFailureInOneLine:
+    """Keep a ``StartupError`` to the one line the lifespan logged, without a traceback.
+
+    Starlette reports any lifespan failure to the server with its formatted traceback, which
+    uvicorn logs in full (the cause at the bottom of a hundred lines). For a ``StartupError``
+    the server is told the start-up failed with no message instead; uvicorn still exits with
+    status 3. Any other failure keeps its traceback: it is a bug to read, not a setting to fix.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass everything through; hold a lifespan start-up failure until its cause is known."""
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        held: list[Message] = []
+
+        async def hold_startup_failure(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                held.append(message)
+            else:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, hold_startup_failure)
+        except StartupError:
+            if held:
+                await send({"type": "lifespan.startup.failed", "message": ""})
+            raise
+        except BaseException:
+            for message in held:
+                await send(message)
+            raise
+        for message in held:
+            await send(message)
 
 
 def create_app_from_env() -> FastAPI:

@@ -5,22 +5,19 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import time
 from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 
 import httpx
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
+from alembic.util import CommandError
+from redis.asyncio import Redis
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from nilai.attestation.factory import close_attestation_provider, make_attestation_provider
 from nilai.auth.strategies import make_authenticator
-from nilai.crypto.keys import load_or_create_key
+from nilai.crypto.keys import Signer, load_or_create_key
 from nilai.discovery.announcer import Announcer
 from nilai.discovery.base import Discovery
 from nilai.discovery.memory import MemoryDiscovery
@@ -35,53 +32,16 @@ from nilai.limits.base import ConcurrencyLimiter, RateLimiter
 from nilai.limits.memory import MemoryConcurrencyLimiter, MemoryRateLimiter
 from nilai.limits.policy import Admission, LimitDefaults
 from nilai.limits.redis import RedisConcurrencyLimiter, RedisRateLimiter
+from nilai.outages import mask_url
 from nilai.settings import NilaiSettings
-from nilai.store.migrate import current_revision, head_revision, upgrade
-from nilai.store.sql import SqlStore, make_engine
+from nilai.startup import StartupError
+from nilai.state.redis import make_redis
+from nilai.store.open import open_store
+from nilai.store.sql import SqlStore
 from nilai.upstream.http import make_http_client
 from nilai.usage.sink import UsageSink
 
 logger = logging.getLogger(__name__)
-
-
-REDIS_HEALTH_CHECK_S = 1.0
-"""A pooled Redis connection idle for longer is PINGed before its next command."""
-
-
-def make_redis(settings: NilaiSettings) -> Redis | None:
-    """The shared Redis client, or None for in-process state. Connects lazily.
-
-    After Redis restarts (or fails over), every pooled connection is dead. One whose socket
-    saw the server close is replaced when it is taken from the pool; one that cannot know (the
-    server vanished without closing it) is PINGed first if it has been idle for a second, and a
-    failed PING is answered by a new connection before the command is sent. A command that still
-    meets a dead socket is sent once more on a new connection: it never reached a live server.
-
-    Only connection errors are retried, never timeouts, because a command that timed out may
-    have run: the rate-limit script counts a request's sliding windows by its unique id (a
-    second run adds nothing) but lifetime and token-use totals with INCR. A connection error
-    hides a command that ran only if the connection breaks between the server running it and
-    the reply arriving, and the retry reaches a server that kept that run: at worst one request
-    is counted twice in a lifetime total.
-    """
-    if settings.redis_url is None:
-        return None
-    # A blocking pool: when every connection is busy (a burst of streams releasing their
-    # slots at once), a command waits up to 2 s for one instead of failing at once.
-    pool = BlockingConnectionPool.from_url(  # pyright: ignore[reportUnknownMemberType]
-        settings.redis_url.get_secret_value(),
-        max_connections=settings.redis_max_connections,
-        timeout=2.0,
-        socket_connect_timeout=2.0,
-        socket_timeout=2.0,
-        health_check_interval=REDIS_HEALTH_CHECK_S,
-        retry=Retry(
-            ExponentialBackoff(cap=0.1, base=0.01),
-            retries=1,
-            supported_errors=(RedisConnectionError,),
-        ),
-    )
-    return Redis.from_pool(pool)
 
 
 def make_admission(settings: NilaiSettings, redis: Redis | None) -> Admission:
@@ -112,30 +72,56 @@ def make_admission(settings: NilaiSettings, redis: Redis | None) -> Admission:
     return Admission(rate, concurrency, defaults, fail_open=settings.rate_limit_fail_open)
 
 
-async def open_store(settings: NilaiSettings) -> SqlStore:
-    """Connect to the database and make sure its schema is current."""
-    url = settings.db_url
-    database = make_url(url).database
-    if url.startswith("sqlite") and database and database != ":memory:":
-        Path(database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    engine = make_engine(url)
+# What opening the database raises when the URL, the server or the schema is wrong.
+# ImportError: a URL naming a driver nilai does not install (``postgresql+psycopg://``).
+_DATABASE_ERRORS = (SQLAlchemyError, OSError, ImportError, CommandError)
+
+
+async def open_store_at_startup(settings: NilaiSettings) -> SqlStore:
+    """``open_store``, its failures said as a ``StartupError`` naming ``NILAI_DATABASE_URL``.
+
+    The URL is shown with its password masked: an operator with several databases needs to
+    see which one the gateway tried.
+    """
+    shown = mask_url(settings.db_url)
     try:
-        if settings.db_auto_migrate:
-            await upgrade(engine)
-        else:
-            await _require_current_schema(engine)
-    except BaseException:
-        await engine.dispose()
+        return await open_store(settings)
+    except StartupError:
         raise
-    return SqlStore(engine)
+    except (ArgumentError, ImportError) as exc:
+        raise StartupError(
+            f"NILAI_DATABASE_URL={shown} cannot be used ({_first_line(exc)}): write "
+            "postgresql+asyncpg://USER:PASSWORD@HOST:5432/DATABASE or "
+            "sqlite+aiosqlite:///PATH/nilai.db"
+        ) from exc
+    except _DATABASE_ERRORS as exc:
+        raise StartupError(
+            f"cannot open the database NILAI_DATABASE_URL={shown}: {_first_line(exc)}; "
+            "check that it is running and reachable, that the database exists (createdb), "
+            "and the URL"
+        ) from exc
 
 
-async def _require_current_schema(engine: AsyncEngine) -> None:
-    if await current_revision(engine) != head_revision():
-        raise RuntimeError(
-            "the database schema is not current: run `nilai db upgrade` "
-            "(or set NILAI_DB_AUTO_MIGRATE=true)"
-        )
+def load_signing_key(settings: NilaiSettings) -> Signer:
+    """The signing key (created if missing), or ``StartupError`` naming where it is read from."""
+    path = settings.key_path
+    try:
+        return load_or_create_key(path)
+    except (OSError, ValueError) as exc:
+        raise StartupError(
+            f"cannot read the signing key {path} (NILAI_SIGNING_KEY_PATH, default in "
+            f"NILAI_DATA_DIR): {_first_line(exc)}"
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, without SQLAlchemy's ``(module.Error)`` tag."""
+    lines = str(exc).strip().splitlines()
+    text = _DBAPI_TAG.sub("", lines[0]) if lines else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+_DBAPI_TAG = re.compile(r"^\([\w.]+\)\s*")
 
 
 @asynccontextmanager
@@ -150,7 +136,7 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
         discovery: Discovery = (
             RedisDiscovery(redis, settings.redis_prefix) if redis else MemoryDiscovery()
         )
-        signer = await asyncio.to_thread(load_or_create_key, settings.key_path)
+        signer = await asyncio.to_thread(load_signing_key, settings)
         attestation = make_attestation_provider(
             settings.attestation_provider,
             signer=signer,
@@ -160,7 +146,7 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             timeout_s=settings.attestation_timeout_s,
         )
         stack.push_async_callback(close_attestation_provider, attestation)
-        store = await open_store(settings)
+        store = await open_store_at_startup(settings)
         stack.push_async_callback(store.aclose)
         sink = UsageSink(
             store,

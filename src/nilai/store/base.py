@@ -106,6 +106,10 @@ class AccountRepo(Protocol):
         """Enable or disable an account (and so all its keys)."""
         ...
 
+    async def update_limits(self, account_id: str, limits: dict[str, int | None]) -> Account:
+        """Set the given ``rate_limit_*`` columns (None: the gateway's default); the account."""
+        ...
+
 
 class ApiKeyRepo(Protocol):
     """API keys."""

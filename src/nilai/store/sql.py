@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -21,6 +25,10 @@ from sqlalchemy.ext.asyncio import (
 from nilai.store.base import Account, ApiKey, QueryLog, RowsRejected, StoreUnavailable, Usage
 from nilai.store.errors import describe_error, error_kind
 from nilai.store.tables import AccountRow, ApiKeyRow, QueryLogRow, UsageTotalRow
+
+_LIMIT_COLUMNS = frozenset(
+    {"rate_limit_minute", "rate_limit_hour", "rate_limit_day", "rate_limit_lifetime"}
+)
 
 
 def new_id(kind: str) -> str:
@@ -36,8 +44,25 @@ def now() -> datetime:
 def make_engine(url: str) -> AsyncEngine:
     """An async engine with a pool sized for a gateway process."""
     if url.startswith("sqlite"):
+        create_private_sqlite_file(url)
         return create_async_engine(url, connect_args={"timeout": 15})
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def create_private_sqlite_file(url: str) -> None:
+    """Create a SQLite URL's file readable by its owner only (0600), in a 0700 directory.
+
+    sqlite3 would create it with the umask's mode (0644 as a rule), and the file holds key
+    hashes, accounts and usage (SECURITY.md). SQLite gives its journal and WAL files the
+    database file's mode. An existing file, or directory, keeps the mode it has.
+    """
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 class SqlStore:
@@ -98,6 +123,23 @@ class SqlStore:
                 update(AccountRow).where(AccountRow.id == account_id).values(active=active)
             )
             await session.commit()
+
+    async def update_limits(self, account_id: str, limits: dict[str, int | None]) -> Account:
+        """Set the given ``rate_limit_*`` columns (None: the gateway's default); the account.
+
+        ``KeyError`` if there is no such account; ``ValueError`` for another column name.
+        """
+        unknown = set(limits) - _LIMIT_COLUMNS
+        if unknown:
+            raise ValueError(f"not rate-limit columns: {', '.join(sorted(unknown))}")
+        async with self.session() as session:
+            row = await session.get(AccountRow, account_id)
+            if row is None:
+                raise KeyError(account_id)
+            for column, value in limits.items():
+                setattr(row, column, value)
+            await session.commit()
+        return _account(row)
 
     # keys
 

@@ -29,11 +29,6 @@ CPU_REPORT = {"report_data": DATA.hex(), "measurement": "ab"}
 """An attester's JSON CPU report carrying the report_data it was asked for."""
 
 
-@pytest.fixture(scope="module")
-def signer() -> Signer:
-    return Signer(PrivateKey())
-
-
 # --- report_data ---------------------------------------------------------------------------
 
 

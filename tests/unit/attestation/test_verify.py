@@ -18,11 +18,6 @@ TDX_SAMPLE = Path(__file__).parent / "samples" / "tdx_quote"
 HARDWARE_SIGNATURE_NOT_VERIFIED = "hardware signature not verified"
 
 
-@pytest.fixture(scope="module")
-def signer() -> Signer:
-    return Signer(PrivateKey())
-
-
 class Fixed:
     """A provider that returns whatever evidence it was given."""
 

@@ -24,11 +24,6 @@ REQUEST_SHA = hashlib.sha256(REQUEST).hexdigest()
 
 
 @pytest.fixture(scope="module")
-def signer() -> Signer:
-    return Signer(PrivateKey())
-
-
-@pytest.fixture(scope="module")
 def other_signer() -> Signer:
     return Signer(PrivateKey())
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import orjson
 import pytest
-from coincurve import PrivateKey
 from openai._streaming import SSEDecoder
 
 from nilai.crypto.keys import Signer
@@ -28,11 +27,6 @@ REQUEST = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":tr
 REQUEST_SHA = hashlib.sha256(REQUEST).hexdigest()
 INJECTED = b"INJECTED "
 BOM = "\ufeff".encode()
-
-
-@pytest.fixture(scope="module")
-def signer() -> Signer:
-    return Signer(PrivateKey())
 
 
 def _chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:

@@ -55,6 +55,35 @@ class Finished:
     completion_tokens: int
 
 
+class ModelNotFoundError(Exception):
+    """The model is neither a local directory nor loadable as a hub id; the message says why."""
+
+
+def looks_like_path(model: str) -> bool:
+    """Whether ``model`` is written as a filesystem path rather than a hub id.
+
+    Hub ids are ``name`` or ``org/name``; a leading ``/``, ``.`` or ``~``, a second ``/`` or a
+    backslash can only be a path.
+    """
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def check_model_source(model: str) -> None:
+    """Raise ``ModelNotFoundError`` for a model path that does not exist, before loading.
+
+    Without this check transformers treats the missing directory as a hub id and fails many
+    lines later with an error about repository names.
+    """
+    path = Path(model).expanduser()
+    if looks_like_path(model) and not path.is_dir():
+        problem = "is not a directory" if path.exists() else "does not exist"
+        raise ModelNotFoundError(
+            f"model directory {model} {problem}; --model takes a local model directory "
+            "or a Hugging Face hub id (e.g. org/name, which needs network access "
+            "unless it is already cached)"
+        )
+
+
 def default_model_id(model: str) -> str:
     """The id a model is served under: a directory's name, or the hub id as given."""
     path = Path(model)
@@ -71,7 +100,21 @@ class TransformersEngine:
         self.device = device
         self.model_id = model_id or default_model_id(model)
         dtype = torch.float32 if device == "cpu" else "auto"
-        self._tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+        check_model_source(model)
+        try:
+            self._tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+        # OSError: transformers' "not a local folder and not a valid model id"; ValueError: a
+        # directory without tokenizer files ("convert a slow tokenizer")
+        except (OSError, ValueError) as exc:
+            if Path(model).expanduser().is_dir():
+                why = f"the directory holds no usable model or tokenizer: {_first_line(exc)}"
+            else:
+                why = (
+                    "there is no such local directory, and loading it as a Hugging Face hub id "
+                    "failed (hub ids need network access unless already cached): "
+                    f"{_first_line(exc)}"
+                )
+            raise ModelNotFoundError(f"cannot load model {model!r}: {why}") from exc
         self._model = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
         self._model = self._model.to(device)
         self._model.eval()
@@ -152,6 +195,11 @@ class TransformersEngine:
             sorted_probs[before >= params.top_p] = 0.0
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _eos_ids(configured: object, tokenizer: Any) -> set[int]:
