@@ -19,7 +19,8 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
-from typing import Any
+
+from nilai.protocol.base import json_object
 
 USER_DATA_SIZE = 64
 """Bytes of the quote's user-data field (SEV-SNP ``REPORT_DATA``, TDX ``REPORTDATA``)."""
@@ -142,14 +143,11 @@ def attester_user_data(text: str) -> UserData:
     )
 
 
-def _json_object(text: str) -> dict[str, Any] | None:
+def _json_object(text: str) -> dict[str, object] | None:
     try:
-        obj: Any = json.loads(text)  # Any: untrusted JSON, checked below
+        return json_object(json.loads(text))
     except ValueError:
         return None
-    if not isinstance(obj, dict):
-        return None
-    return obj  # pyright: ignore[reportUnknownVariableType]
 
 
 def _json_bytes(value: object) -> bytes | None:

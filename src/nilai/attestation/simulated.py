@@ -20,6 +20,7 @@ from nilai.crypto.canonical import canonical_json
 from nilai.crypto.domains import SignatureDomain
 from nilai.crypto.keys import Signer
 from nilai.crypto.verify import VerificationError, check_signature
+from nilai.protocol.base import json_object
 
 # /2: signed in the attestation domain (/1 signed FORMAT + LF + canonical JSON).
 FORMAT = "nilai-simulated-attestation/2"
@@ -63,13 +64,10 @@ class SimulatedProvider:
 def is_simulated_document(text: str) -> bool:
     """True when ``text`` is a JSON object in the simulated format (signature not checked)."""
     try:
-        obj: Any = json.loads(text)  # Any: untrusted JSON, checked below
+        doc = json_object(json.loads(text))
     except ValueError:
         return False
-    if not isinstance(obj, dict):
-        return False
-    doc: dict[str, Any] = obj  # pyright: ignore[reportUnknownVariableType]
-    return doc.get("format") == FORMAT
+    return doc is not None and doc.get("format") == FORMAT
 
 
 def verify_document(
