@@ -10,13 +10,14 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nilai import __version__
-from nilai.gateway.errors import OpenAIErrorCORS, install_error_handlers
+from nilai.gateway.cors import OpenAIErrorCORS
 from nilai.gateway.lifespan import StartupError, build_services
 from nilai.gateway.metrics import Metrics, MetricsMiddleware
 from nilai.gateway.middleware import RequestIdMiddleware
 from nilai.gateway.routes import attestation, chat, health, keys, models, usage
 from nilai.gateway.routes import metrics as metrics_route
 from nilai.gateway.security import BodySizeLimit, SecurityHeaders
+from nilai.http_errors import install_error_handlers
 from nilai.logging import configure_logging
 from nilai.settings import NilaiSettings
 

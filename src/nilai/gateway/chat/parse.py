@@ -29,7 +29,7 @@ from nilai.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
-from nilai.gateway.errors import validation_error
+from nilai.http_errors import validation_error
 from nilai.protocol.chat import ChatCompletionRequest
 
 JSON_MEDIA_TYPE = "application/json"

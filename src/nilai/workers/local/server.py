@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 
 from nilai.errors import InternalError, InvalidRequest, NotSupported, to_error_body
-from nilai.gateway.errors import install_error_handlers
+from nilai.http_errors import install_error_handlers
 from nilai.protocol.chat import ChatCompletionRequest
 from nilai.protocol.models import ModelCard, ModelList
 from nilai.upstream.sse import DONE, frame

@@ -1,4 +1,7 @@
-"""Exception handlers: every error leaves in the OpenAI shape (see ``nilai.errors``)."""
+"""Exception handlers: every error leaves an HTTP app in the OpenAI shape (see ``nilai.errors``).
+
+Shared by the gateway and the built-in model server, so both answer alike.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +13,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nilai.errors import (
@@ -113,25 +113,3 @@ class InternalErrors:
                 "The server had an internal error.", "server_error", code="internal_error"
             )
             await JSONResponse(body, status_code=500)(scope, receive, send)
-
-
-class OpenAIErrorCORS(CORSMiddleware):
-    """Starlette's CORS middleware, answering a refused preflight in the OpenAI error shape.
-
-    Starlette answers preflights itself, before any route or handler, with a plain-text 400;
-    clients and MIGRATION.md expect every error as ``{"error": {...}}``.
-    """
-
-    def preflight_response(self, request_headers: Headers) -> Response:
-        """The preflight answer; a refusal says what was disallowed as an OpenAI error."""
-        response = super().preflight_response(request_headers)
-        if response.status_code < HTTPStatus.BAD_REQUEST:
-            return response
-        reason = bytes(response.body).decode()  # "Disallowed CORS origin, method"
-        error = InvalidRequest(f"{reason}.", code="cors_disallowed")
-        kept = {
-            name: value
-            for name, value in response.headers.items()
-            if name not in ("content-length", "content-type")
-        }
-        return JSONResponse(to_error_body(error), status_code=response.status_code, headers=kept)
