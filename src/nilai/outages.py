@@ -1,8 +1,9 @@
-"""Log a dependency's outage twice, when it starts (with the cause) and when it ends.
+"""Log a dependency's outage when it starts (with the cause), while it lasts, and when it ends.
 
 Anything on a request path that talks to Redis (rate limits, discovery refresh, announcers) would
 otherwise log once per request or per retry while Redis is away, drowning the one line that says
-why. ``OutageLog`` turns a stream of failures into one line naming the cause and one line saying
+why. ``OutageLog`` turns a stream of failures into one line naming the cause, a reminder every
+``REMINDER_S`` while it lasts (so a log read an hour later still shows it), and one line saying
 how long it lasted.
 """
 
@@ -12,6 +13,10 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
+
+REMINDER_S = 300.0
+"""While an outage lasts, a reminder line at most this often (seconds)."""
 
 _MESSAGE_CHARS = 200
 # ``scheme://user:password@host``: a client library may put its connection URL in a message.
@@ -67,20 +72,36 @@ def _wrapped_os_error(error: BaseException) -> OSError | None:
 
 
 class OutageLog:
-    """One warning when ``what`` stops answering, one when it answers again.
+    """A warning when ``what`` stops answering, a reminder now and then, one when it answers again.
 
     Calls may overlap (many requests at once): an attempt that began before the latest failure
     may still succeed on a connection opened earlier, so only an attempt begun after it ends the
     outage; and an attempt begun before the outage ended that fails after it belongs to that
     outage, so it does not start another. ``failed`` and ``answered`` take that start time from
     ``time.monotonic()``; a caller whose attempts never overlap may leave it out.
+
+    While the outage lasts, a failure at least ``reminder_s`` after the last line logs a reminder
+    with the latest cause and the failures so far.
     """
 
-    def __init__(self, logger: logging.Logger, what: str, consequence: str) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        consequence: str,
+        *,
+        where: str | None = None,
+        reminder_s: float = REMINDER_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._logger = logger
         self._what = what
+        self._where = f" at {where}" if where else ""
         self._consequence = consequence
+        self._reminder_s = reminder_s
+        self._clock = clock
         self._down_since: float | None = None
+        self._said_at = 0.0
         self._last_failure = 0.0
         self._ended_at = float("-inf")
         self.failures = 0
@@ -93,17 +114,34 @@ class OutageLog:
 
     def failed(self, error: BaseException, *, started: float | None = None) -> None:
         """Record a failure of an attempt begun at ``started``; log the first of an outage."""
-        now = time.monotonic()
+        now = self._clock()
         if self._down_since is None and started is not None and started < self._ended_at:
             return  # a straggler of the outage that just ended
         self._last_failure = now
         if self._down_since is None:
             self._down_since = now
-            self.failures = 0
+            self._said_at = now
+            self.failures = 1
             self._logger.warning(
-                "%s unavailable (%s); %s", self._what, describe_error(error), self._consequence
+                "%s unavailable%s (%s); %s",
+                self._what,
+                self._where,
+                describe_error(error),
+                self._consequence,
             )
+            return
         self.failures += 1
+        if now - self._said_at >= self._reminder_s:
+            self._said_at = now
+            self._logger.warning(
+                "%s still unavailable%s after %.0f s (%d failed attempts; the last: %s); %s",
+                self._what,
+                self._where,
+                now - self._down_since,
+                self.failures,
+                describe_error(error),
+                self._consequence,
+            )
 
     def answered(self, *, started: float | None = None) -> None:
         """Record a success of an attempt begun at ``started``; log the end of an outage."""
@@ -111,11 +149,13 @@ class OutageLog:
             return
         if started is not None and started < self._last_failure:
             return
+        now = self._clock()
         self._logger.warning(
-            "%s available again after %.1f s (%d failed attempts)",
+            "%s available again%s after %.1f s (%d failed attempts)",
             self._what,
-            time.monotonic() - self._down_since,
+            self._where,
+            now - self._down_since,
             self.failures,
         )
         self._down_since = None
-        self._ended_at = time.monotonic()
+        self._ended_at = now

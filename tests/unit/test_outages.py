@@ -88,3 +88,36 @@ def test_an_attempt_begun_before_the_outage_ended_does_not_start_another(
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 3
     assert "down again" in messages[2]
+
+
+class _Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_long_outage_is_recalled_at_the_reminder_cadence_not_at_every_failure(
+    caplog: pytest.LogCaptureFixture,
+):
+    clock = _Clock()
+    outage = OutageLog(
+        logger, "discovery (redis://:***@cache:6379/0)", "routing on", reminder_s=60, clock=clock
+    )
+    with caplog.at_level(logging.INFO, logger="tests.outages"):
+        for _ in range(150):  # one failure a second for 150 s
+            outage.failed(ConnectionError("refused"))
+            clock.now += 1
+        outage.answered()
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == [
+        "discovery (redis://:***@cache:6379/0) unavailable (ConnectionError: refused); routing on",
+        "discovery (redis://:***@cache:6379/0) still unavailable after 60 s "
+        "(61 failed attempts; the last: ConnectionError: refused); routing on",
+        "discovery (redis://:***@cache:6379/0) still unavailable after 120 s "
+        "(121 failed attempts; the last: ConnectionError: refused); routing on",
+        "discovery (redis://:***@cache:6379/0) available again after 150.0 s (150 failed attempts)",
+    ]

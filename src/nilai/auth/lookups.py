@@ -97,12 +97,13 @@ def busy_error() -> AccountsUnavailable:
     )
 
 
-def accounts_outage_log() -> OutageLog:
-    """The outage log of the accounts database; share one between all of its lookups."""
+def accounts_outage_log(where: str | None = None) -> OutageLog:
+    """The outage log of the accounts database at ``where`` (masked); one for all its lookups."""
     return OutageLog(
         logger,
         "accounts database",
         "stored API keys and NUC accounts that are not cached get 503 until it answers",
+        where=where,
     )
 
 

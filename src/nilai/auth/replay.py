@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from nilai.auth.base import TOKEN_CLOCK_SKEW_S
 from nilai.errors import AuthenticationFailed, LimitsUnavailable
 from nilai.outages import OutageLog
+from nilai.state.redis import redis_location
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ MEMORY_CAPACITY = 250_000
 
 class ReplayCache(Protocol):
     """Where spent invocations are remembered."""
+
+    location: str
+    """Where, for log lines (a Redis URL with its password masked)."""
 
     async def first_use(self, invocation_id: str, keep_until: float) -> bool:
         """Record ``invocation_id`` (hex) as spent until ``keep_until`` (Unix time).
@@ -50,6 +54,7 @@ class RedisReplayCache:
     def __init__(self, redis: Redis, prefix: str) -> None:
         self._redis = redis
         self._prefix = prefix
+        self.location = redis_location(redis)
 
     async def first_use(self, invocation_id: str, keep_until: float) -> bool:
         """One ``SET NX PX``: atomic, so of two replicas seeing the same invocation one wins."""
@@ -65,6 +70,8 @@ class MemoryReplayCache:
     says the cache is full (once until it has room again): a flood of fresh invocations must
     not lock every client out, and a deployment that meets this needs Redis.
     """
+
+    location = "in-process"
 
     def __init__(self, capacity: int = MEMORY_CAPACITY) -> None:
         self._capacity = capacity
@@ -113,8 +120,9 @@ class ReplayGuard:
         self._cache = cache
         self._outage = OutageLog(
             logger,
-            "NUC replay cache (Redis)",
+            "NUC replay cache",
             "requests with NUC tokens are refused with 503 until it answers",
+            where=cache.location,
         )
 
     async def spend(self, invocation_id: str, expires_at: datetime) -> None:

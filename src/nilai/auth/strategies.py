@@ -19,6 +19,7 @@ from nilai.auth.nuc_tokens import NucVerifier, looks_like_nuc
 from nilai.auth.replay import MemoryReplayCache, RedisReplayCache, ReplayCache, ReplayGuard
 from nilai.auth.stored_keys import StoredApiKeys, StoredOrStatic
 from nilai.errors import AuthenticationFailed
+from nilai.outages import mask_url
 from nilai.settings import NilaiSettings
 from nilai.store.base import Store
 
@@ -78,7 +79,8 @@ def make_authenticator(
     """
     api_keys: Authenticator | None = None
     nuc: Authenticator | None = None
-    outages = accounts_outage_log()  # one database: one outage, logged once for both
+    # One database: one outage, logged once for both.
+    outages = accounts_outage_log(mask_url(settings.db_url))
     if "api_key" in settings.auth_strategies:
         static = StaticApiKeys(settings.static_api_keys, settings.api_key_hashes)
         stored = StoredApiKeys(store, ttl_s=settings.key_cache_ttl_s, outages=outages)

@@ -10,12 +10,11 @@ with another value.
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.connection import SSLConnection
 
 from nilai.discovery.base import EndpointRecord
+from nilai.state.redis import redis_location
 
 
 class RedisDiscovery:
@@ -88,20 +87,3 @@ class RedisDiscovery:
 
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
-
-
-def redis_location(redis: Redis) -> str:
-    """``redis``'s address as a URL with the password masked: ``redis://:***@host:6379/0``.
-
-    Outage lines name the Redis they could not reach; the operator may run several.
-    """
-    # Any: redis-py types its connection keyword arguments loosely.
-    options: dict[str, Any] = redis.connection_pool.connection_kwargs
-    user = options.get("username") or ""
-    credentials = f"{user}:***@" if options.get("password") else (f"{user}@" if user else "")
-    database = options.get("db", 0)
-    if options.get("path"):
-        return f"unix://{credentials}{options['path']}?db={database}"
-    tls = issubclass(redis.connection_pool.connection_class, SSLConnection)
-    address = f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"
-    return f"{'rediss' if tls else 'redis'}://{credentials}{address}/{database}"

@@ -61,6 +61,9 @@ class LimitStoreUnavailable(Exception):
 class RateLimiter(Protocol):
     """Counts requests against several limits at once."""
 
+    location: str
+    """Where the counts live, for log lines (a Redis URL with its password masked)."""
+
     async def hit(self, limits: Sequence[Limit], member: str) -> Decision:
         """Admit one request if every limit has room (then count it in all), else refuse.
 
@@ -71,6 +74,9 @@ class RateLimiter(Protocol):
 
 class ConcurrencyLimiter(Protocol):
     """Slots for requests in flight, held as leases that expire unless renewed."""
+
+    location: str
+    """Where the slots live, for log lines (a Redis URL with its password masked)."""
 
     def lease(self, key: str, limit: int) -> AbstractAsyncContextManager[Decision]:
         """Hold one of ``limit`` slots for the duration; raises ``RateLimited`` when full."""

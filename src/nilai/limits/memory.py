@@ -19,6 +19,8 @@ class MemoryRateLimiter:
     seen again, as Redis drops its keys: a stream of tokens used once each cannot pile up.
     """
 
+    location = "in-process"
+
     def __init__(self) -> None:
         self._windows: dict[str, deque[float]] = defaultdict(deque)
         self._totals: dict[str, int] = defaultdict(int)
@@ -81,6 +83,8 @@ class MemoryRateLimiter:
 
 class MemoryConcurrencyLimiter:
     """Counters of requests in flight; released when the block ends, whatever happens."""
+
+    location = "in-process"
 
     def __init__(self) -> None:
         self._in_flight: dict[str, int] = defaultdict(int)

@@ -68,7 +68,7 @@ class Admission:
             if fail_open
             else "requests are refused with 503 until it answers"
         )
-        self._outage = OutageLog(logger, "rate limiter", consequence)
+        self._outage = OutageLog(logger, "rate limiter", consequence, where=rate.location)
 
     def account_limits(self, principal: Principal, *, web_search: bool) -> list[Limit]:
         """The limits one request of ``principal`` counts against."""

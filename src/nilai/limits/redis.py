@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from nilai.errors import RateLimited
 from nilai.limits.base import Decision, Limit, LimitStoreUnavailable
 from nilai.outages import OutageLog
+from nilai.state.redis import redis_location
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class RedisRateLimiter:
 
     def __init__(self, redis: Redis, prefix: str) -> None:
         self._prefix = prefix
+        self.location = redis_location(redis)
         # Any: redis-py's Script objects are untyped.
         self._hit: Any = redis.register_script(_script("sliding_window.lua"))  # pyright: ignore[reportUnknownMemberType]
 
@@ -73,12 +75,14 @@ class RedisConcurrencyLimiter:
         self._acquire: Any = redis.register_script(_script("lease_acquire.lua"))  # pyright: ignore[reportUnknownMemberType]
         self._renew: Any = redis.register_script(_script("lease_renew.lua"))  # pyright: ignore[reportUnknownMemberType]
         self._redis = redis
+        self.location = redis_location(redis)
         self._held: dict[str, str] = {}  # lease id -> key
         self._keeper: asyncio.Task[None] | None = None
         self._outage = OutageLog(
             logger,
-            "concurrency slot store (Redis)",
+            "concurrency slot store",
             "slots that cannot be released or renewed free themselves when their leases expire",
+            where=self.location,
         )
 
     @contextlib.asynccontextmanager

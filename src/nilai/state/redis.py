@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -47,3 +50,20 @@ def make_redis(settings: NilaiSettings) -> Redis | None:
         ),
     )
     return Redis.from_pool(pool)
+
+
+def redis_location(redis: Redis) -> str:
+    """``redis``'s address as a URL with the password masked: ``redis://:***@host:6379/0``.
+
+    Outage lines name the Redis they could not reach; the operator may run several.
+    """
+    # Any: redis-py types its connection keyword arguments loosely.
+    options: dict[str, Any] = redis.connection_pool.connection_kwargs
+    user = options.get("username") or ""
+    credentials = f"{user}:***@" if options.get("password") else (f"{user}@" if user else "")
+    database = options.get("db", 0)
+    if options.get("path"):
+        return f"unix://{credentials}{options['path']}?db={database}"
+    tls = issubclass(redis.connection_pool.connection_class, SSLConnection)
+    address = f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"
+    return f"{'rediss' if tls else 'redis'}://{credentials}{address}/{database}"

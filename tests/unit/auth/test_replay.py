@@ -64,6 +64,8 @@ async def test_a_full_memory_cache_forgets_the_soonest_to_expire_and_says_so(
 
 
 class FailingCache:
+    location = "redis://:***@replay.example:6379/0"
+
     def __init__(self) -> None:
         self.failure: Exception | None = RedisConnectionError("Error 111 connecting")
         self.seen: set[str] = set()
@@ -98,7 +100,16 @@ async def test_the_guard_fails_closed_with_503_and_logs_an_outage_once(
             await guard.spend(token, expires)
     assert replayed.value.code == "nuc_replayed"
     lines = [r.getMessage() for r in caplog.records]
-    assert len([line for line in lines if "NUC replay cache (Redis) unavailable" in line]) == 1
+    assert (
+        len(
+            [
+                line
+                for line in lines
+                if "NUC replay cache unavailable at redis://:***@replay.example:6379/0" in line
+            ]
+        )
+        == 1
+    )
     assert len([line for line in lines if "available again" in line]) == 1
 
 

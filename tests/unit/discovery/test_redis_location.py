@@ -10,8 +10,9 @@ from redis.asyncio import Redis
 
 from nilai.discovery.announcer import Announcer
 from nilai.discovery.base import EndpointRecord
-from nilai.discovery.redis import RedisDiscovery, redis_location
+from nilai.discovery.redis import RedisDiscovery
 from nilai.discovery.snapshot import DiscoverySnapshot
+from nilai.state.redis import redis_location
 
 SECRET = "hunter2-redis"
 # Nothing listens on port 1: every command fails at once with "connection refused".

@@ -28,6 +28,8 @@ def _unreachable() -> LimitStoreUnavailable:
 class DownRateLimiter:
     """A backend whose store is unreachable: it says so with the neutral error only."""
 
+    location = "redis://:***@limits.example:6379/0"
+
     async def hit(self, limits: Sequence[Limit], member: str) -> Decision:
         raise _unreachable()
 
@@ -65,6 +67,9 @@ async def test_a_backend_neutral_store_error_fails_closed_and_logs_the_original_
     outage_lines = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
     assert len(outage_lines) == 1, outage_lines
     assert "Connection refused" in outage_lines[0]
+    assert outage_lines[0].startswith(
+        "rate limiter unavailable at redis://:***@limits.example:6379/0 ("
+    )
 
 
 async def test_a_backend_neutral_store_error_fails_open_when_configured():
