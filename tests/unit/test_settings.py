@@ -391,3 +391,28 @@ def test_variables_nilai_reads_outside_its_settings_are_not_unknown():
         ["NILAI_CONFIG_FILE", "NILAI_VLLM_BIN", "NILAI_INSTALL_HOOKS", "NILAI_URL"], "x"
     )
     assert unknown_variables(environ) == []
+
+
+def test_admin_commands_warn_about_a_mistyped_variable_before_naming_their_database(
+    tmp_path: Path,
+):
+    """A typo in NILAI_DATABASE_URL sends an admin command to the default database: say so."""
+    variables = {k: v for k, v in os.environ.items() if not k.startswith("NILAI_")}
+    variables.update(
+        NILAI_DATA_DIR=str(tmp_path / "data"), NILAI_DATABASE_URLL="sqlite+aiosqlite:///x.db"
+    )
+    done = subprocess.run(
+        [NILAI, "accounts", "list"],
+        env=variables,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    warning, database = done.stderr.splitlines()[:2]
+    assert warning == (
+        "warning: NILAI_DATABASE_URLL is not a nilai setting and is ignored; "
+        "did you mean NILAI_DATABASE_URL?"
+    )
+    assert database.startswith("using the SQLite database ")

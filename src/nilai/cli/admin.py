@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nilai.auth.stored_keys import generate_key
 from nilai.cli.common import fail
-from nilai.settings import NilaiSettings, settings_problems
+from nilai.settings import NilaiSettings, settings_problems, unknown_variables
 from nilai.store import migrate
 from nilai.store.base import Account, ApiKey, Usage
 from nilai.store.open import open_store
@@ -147,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _settings() -> NilaiSettings:
+    # A mistyped NILAI_DATABASE_URL would otherwise send the command to the default database.
+    for line in unknown_variables(os.environ):
+        print(f"warning: {line}", file=sys.stderr)
     try:
         return NilaiSettings()
     except ValidationError as exc:
