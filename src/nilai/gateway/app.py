@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nilai import __version__
+from nilai.gateway.chat.validate import IGNORED_FIELDS_HEADER
 from nilai.gateway.cors import OpenAIErrorCORS
 from nilai.gateway.lifespan import StartupError, build_services
 from nilai.gateway.metrics import Metrics, MetricsMiddleware
@@ -67,7 +68,7 @@ def create_app(settings: NilaiSettings | None = None) -> FastAPI:
         allow_credentials=not allow_any,
         allow_methods=["GET", "POST", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-        expose_headers=["X-Request-ID"],
+        expose_headers=["X-Request-ID", IGNORED_FIELDS_HEADER],
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)

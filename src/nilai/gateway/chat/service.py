@@ -29,7 +29,7 @@ from nilai.gateway.chat.stream import (
     read_batches,
     relay_events,
 )
-from nilai.gateway.chat.validate import ValidatedChat, validate_chat
+from nilai.gateway.chat.validate import ValidatedChat, ignored_fields_headers, validate_chat
 from nilai.gateway.drain import Drain
 from nilai.gateway.metrics import OTHER_MODEL, Metrics
 from nilai.limits.policy import Admission
@@ -84,7 +84,8 @@ class ChatService:
                 "prompt documents yet, so the request is refused rather than served without it."
             )
         decision = await self._admission.admit(ctx.principal, web_search=request.web_search)
-        return validate_chat(request, self._snapshot), rate_limit_headers(decision)
+        headers = rate_limit_headers(decision) | ignored_fields_headers(request)
+        return validate_chat(request, self._snapshot), headers
 
     async def _send(self, chat: ValidatedChat, ctx: RequestContext) -> httpx.Response:
         sent = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import orjson
@@ -13,6 +14,11 @@ from nilai.protocol.models import ModelCard
 
 MODEL_RETRY_AFTER_S = 1
 """Retry-After for a model that vanished moments ago; servers announce again within seconds."""
+
+IGNORED_FIELDS_HEADER = "x-nilai-ignored-fields"
+"""Names the request's top-level fields that neither OpenAI, vLLM nor nilai define."""
+_IGNORED_NAMES_SHOWN = 16
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +87,7 @@ def upstream_payload(request: ChatCompletionRequest) -> bytes:
     Streams always ask the model server for usage, so every stream can be accounted; the
     relay forwards the usage chunk only to clients that asked for it.
     """
-    exclude = set(NILAI_ONLY_FIELDS) | set(request.model_extra or {})
+    exclude = set(NILAI_ONLY_FIELDS) | set(request.unknown_fields())
     data = request.model_dump(mode="json", exclude_unset=True, exclude=exclude)
     data["model"] = request.model
     if request.stream:
@@ -96,3 +102,21 @@ def upstream_payload(request: ChatCompletionRequest) -> bytes:
         raise ValidationFailed(
             "The request holds a number outside the 64-bit integer range.", code="invalid_value"
         ) from exc
+
+
+def ignored_fields_headers(request: ChatCompletionRequest) -> dict[str, str]:
+    """``x-nilai-ignored-fields``, naming the fields dropped from the request, if any.
+
+    A mistyped option (``max_tokenz``) is not an error, as with OpenAI clients that send
+    extras; the header lets its author see it had no effect. Only plain names are shown (a
+    header must stay one printable line); the rest are counted.
+    """
+    unknown = request.unknown_fields()
+    if not unknown:
+        return {}
+    plain = [name for name in unknown if _PLAIN_NAME.fullmatch(name)][:_IGNORED_NAMES_SHOWN]
+    others = len(unknown) - len(plain)
+    shown = ", ".join(plain)
+    if others:
+        shown += f"{', ' if shown else ''}and {others} other{'s' if others > 1 else ''}"
+    return {IGNORED_FIELDS_HEADER: shown}

@@ -5,7 +5,7 @@ import pytest
 
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.errors import InvalidRequest, NotFound, UpstreamUnavailable, ValidationFailed
-from nilai.gateway.chat.validate import upstream_payload, validate_chat
+from nilai.gateway.chat.validate import ignored_fields_headers, upstream_payload, validate_chat
 from nilai.protocol.chat import ChatCompletionRequest
 from nilai.protocol.models import ModelCard
 
@@ -208,3 +208,33 @@ def test_nilrag_is_not_supported():
         _validate(_req(nilrag={"nodes": ["a"]}))
     assert info.value.param == "nilrag"
     assert info.value.status == 400
+
+
+# --- ignored fields -----------------------------------------------------------------------
+
+
+def test_no_header_when_every_field_is_known():
+    assert ignored_fields_headers(_req(top_k=5, temperature=0.2, web_search=False)) == {}
+
+
+def test_the_header_names_each_dropped_field_and_the_payload_leaves_them_out():
+    request = _req(max_tokenz=5, frobnicate=True, top_k=5)
+    assert ignored_fields_headers(request) == {"x-nilai-ignored-fields": "frobnicate, max_tokenz"}
+    sent = orjson.loads(upstream_payload(request))
+    assert "max_tokenz" not in sent
+    assert "frobnicate" not in sent
+    assert sent["top_k"] == 5
+
+
+def test_names_that_are_not_plain_are_counted_not_echoed():
+    request = _req(**{"ok_name": 1, "bad\r\nname": 1, "x" * 65: 1, "é": 1})
+    assert ignored_fields_headers(request) == {"x-nilai-ignored-fields": "ok_name, and 3 others"}
+    only_bad = _req(**{"bad name": 1})
+    assert ignored_fields_headers(only_bad) == {"x-nilai-ignored-fields": "and 1 other"}
+
+
+def test_at_most_sixteen_names_are_shown():
+    request = _req(**{f"f{i:02d}": 1 for i in range(20)})
+    shown = ignored_fields_headers(request)["x-nilai-ignored-fields"]
+    assert shown.split(", ")[:16] == [f"f{i:02d}" for i in range(16)]
+    assert shown.endswith("and 4 others")
