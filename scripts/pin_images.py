@@ -5,7 +5,7 @@ image for good, so a rebuild of the gateway gets the base that was reviewed. Whe
 are named:
 
 - ``docker/*.Dockerfile``: each base image once, as ``ARG <NAME>_IMAGE=<repository>:<tag>``
-  before the first ``FROM``, which uses ``${<NAME>_IMAGE}`` (tests/unit/test_supply_chain.py
+  before the first ``FROM``, which uses ``${<NAME>_IMAGE}`` (tests/repo/test_supply_chain.py
   refuses any other ``FROM``);
 - ``deploy/compose.yaml``: ``image: <repository>:<tag>`` (images built from this repository,
   tagged ``local``, are not pulled and not pinned).
