@@ -16,6 +16,10 @@ The parts, in the order bytes flow:
 * ``ChatStream`` and ``ChatStreamResponse`` own the release of everything the stream holds,
   whether or not the client read any of it.
 
+What the stream learns (first token, usage, chunks, how it failed) it reports to a
+``StreamRecord``; the chat service passes its request context there, and is the only code that
+decides what the context holds.
+
 Another API's typed events (the Responses API) reuse ``read_batches`` and ``relay_events`` with
 their own ``StreamTranslator`` and ``SseFraming`` (``event:`` lines, its own error and end events).
 """
@@ -37,7 +41,6 @@ from starlette.types import Receive, Scope, Send
 
 from nilai.crypto.domains import CHAT_COMPLETION_CHUNK_OBJECT
 from nilai.errors import NilaiError, ShuttingDown, UpstreamProtocolError, UpstreamTimeout
-from nilai.gateway.chat.context import RequestContext
 from nilai.gateway.chat.signing import StreamSigner, claim_object
 from nilai.gateway.drain import Drain
 from nilai.protocol.base import json_object
@@ -119,6 +122,26 @@ async def read_batches(
 # --- relaying: one write per upstream read, one error path ------------------------------------
 
 
+class StreamRecord(Protocol):
+    """Where a stream reports what it learns as it goes: the service's request context."""
+
+    def mark_first_token(self) -> None:
+        """The first chunk from the model arrived (the first call wins)."""
+        ...
+
+    def record_usage(self, usage: object) -> None:
+        """Token usage the model reported (running totals, or the final figures)."""
+        ...
+
+    def count_chunk(self) -> None:
+        """One chunk with content was relayed."""
+        ...
+
+    def fail(self, error: BaseException) -> None:
+        """The stream ended with ``error`` (a ``NilaiError``, or the client going away)."""
+        ...
+
+
 class StreamTranslator(Protocol):
     """Turns upstream payloads into the payloads the client receives, signing the last."""
 
@@ -166,7 +189,7 @@ CHAT_FRAMING = SseFraming(event=frame, error=_chat_error, end=frame(DONE))
 async def relay_events(
     batches: AsyncGenerator[list[bytes]],
     translator: StreamTranslator,
-    ctx: RequestContext,
+    record: StreamRecord,
     *,
     release: Callable[[], Awaitable[None]],
     framing: SseFraming = CHAT_FRAMING,
@@ -175,7 +198,7 @@ async def relay_events(
 
     The last write is the signed end (or the in-band error) and the end event (``[DONE]`` in
     chat's ``framing``); ``release`` runs just before it. Every ``NilaiError`` (from reading or
-    translating) ends the stream the same way: the error recorded in ``ctx``, and an error event
+    translating) ends the stream the same way: the error reported to ``record``, and an error event
     instead of the signed end. A client that goes away (the generator is closed) is recorded
     too, and nothing more is sent.
     """
@@ -197,10 +220,10 @@ async def relay_events(
                     events = []
         events.extend(encode(out) for out in translator.finish())
     except NilaiError as exc:
-        ctx.fail(exc)
+        record.fail(exc)
         events.append(framing.error(exc))
     except BaseException as exc:  # the client went away; closing the response cancels upstream
-        ctx.fail(exc)
+        record.fail(exc)
         raise
     # The answer is complete: free the model slot before the client can see the end, so a
     # client that never has more than N requests open is never refused by a limit of N.
@@ -224,10 +247,10 @@ class ChunkForwarder:
     """
 
     def __init__(
-        self, signer: StreamSigner, ctx: RequestContext, request: ChatCompletionRequest
+        self, signer: StreamSigner, record: StreamRecord, request: ChatCompletionRequest
     ) -> None:
         self._signer = signer
-        self._ctx = ctx
+        self._record = record
         self._include_usage = request.include_usage
         options = request.stream_options
         extra = (options.model_extra or {}) if options else {}
@@ -244,10 +267,10 @@ class ChunkForwarder:
         chunk = _parse_chunk(payload)
         # The verifier accepts only chunks that say what they are; add it where upstream didn't.
         claimed = claim_object(chunk, CHAT_COMPLETION_CHUNK_OBJECT)
-        self._ctx.mark_first_token()
+        self._record.mark_first_token()
         usage = chunk.get("usage")
         if usage:
-            self._ctx.record_usage(usage)
+            self._record.record_usage(usage)
         if not chunk.get("choices"):
             if usage is not None and self._include_usage:
                 self._usage_chunk = chunk
@@ -266,7 +289,7 @@ class ChunkForwarder:
             payload = orjson.dumps(chunk)
         payload = one_line(payload)
         if _has_content(chunk):
-            self._ctx.count_chunk()
+            self._record.count_chunk()
         out = self._release()
         if finishing:
             self._held = (payload, chunk)
