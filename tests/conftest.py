@@ -20,6 +20,7 @@ from tests.fakes.fake_openai_server import FakeConfig, FakeState, create_fake_ap
 from tests.support.private_postgres import pg_database, private_postgres  # noqa: F401 - shared
 from tests.support.private_redis import private_redis  # noqa: F401 - a shared fixture
 from tests.support.servers import ServerThread
+from tests.support.stores import db_url  # noqa: F401 - a shared fixture
 
 TEST_API_KEY = "nilai-test-key-0123456789abcdef"  # pragma: allowlist secret
 REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -1,10 +1,42 @@
-"""Shared, expensive e2e fixtures: the tiny model and the engine loaded from it."""
+"""Shared e2e fixtures: the tiny model, its engine, and the fake model server plus gateway."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
+from tests.conftest import FakeHandle, GatewayHandle
 from tests.support.replicas import start_replica  # noqa: F401 - a fixture for e2e tests
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "stack(fake={...}, gateway={...}): settings of the `stack` fixture's fake model server "
+        "(FakeConfig fields) and gateway (NilaiSettings fields)",
+    )
+
+
+@pytest.fixture
+def stack(
+    request: pytest.FixtureRequest,
+    start_fake: Callable[..., FakeHandle],
+    start_gateway: Callable[..., GatewayHandle],
+) -> tuple[FakeHandle, GatewayHandle]:
+    """A fake model server and a gateway in front of it.
+
+    A module or test changes either with ``pytest.mark.stack(fake={...}, gateway={...})``.
+    """
+    marker = request.node.get_closest_marker("stack")
+    options: dict[str, Any] = marker.kwargs if marker else {}
+    unknown = set(options) - {"fake", "gateway"}
+    if unknown:
+        raise TypeError(f"pytest.mark.stack takes fake= and gateway=, not {sorted(unknown)}")
+    fake = start_fake(**options.get("fake", {}))
+    gateway = start_gateway(upstream_urls=[fake.url], **options.get("gateway", {}))
+    return fake, gateway
 
 
 @pytest.fixture(scope="session")

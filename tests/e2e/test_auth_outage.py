@@ -17,14 +17,14 @@ import httpx
 import pytest
 
 from nilai.store.sql import SqlStore
-from tests.integration.conftest import (
+from tests.support.servers import wait_until
+from tests.support.stores import (
     PG_HOST,
     PG_PORT,
     create_tenant,
     pg_url,
     with_store,
 )
-from tests.support.servers import wait_until
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]

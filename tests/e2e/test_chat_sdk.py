@@ -9,16 +9,9 @@ import pytest
 
 from nilai.crypto.verify import verify_response, verify_stream
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.stack(fake={"name": "alpha"})]
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
-
-
-@pytest.fixture
-def stack(start_fake, start_gateway):
-    fake = start_fake(name="alpha", models=["fake-model"])
-    gateway = start_gateway(upstream_urls=[fake.url])
-    return fake, gateway
 
 
 def public_key(gateway) -> str:

@@ -9,7 +9,6 @@ row and is counted in the totals.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import openai
@@ -18,7 +17,8 @@ from sqlalchemy import func, select
 
 from nilai.store.sql import SqlStore, make_engine
 from nilai.store.tables import QueryLogRow, UsageTotalRow
-from tests.integration.conftest import (
+from tests.support.servers import wait_until
+from tests.support.stores import (
     PG_HOST,
     PG_PORT,
     pg_url,
@@ -28,10 +28,10 @@ from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
-TRAFFIC_S = 16.0
-OUTAGE_START_S = 2.0
-OUTAGE_S = 11.0
 REQUEST_EVERY_S = 0.1
+BEFORE_OUTAGE = 20  # chats answered before the database goes away
+DURING_OUTAGE = 100  # and while it is away (about 10 s at this pace), half of them, then all
+AFTER_OUTAGE = 20  # and once it is back
 DRAIN_TIMEOUT_S = 15.0
 
 
@@ -42,32 +42,37 @@ def proxy() -> Iterator[TcpProxy]:
 
 
 class Traffic(threading.Thread):
-    """Chat completions at a steady pace until ``duration_s`` has passed."""
+    """Chat completions one after another, a pause between them, until ``stop()``."""
 
-    def __init__(self, client: openai.OpenAI, duration_s: float) -> None:
+    def __init__(self, client: openai.OpenAI) -> None:
         super().__init__(daemon=True)
         self.client = client
-        self.duration_s = duration_s
         self.sent = 0
-        self.ok: list[float] = []
-        self.failed: list[tuple[float, str]] = []
-        self.started_at = 0.0
+        self.ok = 0
+        self.failed: list[str] = []
+        self._stopping = threading.Event()
 
     def run(self) -> None:
-        self.started_at = time.monotonic()
-        next_at = self.started_at
-        while (now := time.monotonic()) - self.started_at < self.duration_s:
+        while not self._stopping.is_set():
             self.sent += 1
             try:
                 self.client.chat.completions.create(
                     model="fake-model", messages=[{"role": "user", "content": "ping"}]
                 )
             except Exception as exc:
-                self.failed.append((now - self.started_at, repr(exc)))
+                self.failed.append(repr(exc))
             else:
-                self.ok.append(now - self.started_at)
-            next_at += REQUEST_EVERY_S
-            time.sleep(max(0.0, next_at - time.monotonic()))
+                self.ok += 1
+            self._stopping.wait(REQUEST_EVERY_S)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def answered(self, count: int) -> int:
+        """Wait until ``count`` more chats than now have been answered; returns the new total."""
+        target = self.ok + count
+        wait_until(lambda: self.ok >= target or self.failed, timeout_s=count, what="the chats")
+        return self.ok
 
 
 async def _count(url: str) -> tuple[int, int]:
@@ -98,32 +103,32 @@ def test_no_query_log_is_lost_in_a_database_outage(
     assert proxy.connections >= 1  # the gateway migrated and holds pooled connections
 
     with gateway.client(timeout=5) as client:
-        traffic = Traffic(client, TRAFFIC_S)
+        traffic = Traffic(client)
         traffic.start()
-        time.sleep(OUTAGE_START_S)
-        proxy.cut()
-        time.sleep(OUTAGE_S / 2)
-        written_mid_outage = sink.written
-        time.sleep(OUTAGE_S / 2)
-        depth_at_end_of_outage = sink.depth
-        written_at_end_of_outage = sink.written
-        proxy.restore()
-        traffic.join(timeout=TRAFFIC_S + 10)
+        try:
+            traffic.answered(BEFORE_OUTAGE)
+            proxy.cut()
+            at_cut = traffic.ok
+            traffic.answered(DURING_OUTAGE // 2)
+            written_mid_outage = sink.written
+            at_restore = traffic.answered(DURING_OUTAGE - DURING_OUTAGE // 2)
+            # every chat answered in the outage waits in the sink: none reached the database
+            wait_until(lambda: sink.depth >= at_restore - at_cut, what="the rows queued")
+            written_at_end_of_outage = sink.written
+            proxy.restore()
+            traffic.answered(AFTER_OUTAGE)
+        finally:
+            traffic.stop()
+            traffic.join(timeout=10)
         assert not traffic.is_alive()
 
     # chat answered throughout, the outage included
     assert traffic.failed == []
-    assert len(traffic.ok) == traffic.sent
-    in_outage = [t for t in traffic.ok if OUTAGE_START_S + 1 < t < OUTAGE_START_S + OUTAGE_S]
-    assert len(in_outage) >= 0.8 * (OUTAGE_S - 1) / REQUEST_EVERY_S
+    assert traffic.ok == traffic.sent
     # nothing reached the database while it was away; the sink held the rows
     assert written_at_end_of_outage == written_mid_outage
-    assert depth_at_end_of_outage >= 0.8 * OUTAGE_S / REQUEST_EVERY_S
 
-    deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    while sink.depth:
-        assert time.monotonic() < deadline, f"{sink.depth} rows still queued"
-        time.sleep(0.1)
+    wait_until(lambda: sink.depth == 0, timeout_s=DRAIN_TIMEOUT_S, what="the drained sink")
     assert sink.dropped == 0
     assert sink.written == traffic.sent
 

@@ -7,27 +7,18 @@ model at all, and the rows around it are written.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
 import pytest
 from sqlalchemy import select
 
 from nilai.store.sql import SqlStore
 from nilai.store.tables import QueryLogRow
-from tests.integration.conftest import create_tenant, database, with_store
 from tests.support.servers import wait_until
+from tests.support.stores import create_tenant, pg_url, with_store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-def pg_url(tmp_path: Path) -> Iterator[str]:
-    with database("postgresql", tmp_path) as url:
-        yield url
 
 
 def _rows(db_url: str, account_id: str) -> list[QueryLogRow]:
@@ -40,12 +31,13 @@ def _rows(db_url: str, account_id: str) -> list[QueryLogRow]:
 
 
 def test_model_id_with_a_nul_is_refused_and_every_query_log_is_written(
-    pg_url: str, start_fake, start_gateway
+    pg_database: str, start_fake, start_gateway
 ):
-    account, _, key = with_store(pg_url, lambda store: create_tenant(store, "tenant"))
+    database_url = pg_url(pg_database)
+    account, _, key = with_store(database_url, lambda store: create_tenant(store, "tenant"))
     fake = start_fake()
     gateway = start_gateway(
-        database_url=pg_url, upstream_urls=[fake.url], usage_flush_interval_s=0.1
+        database_url=database_url, upstream_urls=[fake.url], usage_flush_interval_s=0.1
     )
     url = f"{gateway.url}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {key}"}
@@ -61,7 +53,7 @@ def test_model_id_with_a_nul_is_refused_and_every_query_log_is_written(
     assert served.status_code == 200, served.text
 
     def both_rows() -> list[QueryLogRow] | None:
-        rows = _rows(pg_url, account.id)
+        rows = _rows(database_url, account.id)
         return rows if len(rows) == 2 else None  # the refused request and the served one
 
     rows = wait_until(both_rows)

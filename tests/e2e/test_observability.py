@@ -16,9 +16,9 @@ from sqlalchemy import select
 from nilai.store.sql import SqlStore
 from nilai.store.tables import QueryLogRow
 from tests.conftest import TEST_API_KEY, FakeHandle, GatewayHandle
-from tests.integration.conftest import with_store
 from tests.support.replicas import Replica, wait_serving
 from tests.support.servers import wait_until
+from tests.support.stores import with_store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import stat
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -27,16 +26,10 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 CHAT = {"model": "fake-model", "messages": MESSAGES}
 ELEVEN_MB = 11 * 1024 * 1024
 SMALL_LIMIT = 64 * 1024
-# Time limits of 0.3 s against a model server that waits 1 s: the limit must fire well before.
+# Time limits of 0.3 s against a model server that waits 1 s: had the limit not fired first,
+# the model's answer would have come through instead of the limit's error.
 LIMIT_S = 0.3
 SLOW_S = 1.0
-QUICKLY_S = 0.9
-
-
-@pytest.fixture
-def stack(start_fake, start_gateway):
-    fake = start_fake()
-    return fake, start_gateway(upstream_urls=[fake.url])
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -113,27 +106,24 @@ def post_raw(gateway, raw: bytes, *, chunked: bool, **headers: str) -> httpx.Res
 
 
 def assert_responsive(gateway) -> None:
-    """Liveness and a normal chat both answer promptly."""
-    started = time.monotonic()
+    """Liveness and a normal chat both answer (within the client's timeout)."""
     health = httpx.get(f"{gateway.url}/healthz", timeout=5)
     assert health.status_code == 200
     chat = httpx.post(chat_url(gateway), json=CHAT, headers=gateway.auth, timeout=5)
     assert chat.status_code == 200, chat.text
     assert chat.json()["choices"][0]["message"]["content"]
-    assert time.monotonic() - started < 3
 
 
 def sse_events(response: httpx.Response) -> list[bytes]:
     return [event for event in response.read().split(b"\n\n") if event]
 
 
-def stream_chat(gateway) -> tuple[httpx.Response, list[bytes], float]:
-    started = time.monotonic()
+def stream_chat(gateway) -> tuple[httpx.Response, list[bytes]]:
     with httpx.stream(
         "POST", chat_url(gateway), json={**CHAT, "stream": True}, headers=gateway.auth, timeout=10
     ) as response:
         events = sse_events(response)
-    return response, events, time.monotonic() - started
+    return response, events
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -286,14 +276,12 @@ def test_eleven_megabyte_body_is_413_and_the_gateway_stays_responsive(stack, chu
     _, gateway = stack
     assert gateway.settings.max_body_bytes == 10 * 1024 * 1024  # the default
     raw = body_of_size(ELEVEN_MB)
-    started = time.monotonic()
     response = post_raw(gateway, raw, chunked=chunked)
     error = assert_openai_error(response, 413)
     assert error["type"] == "invalid_request_error"
     assert error["code"] == "payload_too_large"
     assert str(10 * 1024 * 1024) in str(error["message"])
     assert_security_headers(response)
-    assert time.monotonic() - started < 10
     assert_responsive(gateway)
 
 
@@ -361,7 +349,7 @@ def test_security_headers_on_successful_responses(stack):
     for response in responses:
         assert response.status_code == 200, response.request.url
         assert_security_headers(response)
-    streamed, events, _ = stream_chat(gateway)
+    streamed, events = stream_chat(gateway)
     assert streamed.status_code == 200
     assert events[-1] == b"data: [DONE]"
     assert_security_headers(streamed)
@@ -449,7 +437,7 @@ def test_cache_control_no_store_when_credentials_were_sent(stack):
         httpx.get(f"{gateway.url}/v1/models", headers={"Authorization": "Bearer wrong"}),
         httpx.get(f"{gateway.url}/healthz", headers=gateway.auth),
     ]
-    streamed, _, _ = stream_chat(gateway)
+    streamed, _ = stream_chat(gateway)
     for response in [*sent, streamed]:
         assert response.headers.get("cache-control") == "no-store", response.request.url
     anonymous = httpx.get(f"{gateway.url}/healthz")
@@ -540,7 +528,7 @@ def error_event(event: bytes) -> dict[str, object]:
 def test_stream_first_byte_limit_ends_the_stream_in_band(start_fake, start_gateway):
     fake = start_fake(first_byte_delay_s=SLOW_S)
     gateway = start_gateway(upstream_urls=[fake.url], stream_first_byte_timeout_s=LIMIT_S)
-    response, events, elapsed = stream_chat(gateway)
+    response, events = stream_chat(gateway)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     assert events[-1] == b"data: [DONE]"
@@ -548,15 +536,14 @@ def test_stream_first_byte_limit_ends_the_stream_in_band(start_fake, start_gatew
     assert error["type"] == "timeout_error"
     assert error["code"] == "timeout"
     assert "first token" in str(error["message"])
-    assert len(events) == 2  # nothing came before the error
-    assert elapsed < QUICKLY_S
+    assert len(events) == 2  # nothing came before the error: the model's first token was late
     assert_security_headers(response)
 
 
 def test_stream_idle_limit_ends_the_stream_in_band(start_fake, start_gateway):
     fake = start_fake(token_delay_s=SLOW_S)
     gateway = start_gateway(upstream_urls=[fake.url], stream_idle_timeout_s=LIMIT_S)
-    response, events, elapsed = stream_chat(gateway)
+    response, events = stream_chat(gateway)
     assert response.status_code == 200
     assert events[-1] == b"data: [DONE]"
     error = error_event(events[-2])
@@ -565,18 +552,19 @@ def test_stream_idle_limit_ends_the_stream_in_band(start_fake, start_gateway):
     first = json.loads(events[0].removeprefix(b"data: "))
     assert first["choices"][0]["delta"]["role"] == "assistant"  # the stream had started
     assert b"signature" not in b"".join(events)  # an unfinished answer is not signed
-    assert elapsed < QUICKLY_S
+    assert fake.state.stats.completed == 0  # the model's next token never came through
 
 
 def test_stream_limits_bound_each_gap_not_the_whole_stream(start_fake, start_gateway):
     fake = start_fake(token_delay_s=0.05, tokens=10)
+    # The model server takes longer in total than either limit (it sleeps between tokens).
+    assert fake.config.tokens * fake.config.token_delay_s > LIMIT_S
     gateway = start_gateway(
         upstream_urls=[fake.url],
         stream_first_byte_timeout_s=LIMIT_S,
         stream_idle_timeout_s=LIMIT_S,
     )
-    _, events, elapsed = stream_chat(gateway)
-    assert elapsed > LIMIT_S  # longer in total than either limit
+    _, events = stream_chat(gateway)
     assert events[-1] == b"data: [DONE]"
     assert b'"error"' not in b"".join(events)
     assert b'"signature"' in events[-2]
@@ -585,10 +573,8 @@ def test_stream_limits_bound_each_gap_not_the_whole_stream(start_fake, start_gat
 def test_request_time_limit_is_504_quickly_and_the_gateway_recovers(start_fake, start_gateway):
     fake = start_fake(first_byte_delay_s=SLOW_S)
     gateway = start_gateway(upstream_urls=[fake.url], request_timeout_s=LIMIT_S)
-    started = time.monotonic()
     response = httpx.post(chat_url(gateway), json=CHAT, headers=gateway.auth, timeout=10)
-    assert time.monotonic() - started < QUICKLY_S
-    error = assert_openai_error(response, 504)
+    error = assert_openai_error(response, 504)  # not the model's answer: the limit came first
     assert error["type"] == "timeout_error"
     assert error["code"] == "timeout"
     with gateway.client() as client, pytest.raises(openai.InternalServerError) as raised:

@@ -19,7 +19,8 @@ from nilai.store.tables import QueryLogRow
 from nilai.usage.sink import UsageSink
 from tests.conftest import FakeHandle, GatewayHandle
 from tests.e2e.test_observability import scrape, value
-from tests.integration.conftest import (
+from tests.support.servers import wait_until
+from tests.support.stores import (
     PG_HOST,
     PG_PORT,
     PG_USER,
@@ -27,7 +28,6 @@ from tests.integration.conftest import (
     run_sync,
     with_store,
 )
-from tests.support.servers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 

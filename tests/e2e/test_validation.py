@@ -8,15 +8,9 @@ import httpx
 import openai
 import pytest
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.stack(fake={"max_model_len": 100})]
 
 GOOD = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
-
-
-@pytest.fixture
-def stack(start_fake, start_gateway):
-    fake = start_fake(models=["fake-model"], max_model_len=100)
-    return fake, start_gateway(upstream_urls=[fake.url])
 
 
 @pytest.mark.parametrize(
@@ -82,8 +76,22 @@ def test_unknown_fields_are_ignored_and_not_forwarded(stack):
     body = {**GOOD, "frobnicate": True, "top_k": 5}
     response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=gateway.auth)
     assert response.status_code == 200
+    assert response.headers["x-nilai-ignored-fields"] == "frobnicate"
     assert "frobnicate" not in fake.state.stats.last_body
     assert fake.state.stats.last_body["top_k"] == 5
+
+
+def test_a_stream_names_the_fields_it_ignored(stack):
+    _, gateway = stack
+    body = {**GOOD, "stream": True, "max_tokenz": 3}
+    with httpx.stream(
+        "POST", f"{gateway.url}/v1/chat/completions", json=body, headers=gateway.auth
+    ) as response:
+        response.read()
+    assert response.status_code == 200
+    assert response.headers["x-nilai-ignored-fields"] == "max_tokenz"
+    known = httpx.post(f"{gateway.url}/v1/chat/completions", json=GOOD, headers=gateway.auth)
+    assert "x-nilai-ignored-fields" not in known.headers
 
 
 def test_tools_refused_for_model_without_tool_support(stack):

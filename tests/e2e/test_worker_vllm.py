@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -202,9 +201,7 @@ def test_health_timeout_stops_the_server(tmp_path):
     options = LaunchOptions(model="m", port=free_port(), vllm_bin=str(script))
     plan = plan_worker(base_env(), options, health_timeout_s=0.5, grace_s=0.5)
     messages: list[str] = []
-    started = time.monotonic()
     assert asyncio.run(supervise(plan, report=messages.append)) == 1
-    assert time.monotonic() - started < 5
     assert any("did not answer 200 within 0.5s" in m for m in messages), messages
     assert not alive(recorded(script)["pid"])
 

@@ -23,18 +23,25 @@ from nilai.errors import AuthenticationFailed
 from nilai.store.migrate import head_revision
 from nilai.store.sql import SqlStore, make_engine
 from tests.support.records import query_log
+from tests.support.stores import (
+    PG_HOST,
+    PG_PORT,
+    PG_USER,
+    create_pg_database,
+    drop_pg_database,
+    pg_url,
+    run_sync,
+)
 
 pytestmark = pytest.mark.integration
 
-PG_HOST = "127.0.0.1"
-PG_PORT = 5432
 KEY_SHAPE = re.compile(r"^nilai_[0-9a-f]{12}_[A-Za-z0-9_-]{43}$", re.MULTILINE)
 # What every command that reaches for the database prints first, on stderr.
 DATABASE_LINE = re.compile(r"using the (SQLite )?database \S+ \(NILAI_DATABASE_URL\)\n")
 
 
 @dataclass(frozen=True)
-class Backend:
+class AdminDatabase:
     name: str
     url: str
     data_dir: Path
@@ -48,7 +55,7 @@ class Result:
 
 
 async def _pg_execute(database: str, *statements: str) -> None:
-    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user="postgres", database=database)
+    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=database)
     try:
         for statement in statements:
             await conn.execute(statement)
@@ -57,34 +64,33 @@ async def _pg_execute(database: str, *statements: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def pg_database() -> Iterator[str]:
-    """A throwaway PostgreSQL database for this module, dropped at the end."""
-    name = f"nilai_admin_cli_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_pg_execute("postgres", f'CREATE DATABASE "{name}"'))
+def module_pg_database() -> Iterator[str]:
+    """A throwaway PostgreSQL database for the whole module (each test empties its schema)."""
+    name = run_sync(create_pg_database("nilai_admin_cli"))
     try:
         yield name
     finally:
-        asyncio.run(_pg_execute("postgres", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        run_sync(drop_pg_database(name))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def backend(
+def admin_db(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Backend:
+) -> AdminDatabase:
     """An empty database of each kind, named by NILAI_DATABASE_URL."""
     data_dir = tmp_path / "data"
     if request.param == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp_path / 'admin.db'}"
     else:
-        database = request.getfixturevalue("pg_database")
+        database = request.getfixturevalue("module_pg_database")
         # Each test starts from an empty schema, as it would with a fresh SQLite file.
         asyncio.run(_pg_execute(database, "DROP SCHEMA public CASCADE", "CREATE SCHEMA public"))
-        url = f"postgresql+asyncpg://postgres@{PG_HOST}:{PG_PORT}/{database}"
+        url = pg_url(database)
     monkeypatch.delenv("NILAI_CONFIG_FILE", raising=False)
     monkeypatch.setenv("NILAI_DATABASE_URL", url)
     monkeypatch.setenv("NILAI_DATA_DIR", str(data_dir))
     monkeypatch.setenv("NILAI_DB_AUTO_MIGRATE", "true")
-    return Backend(request.param, url, data_dir)
+    return AdminDatabase(request.param, url, data_dir)
 
 
 @pytest.fixture
@@ -162,7 +168,7 @@ async def _write_logs(url: str, account: str, tokens: list[tuple[int, int]]) -> 
 # db
 
 
-def test_db_upgrade_current_downgrade_and_upgrade_again(backend: Backend, cli):
+def test_db_upgrade_current_downgrade_and_upgrade_again(admin_db: AdminDatabase, cli):
     head = head_revision()
     assert ok(cli("db", "current")).strip() == "none"
     assert f"at revision {head} (was none)" in ok(cli("db", "upgrade"))
@@ -178,13 +184,13 @@ def test_db_upgrade_current_downgrade_and_upgrade_again(backend: Backend, cli):
     assert "created account" in ok(cli("accounts", "add", "after-migrations"))
 
 
-def test_db_downgrade_base_removes_the_data(backend: Backend, cli):
+def test_db_downgrade_base_removes_the_data(admin_db: AdminDatabase, cli):
     ok(cli("accounts", "add", "gone"))
     ok(cli("db", "downgrade", "base"))
     assert "no accounts" in ok(cli("accounts", "list"))  # auto-migrated to an empty schema
 
 
-def test_db_bad_revisions(backend: Backend, cli):
+def test_db_bad_revisions(admin_db: AdminDatabase, cli):
     assert_fails(cli("db", "upgrade", "nope"), 2, "nope")
     assert_fails(cli("db", "downgrade", "0999"), 2, "0999")
     with pytest.raises(SystemExit) as exited:
@@ -201,7 +207,9 @@ def test_db_upgrade_creates_the_sqlite_data_dir(tmp_path: Path, monkeypatch, cli
     assert (data_dir / "nilai.db").is_file()
 
 
-def test_commands_refuse_an_old_schema_without_auto_migrate(backend: Backend, monkeypatch, cli):
+def test_commands_refuse_an_old_schema_without_auto_migrate(
+    admin_db: AdminDatabase, monkeypatch, cli
+):
     monkeypatch.setenv("NILAI_DB_AUTO_MIGRATE", "false")
     assert_fails(cli("accounts", "list"), 1, "nilai db upgrade")
     ok(cli("db", "upgrade"))
@@ -211,7 +219,7 @@ def test_commands_refuse_an_old_schema_without_auto_migrate(backend: Backend, mo
 # accounts
 
 
-def test_accounts_add_list_show_disable_enable(backend: Backend, cli):
+def test_accounts_add_list_show_disable_enable(admin_db: AdminDatabase, cli):
     assert ok(cli("accounts", "list")).strip() == "no accounts"
     out = ok(cli("accounts", "add", "acme", "--rate-limit-minute", "10", "--rate-limit-day", "500"))
     assert "created account acme" in out
@@ -242,16 +250,16 @@ def test_accounts_add_list_show_disable_enable(backend: Backend, cli):
     assert "active:   yes" in ok(cli("accounts", "show", "acme"))
 
 
-def test_accounts_show_usage_totals(backend: Backend, cli):
+def test_accounts_show_usage_totals(admin_db: AdminDatabase, cli):
     acme = account_id(ok(cli("accounts", "add", "acme")))
-    asyncio.run(_write_logs(backend.url, acme, [(10, 5), (20, 7)]))
+    asyncio.run(_write_logs(admin_db.url, acme, [(10, 5), (20, 7)]))
     show = ok(cli("accounts", "show", "acme"))
     assert "2 queries, 30 prompt + 12 completion = 42 tokens" in show
     row = ok(cli("accounts", "list")).splitlines()[1]
     assert row.split()[-2:] == ["2", "42"]
 
 
-def test_accounts_errors(backend: Backend, cli):
+def test_accounts_errors(admin_db: AdminDatabase, cli):
     ok(cli("accounts", "add", "acme"))
     assert_fails(cli("accounts", "add", "acme"), 1, "already exists")
     for bad in ("0", "-1", "abc", "1.5", str(2**31)):
@@ -264,7 +272,7 @@ def test_accounts_errors(backend: Backend, cli):
     assert ok(cli("accounts", "list")).count("\n") == 2  # header and acme only
 
 
-def test_accounts_update_changes_and_clears_limits(backend: Backend, cli):
+def test_accounts_update_changes_and_clears_limits(admin_db: AdminDatabase, cli):
     acme = account_id(ok(cli("accounts", "add", "acme", "--rate-limit-minute", "10")))
     out = ok(cli("accounts", "update", "acme", "--rate-limit-hour", "100", "--rate-limit-day", "9"))
     assert f"updated account acme ({acme}); limits: minute=10, hour=100, day=9" in out
@@ -291,11 +299,11 @@ def test_accounts_update_changes_and_clears_limits(backend: Backend, cli):
 
 
 def test_admin_commands_name_their_database_on_stderr_with_the_password_masked(
-    backend: Backend, monkeypatch, cli
+    admin_db: AdminDatabase, monkeypatch, cli
 ):
-    url = backend.url.replace("postgres@", "postgres:s3cret@")  # trust auth ignores it
+    url = admin_db.url.replace("postgres@", "postgres:s3cret@")  # trust auth ignores it
     monkeypatch.setenv("NILAI_DATABASE_URL", url)
-    if backend.name == "sqlite":
+    if admin_db.name == "sqlite":
         shown = f"using the SQLite database {url.removeprefix('sqlite+aiosqlite:///')} "
     else:
         shown = f"using the database {url.replace(':s3cret@', ':***@')} "
@@ -312,21 +320,21 @@ def test_admin_commands_name_their_database_on_stderr_with_the_password_masked(
 # keys
 
 
-def test_keys_create_prints_a_key_that_authenticates(backend: Backend, cli):
+def test_keys_create_prints_a_key_that_authenticates(admin_db: AdminDatabase, cli):
     acme = account_id(ok(cli("accounts", "add", "acme")))
     out = ok(cli("keys", "create", "acme", "--name", "ci"))
     key = created_key(out)
-    principal = authenticate(backend.url, key)
+    principal = authenticate(admin_db.url, key)
     assert principal.account_id == acme
     assert principal.key_id is not None
     assert principal.key_id in out
     # created by id too, without a label
     second = created_key(ok(cli("keys", "create", acme)))
     assert second != key
-    assert authenticate(backend.url, second).account_id == acme
+    assert authenticate(admin_db.url, second).account_id == acme
 
 
-def test_keys_list_never_prints_keys_or_hashes(backend: Backend, cli):
+def test_keys_list_never_prints_keys_or_hashes(admin_db: AdminDatabase, cli):
     ok(cli("accounts", "add", "acme"))
     ok(cli("accounts", "add", "other"))
     first = created_key(ok(cli("keys", "create", "acme", "--name", "laptop")))
@@ -360,19 +368,19 @@ def test_keys_list_never_prints_keys_or_hashes(backend: Backend, cli):
     assert "keys:     1" in outputs[2]
 
 
-def test_keys_revoke(backend: Backend, cli):
+def test_keys_revoke(admin_db: AdminDatabase, cli):
     ok(cli("accounts", "add", "acme"))
     out = ok(cli("keys", "create", "acme"))
     key = created_key(out)
     kept = created_key(ok(cli("keys", "create", "acme")))
     prefix = key.split("_")[1]
-    key_id = authenticate(backend.url, key).key_id
+    key_id = authenticate(admin_db.url, key).key_id
     assert key_id is not None
 
     revoked = ok(cli("keys", "revoke", prefix))
     assert revoked.startswith(f"revoked API key {key_id}")
-    assert rejection(backend.url, key) == "revoked_api_key"
-    assert authenticate(backend.url, kept).key_id != key_id
+    assert rejection(admin_db.url, key) == "revoked_api_key"
+    assert authenticate(admin_db.url, kept).key_id != key_id
     assert "already revoked" in ok(cli("keys", "revoke", key_id))
     assert "already revoked" in ok(cli("keys", "revoke", prefix))
     row = next(line for line in ok(cli("keys", "list")).splitlines() if key_id in line)
@@ -380,21 +388,21 @@ def test_keys_revoke(backend: Backend, cli):
     assert_fails(cli("keys", "revoke", "key_0000000000000000"), 1, "no API key")
 
 
-def test_keys_for_disabled_and_unknown_accounts(backend: Backend, cli):
+def test_keys_for_disabled_and_unknown_accounts(admin_db: AdminDatabase, cli):
     ok(cli("accounts", "add", "acme"))
     key = created_key(ok(cli("keys", "create", "acme")))
     ok(cli("accounts", "disable", "acme"))
     assert_fails(cli("keys", "create", "acme"), 1, "disabled")
-    assert rejection(backend.url, key) == "account_disabled"
+    assert rejection(admin_db.url, key) == "account_disabled"
     ok(cli("accounts", "enable", "acme"))
-    assert authenticate(backend.url, key).account_id
+    assert authenticate(admin_db.url, key).account_id
     assert_fails(cli("keys", "create", "nobody"), 1, "no account", "nobody")
     assert_fails(cli("keys", "list", "--account", "nobody"), 1, "no account")
     assert_fails(cli("keys", "create", "acme", "--name", "n" * 201), 2, "--name")
     assert ok(cli("keys", "list")).count("\n") == 2  # header and the one key
 
 
-# failures that do not depend on the backend
+# failures that do not depend on the database
 
 
 @pytest.fixture
@@ -445,8 +453,8 @@ def test_invalid_settings(plain_env: Path, monkeypatch, cli):
 # the installed entry point
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # the CLI is tested on both above
-def test_entry_point_adds_an_account_and_creates_a_key(backend: Backend):
+@pytest.mark.parametrize("admin_db", ["sqlite"], indirect=True)  # the CLI is tested on both above
+def test_entry_point_adds_an_account_and_creates_a_key(admin_db: AdminDatabase):
     nilai = Path(sys.executable).parent / "nilai"
     env = dict(os.environ)
 
@@ -461,11 +469,11 @@ def test_entry_point_adds_an_account_and_creates_a_key(backend: Backend):
     created = run("keys", "create", "from-shell", "--name", "shell")
     assert created.returncode == 0, created.stderr
     key = created_key(created.stdout)
-    assert authenticate(backend.url, key).account_id == acme
+    assert authenticate(admin_db.url, key).account_id == acme
     refused = run("keys", "create", "nobody")
     assert refused.returncode == 1
     assert refused.stdout == ""
     assert refused.stderr == (
-        f"using the SQLite database {backend.url.removeprefix('sqlite+aiosqlite:///')} "
+        f"using the SQLite database {admin_db.url.removeprefix('sqlite+aiosqlite:///')} "
         "(NILAI_DATABASE_URL)\nnilai keys create: no account with id or name 'nobody'\n"
     )

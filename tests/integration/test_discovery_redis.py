@@ -16,7 +16,9 @@ pytestmark = pytest.mark.integration
 
 
 @dataclass
-class Store:
+class Registry:
+    """This test's discovery in Redis: the client, its key prefix and the discovery over them."""
+
     redis: Redis
     prefix: str
     discovery: RedisDiscovery
@@ -33,11 +35,11 @@ class Store:
 
 
 @pytest.fixture
-async def store() -> AsyncIterator[Store]:
+async def registry() -> AsyncIterator[Registry]:
     prefix = f"test-{uuid.uuid4().hex}:"
     redis = Redis.from_url(REDIS_URL)
     try:
-        yield Store(redis, prefix, RedisDiscovery(redis, prefix))
+        yield Registry(redis, prefix, RedisDiscovery(redis, prefix))
     finally:
         keys = [key async for key in redis.scan_iter(match=f"{prefix}*", count=100)]
         if keys:
@@ -54,83 +56,83 @@ def _by_url(records: list[EndpointRecord]) -> dict[str, EndpointRecord]:
     return {record.url: record for record in records}
 
 
-async def test_ping(store: Store):
-    await store.discovery.ping()
-    await store.discovery.aclose()  # the client stays usable: it belongs to the caller
-    await store.discovery.ping()
+async def test_ping(registry: Registry):
+    await registry.discovery.ping()
+    await registry.discovery.aclose()  # the client stays usable: it belongs to the caller
+    await registry.discovery.ping()
 
 
-async def test_register_and_list(store: Store):
-    assert await store.discovery.list() == []
+async def test_register_and_list(registry: Registry):
+    assert await registry.discovery.list() == []
     record = _record("http://a:8000", "m1", "m2")
-    await store.discovery.register(record, 10)
-    assert await store.discovery.list() == [record]
-    assert await store.members() == {record.id}
-    ttl_ms = await store.redis.pttl(store.key(record.id))
+    await registry.discovery.register(record, 10)
+    assert await registry.discovery.list() == [record]
+    assert await registry.members() == {record.id}
+    ttl_ms = await registry.redis.pttl(registry.key(record.id))
     assert 0 < ttl_ms <= 10_000
 
 
-async def test_register_replaces_the_record(store: Store):
-    await store.discovery.register(_record("http://a", "old"), 10)
+async def test_register_replaces_the_record(registry: Registry):
+    await registry.discovery.register(_record("http://a", "old"), 10)
     newer = _record("http://a", "new", registered_at=2.0)
-    await store.discovery.register(newer, 10)
-    assert await store.discovery.list() == [newer]
+    await registry.discovery.register(newer, 10)
+    assert await registry.discovery.list() == [newer]
 
 
-async def test_several_endpoints_for_one_model(store: Store):
+async def test_several_endpoints_for_one_model(registry: Registry):
     records = [_record(f"http://node-{i}:8000", "shared", "m") for i in range(3)]
     for record in records:
-        await store.discovery.register(record, 10)
-    listed = await store.discovery.list()
+        await registry.discovery.register(record, 10)
+    listed = await registry.discovery.list()
     assert _by_url(listed) == _by_url(records)
     assert len(listed) == 3
     for record in listed:
         assert [card.id for card in record.models] == ["shared", "m"]
 
 
-async def test_heartbeat_renews_lease(store: Store):
+async def test_heartbeat_renews_lease(registry: Registry):
     record = _record("http://a")
-    await store.discovery.register(record, 0.2)
-    assert await store.discovery.heartbeat(record.id, 30) is True
-    ttl_ms = await store.redis.pttl(store.key(record.id))
+    await registry.discovery.register(record, 0.2)
+    assert await registry.discovery.heartbeat(record.id, 30) is True
+    ttl_ms = await registry.redis.pttl(registry.key(record.id))
     assert 20_000 < ttl_ms <= 30_000
 
 
-async def test_heartbeat_of_unknown_endpoint_is_false(store: Store):
-    assert await store.discovery.heartbeat("0123456789abcdef", 10) is False
-    assert await store.redis.exists(store.key("0123456789abcdef")) == 0
+async def test_heartbeat_of_unknown_endpoint_is_false(registry: Registry):
+    assert await registry.discovery.heartbeat("0123456789abcdef", 10) is False
+    assert await registry.redis.exists(registry.key("0123456789abcdef")) == 0
 
 
-async def test_deregister(store: Store):
+async def test_deregister(registry: Registry):
     first, second = _record("http://a"), _record("http://b")
-    await store.discovery.register(first, 10)
-    await store.discovery.register(second, 10)
-    await store.discovery.deregister(first.id)
-    assert await store.discovery.list() == [second]
-    assert await store.members() == {second.id}
-    assert await store.redis.exists(store.key(first.id)) == 0
-    assert await store.discovery.heartbeat(first.id, 10) is False
-    await store.discovery.deregister(first.id)  # absent: no error
+    await registry.discovery.register(first, 10)
+    await registry.discovery.register(second, 10)
+    await registry.discovery.deregister(first.id)
+    assert await registry.discovery.list() == [second]
+    assert await registry.members() == {second.id}
+    assert await registry.redis.exists(registry.key(first.id)) == 0
+    assert await registry.discovery.heartbeat(first.id, 10) is False
+    await registry.discovery.deregister(first.id)  # absent: no error
 
 
-async def test_lease_expiry_removes_record_and_index_entry(store: Store):
+async def test_lease_expiry_removes_record_and_index_entry(registry: Registry):
     short, long = _record("http://short"), _record("http://long")
-    await store.discovery.register(short, 0.2)
-    await store.discovery.register(long, 10)
-    assert len(await store.discovery.list()) == 2
+    await registry.discovery.register(short, 0.2)
+    await registry.discovery.register(long, 10)
+    assert len(await registry.discovery.list()) == 2
     await asyncio.sleep(0.4)
-    assert await store.members() == {short.id, long.id}  # until list() cleans up
-    assert await store.discovery.list() == [long]
-    assert await store.members() == {long.id}
-    assert await store.discovery.heartbeat(short.id, 10) is False
+    assert await registry.members() == {short.id, long.id}  # until list() cleans up
+    assert await registry.discovery.list() == [long]
+    assert await registry.members() == {long.id}
+    assert await registry.discovery.heartbeat(short.id, 10) is False
 
 
-async def test_prefixes_are_isolated(store: Store):
-    other = RedisDiscovery(store.redis, store.prefix + "other:")
-    await store.discovery.register(_record("http://a"), 10)
+async def test_prefixes_are_isolated(registry: Registry):
+    other = RedisDiscovery(registry.redis, registry.prefix + "other:")
+    await registry.discovery.register(_record("http://a"), 10)
     assert await other.list() == []
     await other.register(_record("http://b"), 10)
-    assert [r.url for r in await store.discovery.list()] == ["http://a"]
+    assert [r.url for r in await registry.discovery.list()] == ["http://a"]
     assert [r.url for r in await other.list()] == ["http://b"]
 
 
@@ -151,9 +153,9 @@ class _RegisterBeforeSrem:
         return await self._redis.srem(*args)  # type: ignore[arg-type]
 
 
-async def test_registration_racing_with_expiry_cleanup_stays_listed(store: Store):
+async def test_registration_racing_with_expiry_cleanup_stays_listed(registry: Registry):
     record = _record("http://racer")
-    announcer_side = RedisDiscovery(store.redis, store.prefix)
+    announcer_side = RedisDiscovery(registry.redis, registry.prefix)
     await announcer_side.register(record, 0.05)
     await asyncio.sleep(0.1)  # the lease runs out
 
@@ -161,29 +163,29 @@ async def test_registration_racing_with_expiry_cleanup_stays_listed(store: Store
         await announcer_side.register(record, 10)
 
     gateway_side = RedisDiscovery(
-        _RegisterBeforeSrem(store.redis, reregister),  # type: ignore[arg-type]
-        store.prefix,
+        _RegisterBeforeSrem(registry.redis, reregister),  # type: ignore[arg-type]
+        registry.prefix,
     )
     assert await gateway_side.list() == []  # it saw the lease expired: fine
     # The announcer's lease is alive again, and its heartbeats succeed ...
     assert await announcer_side.heartbeat(record.id, 10) is True
     # ... so it must be listed.
-    assert await store.discovery.list() == [record]
+    assert await registry.discovery.list() == [record]
 
 
-async def test_generation_survives_servers_coming_and_going_but_not_lost_data(store: Store):
-    first = await store.discovery.generation()
-    assert first == await store.discovery.generation()
-    await store.discovery.register(_record("http://a:1"), 10)
-    await store.discovery.heartbeat(_record("http://a:1").id, 10)
-    await store.discovery.deregister(_record("http://a:1").id)
-    assert await store.discovery.list() == []
-    assert await store.discovery.generation() == first  # the last server left: nothing lost
+async def test_generation_survives_servers_coming_and_going_but_not_lost_data(registry: Registry):
+    first = await registry.discovery.generation()
+    assert first == await registry.discovery.generation()
+    await registry.discovery.register(_record("http://a:1"), 10)
+    await registry.discovery.heartbeat(_record("http://a:1").id, 10)
+    await registry.discovery.deregister(_record("http://a:1").id)
+    assert await registry.discovery.list() == []
+    assert await registry.discovery.generation() == first  # the last server left: nothing lost
 
     # What a Redis restart without persistence or a flush does (to this test's keys only).
-    keys = [key async for key in store.redis.scan_iter(match=f"{store.prefix}*", count=100)]
-    await store.redis.delete(*keys)
-    second = await store.discovery.generation()
+    keys = [key async for key in registry.redis.scan_iter(match=f"{registry.prefix}*", count=100)]
+    await registry.redis.delete(*keys)
+    second = await registry.discovery.generation()
     assert second != first
-    other_gateway = RedisDiscovery(store.redis, store.prefix)
+    other_gateway = RedisDiscovery(registry.redis, registry.prefix)
     assert await other_gateway.generation() == second  # every reader sees the same new one

@@ -30,7 +30,8 @@ from nilai.limits.redis import RedisConcurrencyLimiter, RedisRateLimiter
 from nilai.store.base import Account
 from tests.conftest import REDIS_URL
 from tests.support.private_redis import PrivateRedis
-from tests.support.servers import free_port
+from tests.support.servers import free_port, wait_until_async
+from tests.support.timing import finishes_within
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +51,7 @@ OFF = LimitDefaults(
 
 
 @dataclass
-class Backend:
+class LimitBackend:
     name: str
     rate: RateLimiter
     concurrency: ConcurrencyLimiter
@@ -68,13 +69,13 @@ class Backend:
 
 
 @asynccontextmanager
-async def redis_backend() -> AsyncIterator[Backend]:
+async def redis_backend() -> AsyncIterator[LimitBackend]:
     """Limiters on this machine's Redis under a fresh prefix, deleted afterwards."""
     prefix = f"nilai-test-limits-{uuid.uuid4().hex[:12]}:"
     client = Redis.from_url(REDIS_URL)
     concurrency = RedisConcurrencyLimiter(client, prefix, ttl_s=LEASE_TTL_S)
     try:
-        yield Backend("redis", RedisRateLimiter(client, prefix), concurrency, client, prefix)
+        yield LimitBackend("redis", RedisRateLimiter(client, prefix), concurrency, client, prefix)
     finally:
         await concurrency.aclose()
         keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=500)]
@@ -84,10 +85,10 @@ async def redis_backend() -> AsyncIterator[Backend]:
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+async def limit_backend(request: pytest.FixtureRequest) -> AsyncIterator[LimitBackend]:
     if request.param == "memory":
         limiter = MemoryConcurrencyLimiter()
-        yield Backend("memory", MemoryRateLimiter(), limiter, None, "")
+        yield LimitBackend("memory", MemoryRateLimiter(), limiter, None, "")
         await limiter.aclose()
         return
     async with redis_backend() as shared:
@@ -95,7 +96,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
 
 
 @pytest.fixture
-async def shared_redis() -> AsyncIterator[Backend]:
+async def shared_redis() -> AsyncIterator[LimitBackend]:
     """The Redis backend alone, for what only a shared store does (leases outliving a holder)."""
     async with redis_backend() as shared:
         yield shared
@@ -116,105 +117,111 @@ async def _hits(rate: RateLimiter, limits: list[Limit], n: int) -> list[Decision
 # --- sliding windows ----------------------------------------------------------------------
 
 
-async def test_window_admits_exactly_n_then_names_the_refusing_limit(backend: Backend):
+async def test_window_admits_exactly_n_then_names_the_refusing_limit(limit_backend: LimitBackend):
     minute = Limit(_key(), "requests per minute", 5, 60)
-    decisions = await _hits(backend.rate, [minute], 5)
+    decisions = await _hits(limit_backend.rate, [minute], 5)
     assert all(d.allowed for d in decisions)
     assert [d.remaining for d in decisions] == [4, 3, 2, 1, 0]
     assert all(d.limit == minute for d in decisions)
     assert all(0 < d.reset_s <= 60 for d in decisions)
 
-    refused = await backend.rate.hit([minute], _member())
+    refused = await limit_backend.rate.hit([minute], _member())
     assert not refused.allowed
     assert refused.limit == minute
     assert refused.remaining == 0
     assert 0 < refused.reset_s <= 60
     assert 1 <= refused.retry_after_s <= 60
     # Refused requests are not counted: the window stays full at exactly five.
-    again = await backend.rate.hit([minute], _member())
+    again = await limit_backend.rate.hit([minute], _member())
     assert not again.allowed
     assert again.reset_s <= refused.reset_s
 
 
-async def test_several_limits_are_all_or_nothing(backend: Backend):
+async def test_several_limits_are_all_or_nothing(limit_backend: LimitBackend):
     small = Limit(_key(), "requests per minute", 3, 60)
     large = Limit(_key(), "requests per hour", 10, 3600)
-    admitted = await _hits(backend.rate, [large, small], 3)
+    admitted = await _hits(limit_backend.rate, [large, small], 3)
     # An admitted request names the limit with the least room left.
     assert [(d.limit, d.remaining) for d in admitted] == [(small, 2), (small, 1), (small, 0)]
 
     for _ in range(5):
-        refused = await backend.rate.hit([large, small], _member())
+        refused = await limit_backend.rate.hit([large, small], _member())
         assert not refused.allowed
         assert refused.limit == small
 
     # The five refusals took nothing from the hour: 3 used, so 7 are left.
-    left = await _hits(backend.rate, [large], 7)
+    left = await _hits(limit_backend.rate, [large], 7)
     assert [d.remaining for d in left] == [6, 5, 4, 3, 2, 1, 0]
-    refused = await backend.rate.hit([large], _member())
+    refused = await limit_backend.rate.hit([large], _member())
     assert (refused.allowed, refused.limit) == (False, large)
 
 
-async def test_a_full_later_limit_refuses_without_counting_the_earlier_ones(backend: Backend):
+async def test_a_full_later_limit_refuses_without_counting_the_earlier_ones(
+    limit_backend: LimitBackend,
+):
     first = Limit(_key(), "requests per minute", 10, 60)
     full = Limit(_key(), "requests in total", 1, None)
-    assert (await backend.rate.hit([full], _member())).allowed
+    assert (await limit_backend.rate.hit([full], _member())).allowed
     for _ in range(3):
-        refused = await backend.rate.hit([first, full], _member())
+        refused = await limit_backend.rate.hit([first, full], _member())
         assert (refused.allowed, refused.limit) == (False, full)
-    assert (await backend.rate.hit([first], _member())).remaining == 9
+    assert (await limit_backend.rate.hit([first], _member())).remaining == 9
 
 
-async def test_window_slides_and_lifetime_never_resets(backend: Backend):
+async def test_window_slides_and_lifetime_never_resets(limit_backend: LimitBackend):
     second = Limit(_key(), "requests per second", 2, 1)
     total = Limit(_key(), "requests in total", 4, None)
-    start = time.monotonic()
-    assert (await backend.rate.hit([second, total], _member())).allowed
+    assert (await limit_backend.rate.hit([second, total], _member())).allowed
     await asyncio.sleep(0.5)
-    assert (await backend.rate.hit([second, total], _member())).allowed
-    refused = await backend.rate.hit([second, total], _member())
+    assert (await limit_backend.rate.hit([second, total], _member())).allowed
+    refused = await limit_backend.rate.hit([second, total], _member())
     assert (refused.allowed, refused.limit) == (False, second)
-    # Sliding, not fixed: room returns when the oldest request leaves the window.
-    assert 0 < refused.reset_s <= 1 - (time.monotonic() - start) + 0.05
+    # Sliding, not fixed: room returns when the oldest request, at least 0.5 s old by now,
+    # leaves the window (a few ms of slack for the store's rounding).
+    assert 0 < refused.reset_s <= 0.5 + 0.01
     await asyncio.sleep(refused.reset_s + 0.05)
-    assert (await backend.rate.hit([second, total], _member())).allowed
-    still = await backend.rate.hit([second, total], _member())
+    assert (await limit_backend.rate.hit([second, total], _member())).allowed
+    still = await limit_backend.rate.hit([second, total], _member())
     assert (still.allowed, still.limit) == (False, second)  # the 0.5 s one is still inside
 
     await asyncio.sleep(1.05)
-    assert (await backend.rate.hit([second, total], _member())).allowed  # 4th in total
+    assert (await limit_backend.rate.hit([second, total], _member())).allowed  # 4th in total
     await asyncio.sleep(1.05)
-    spent = await backend.rate.hit([second, total], _member())
+    spent = await limit_backend.rate.hit([second, total], _member())
     assert (spent.allowed, spent.limit, spent.remaining) == (False, total, 0)
     assert spent.reset_s == 0
     assert spent.retry_after_s == 1
 
 
-async def test_windows_of_different_keys_are_independent(backend: Backend):
+async def test_windows_of_different_keys_are_independent(limit_backend: LimitBackend):
     one, two = Limit(_key(), "a", 1, 60), Limit(_key(), "b", 1, 60)
-    assert (await backend.rate.hit([one], _member())).allowed
-    assert (await backend.rate.hit([two], _member())).allowed
-    assert not (await backend.rate.hit([one], _member())).allowed
+    assert (await limit_backend.rate.hit([one], _member())).allowed
+    assert (await limit_backend.rate.hit([two], _member())).allowed
+    assert not (await limit_backend.rate.hit([one], _member())).allowed
 
 
-async def test_concurrent_hits_admit_exactly_n(backend: Backend):
+async def test_concurrent_hits_admit_exactly_n(limit_backend: LimitBackend):
     limit = Limit(_key(), "requests per minute", 7, 60)
-    decisions = await asyncio.gather(*(backend.rate.hit([limit], _member()) for _ in range(30)))
+    decisions = await asyncio.gather(
+        *(limit_backend.rate.hit([limit], _member()) for _ in range(30))
+    )
     assert sum(d.allowed for d in decisions) == 7
 
 
 # --- concurrency leases -------------------------------------------------------------------
 
 
-async def test_leases_hold_k_slots_and_release_them(backend: Backend):
+async def test_leases_hold_k_slots_and_release_them(limit_backend: LimitBackend):
     key = _key()
     async with AsyncExitStack() as stack:
-        held = [await stack.enter_async_context(backend.concurrency.lease(key, 3)) for _ in "abc"]
+        held = [
+            await stack.enter_async_context(limit_backend.concurrency.lease(key, 3)) for _ in "abc"
+        ]
         assert all(d.allowed for d in held)
         assert [d.remaining for d in held] == [2, 1, 0]
 
         with pytest.raises(RateLimited) as refused:
-            async with backend.concurrency.lease(key, 3):
+            async with limit_backend.concurrency.lease(key, 3):
                 pytest.fail("a fourth slot was granted")
         error = refused.value
         assert error.status == 429
@@ -225,58 +232,58 @@ async def test_leases_hold_k_slots_and_release_them(backend: Backend):
         assert int(error.headers["Retry-After"]) >= 1
         assert error.headers["X-RateLimit-Remaining"] == "0"
 
-        async with backend.concurrency.lease(_key(), 3) as other:  # other keys are separate
+        async with limit_backend.concurrency.lease(_key(), 3) as other:  # other keys are separate
             assert other.allowed
     # All three returned on leaving the block: three fit again.
     async with AsyncExitStack() as stack:
         for _ in range(3):
-            await stack.enter_async_context(backend.concurrency.lease(key, 3))
+            await stack.enter_async_context(limit_backend.concurrency.lease(key, 3))
 
 
-async def test_releasing_one_lease_admits_the_next(backend: Backend):
+async def test_releasing_one_lease_admits_the_next(limit_backend: LimitBackend):
     key = _key()
     async with AsyncExitStack() as stack:
         first = AsyncExitStack()
-        await first.enter_async_context(backend.concurrency.lease(key, 2))
-        await stack.enter_async_context(backend.concurrency.lease(key, 2))
+        await first.enter_async_context(limit_backend.concurrency.lease(key, 2))
+        await stack.enter_async_context(limit_backend.concurrency.lease(key, 2))
         with pytest.raises(RateLimited):
-            await stack.enter_async_context(backend.concurrency.lease(key, 2))
+            await stack.enter_async_context(limit_backend.concurrency.lease(key, 2))
         await first.aclose()
-        await stack.enter_async_context(backend.concurrency.lease(key, 2))
+        await stack.enter_async_context(limit_backend.concurrency.lease(key, 2))
         with pytest.raises(RateLimited):
-            await stack.enter_async_context(backend.concurrency.lease(key, 2))
+            await stack.enter_async_context(limit_backend.concurrency.lease(key, 2))
 
 
-async def test_a_lease_is_released_when_its_block_raises(backend: Backend):
+async def test_a_lease_is_released_when_its_block_raises(limit_backend: LimitBackend):
     key = _key()
     for _ in range(3):
         with pytest.raises(RuntimeError, match="boom"):
-            async with backend.concurrency.lease(key, 1):
+            async with limit_backend.concurrency.lease(key, 1):
                 raise RuntimeError("boom")
     task_started = asyncio.Event()
 
     async def hold() -> None:
-        async with backend.concurrency.lease(key, 1):
+        async with limit_backend.concurrency.lease(key, 1):
             task_started.set()
             await asyncio.sleep(30)
 
     task = asyncio.create_task(hold())
     await task_started.wait()
     with pytest.raises(RateLimited):
-        async with backend.concurrency.lease(key, 1):
+        async with limit_backend.concurrency.lease(key, 1):
             pass
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    async with backend.concurrency.lease(key, 1) as decision:  # cancellation released it
+    async with limit_backend.concurrency.lease(key, 1) as decision:  # cancellation released it
         assert decision.allowed
 
 
-async def test_redis_lease_expires_when_its_holder_stops_renewing(shared_redis: Backend):
-    backend = shared_redis
-    dead = backend.another_concurrency()
-    alive = backend.another_concurrency()
-    other = backend.another_concurrency()
+async def test_redis_lease_expires_when_its_holder_stops_renewing(shared_redis: LimitBackend):
+    limit_backend = shared_redis
+    dead = limit_backend.another_concurrency()
+    alive = limit_backend.another_concurrency()
+    other = limit_backend.another_concurrency()
     abandoned_key, renewed_key = _key(), _key()
     abandoned = dead.lease(abandoned_key, 1)
     await abandoned.__aenter__()
@@ -286,29 +293,50 @@ async def test_redis_lease_expires_when_its_holder_stops_renewing(shared_redis: 
     keeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await keeper
+    redis = limit_backend.redis
+    assert redis is not None
+
+    async def redis_ms() -> int:
+        seconds, micros = await redis.time()
+        return seconds * 1000 + micros // 1000
+
+    async def expiry_ms(key: str) -> float:
+        [(_, score)] = await redis.zrange(limit_backend.prefix + key, 0, -1, withscores=True)
+        return score
+
     try:
         async with alive.lease(renewed_key, 1):
-            started = time.monotonic()
             with pytest.raises(RateLimited) as refused:
                 async with other.lease(abandoned_key, 1):
                     pass
             assert 1 <= refused.value.decision.retry_after_s <= 2  # until the lease expires
+            # The abandoned lease ends one lifetime after it was last renewed, by Redis's clock.
+            assert await expiry_ms(abandoned_key) - await redis_ms() <= LEASE_TTL_S * 1000
+            first_expiry = await expiry_ms(renewed_key)
 
-            freed_after = None
-            while time.monotonic() - started < 3 * LEASE_TTL_S:
-                if freed_after is None:
-                    try:
-                        async with other.lease(abandoned_key, 1):
-                            freed_after = time.monotonic() - started
-                    except RateLimited:
-                        pass
-                # The held one is renewed in the background and survives several lifetimes.
+            async def abandoned_freed() -> bool:
+                # Meanwhile the held one is renewed in the background: never free.
                 with pytest.raises(RateLimited):
                     async with other.lease(renewed_key, 1):
                         pass
-                await asyncio.sleep(0.1)
-            assert freed_after is not None
-            assert freed_after <= LEASE_TTL_S + 0.5
+                try:
+                    async with other.lease(abandoned_key, 1):
+                        return True
+                except RateLimited:
+                    return False
+
+            await wait_until_async(abandoned_freed, timeout_s=10 * LEASE_TTL_S, interval_s=0.1)
+
+            async def renewed_for_three_lifetimes() -> bool:
+                with pytest.raises(RateLimited):
+                    async with other.lease(renewed_key, 1):
+                        pass
+                return await redis_ms() > first_expiry + 2 * LEASE_TTL_S * 1000
+
+            # Past its first expiry by two more lifetimes, by Redis's clock, and still held.
+            await wait_until_async(
+                renewed_for_three_lifetimes, timeout_s=10 * LEASE_TTL_S, interval_s=0.1
+            )
     finally:
         await abandoned.__aexit__(None, None, None)
         await dead.aclose()
@@ -318,9 +346,9 @@ async def test_redis_lease_expires_when_its_holder_stops_renewing(shared_redis: 
         pass
 
 
-async def test_redis_aclose_releases_every_held_slot(shared_redis: Backend):
-    backend = shared_redis
-    replica, other = backend.another_concurrency(), backend.another_concurrency()
+async def test_redis_aclose_releases_every_held_slot(shared_redis: LimitBackend):
+    limit_backend = shared_redis
+    replica, other = limit_backend.another_concurrency(), limit_backend.another_concurrency()
     key = _key()
     held = [replica.lease(key, 2) for _ in range(2)]
     for lease in held:
@@ -385,9 +413,9 @@ async def _admit_until_refused(admission: Admission, principal: Principal, **kwa
     raise AssertionError("never refused")
 
 
-async def test_account_overrides_beat_the_defaults(backend: Backend):
+async def test_account_overrides_beat_the_defaults(limit_backend: LimitBackend):
     defaults = replace(OFF, minute=5, hour=4, lifetime=10)
-    admission = backend.admission(defaults)
+    admission = limit_backend.admission(defaults)
 
     plain = _principal()
     assert await _admit_until_refused(admission, plain) == 4  # the hour default decides
@@ -406,8 +434,8 @@ async def test_account_overrides_beat_the_defaults(backend: Backend):
     assert "2 requests in total for this account" in spent.value.message
 
 
-async def test_a_switched_off_default_can_be_set_per_account(backend: Backend):
-    admission = backend.admission(OFF)
+async def test_a_switched_off_default_can_be_set_per_account(limit_backend: LimitBackend):
+    admission = limit_backend.admission(OFF)
     unlimited = _principal()
     for _ in range(20):
         decision = await admission.admit(unlimited)
@@ -417,8 +445,8 @@ async def test_a_switched_off_default_can_be_set_per_account(backend: Backend):
     assert await _admit_until_refused(admission, _principal(limited)) == 2
 
 
-async def test_token_uses_admit_n_then_refuse(backend: Backend):
-    admission = backend.admission(OFF)
+async def test_token_uses_admit_n_then_refuse(limit_backend: LimitBackend):
+    admission = limit_backend.admission(OFF)
     account = _account()
     token = _principal(account, token_limits=(TokenLimit("tok-1", 3),))
     decisions = [await admission.admit(token) for _ in range(3)]
@@ -434,31 +462,37 @@ async def test_token_uses_admit_n_then_refuse(backend: Backend):
     assert (await admission.admit(_principal(account))).allowed
 
 
-async def test_token_use_count_is_dropped_with_its_token(backend: Backend):
+async def test_token_use_count_is_dropped_with_its_token(limit_backend: LimitBackend):
     """A counter for a token lives until the token expires (plus a skew margin), no longer."""
     gone = datetime.fromtimestamp(time.time() - 3600, UTC)
     expired = Limit(f"{{acct:x}}:token:{uuid.uuid4().hex}", "uses", 1, None, expires_at=1.0)
-    assert (await backend.rate.hit([expired], "m1")).allowed
+    assert (await limit_backend.rate.hit([expired], "m1")).allowed
     # The count is dropped at once: a second use is admitted rather than refused forever.
-    assert (await backend.rate.hit([expired], "m2")).allowed
-    if backend.redis is not None:
-        assert await backend.redis.exists(backend.prefix + expired.key) == 0
+    assert (await limit_backend.rate.hit([expired], "m2")).allowed
+    if limit_backend.redis is not None:
+        assert await limit_backend.redis.exists(limit_backend.prefix + expired.key) == 0
         live = _principal(_account(), token_limits=(TokenLimit("tok-live", 1, gone),))
-        key = backend.prefix + backend.admission(OFF).account_limits(live, web_search=False)[0].key
-        assert (await backend.admission(OFF).admit(live)).allowed
-        ttl_ms = await backend.redis.pttl(key)
+        key = (
+            limit_backend.prefix
+            + limit_backend.admission(OFF).account_limits(live, web_search=False)[0].key
+        )
+        assert (await limit_backend.admission(OFF).admit(live)).allowed
+        ttl_ms = await limit_backend.redis.pttl(key)
         # Expired an hour ago plus a 300 s margin: still gone at once. A live token keeps it.
         assert ttl_ms == -2
         future = datetime.fromtimestamp(time.time() + 60, UTC)
         live = _principal(_account(), token_limits=(TokenLimit("tok-future", 1, future),))
-        key = backend.prefix + backend.admission(OFF).account_limits(live, web_search=False)[0].key
-        assert (await backend.admission(OFF).admit(live)).allowed
-        assert 350_000 <= await backend.redis.pttl(key) <= 361_000
+        key = (
+            limit_backend.prefix
+            + limit_backend.admission(OFF).account_limits(live, web_search=False)[0].key
+        )
+        assert (await limit_backend.admission(OFF).admit(live)).allowed
+        assert 350_000 <= await limit_backend.redis.pttl(key) <= 361_000
 
 
-async def test_web_search_limits_count_only_web_search_requests(backend: Backend):
+async def test_web_search_limits_count_only_web_search_requests(limit_backend: LimitBackend):
     defaults = replace(OFF, minute=6, web_search_minute=2)
-    admission = backend.admission(defaults)
+    admission = limit_backend.admission(defaults)
     principal = _principal()
     for _ in range(2):
         assert (await admission.admit(principal)).allowed
@@ -471,9 +505,9 @@ async def test_web_search_limits_count_only_web_search_requests(backend: Backend
     assert await _admit_until_refused(admission, principal) == 2
 
 
-async def test_web_search_per_second_is_global(backend: Backend):
+async def test_web_search_per_second_is_global(limit_backend: LimitBackend):
     defaults = replace(OFF, web_search_rps=3)
-    admission = backend.admission(defaults)
+    admission = limit_backend.admission(defaults)
     for _ in range(3):
         assert (await admission.admit(_principal(), web_search=True)).allowed
     with pytest.raises(RateLimited) as refused:
@@ -485,9 +519,9 @@ async def test_web_search_per_second_is_global(backend: Backend):
     assert (await admission.admit(_principal(), web_search=True)).allowed
 
 
-async def test_a_refused_request_uses_no_global_web_search_budget(backend: Backend):
+async def test_a_refused_request_uses_no_global_web_search_budget(limit_backend: LimitBackend):
     defaults = replace(OFF, minute=1, web_search_rps=3)
-    admission = backend.admission(defaults)
+    admission = limit_backend.admission(defaults)
     greedy = _principal()
     assert (await admission.admit(greedy, web_search=True)).allowed
     for _ in range(2):
@@ -497,9 +531,9 @@ async def test_a_refused_request_uses_no_global_web_search_budget(backend: Backe
     assert (await admission.admit(_principal(), web_search=True)).allowed
 
 
-async def test_model_slots_use_the_per_model_override(backend: Backend):
+async def test_model_slots_use_the_per_model_override(limit_backend: LimitBackend):
     defaults = replace(OFF, model_concurrency=2, model_concurrency_overrides=(("big", 1),))
-    admission = backend.admission(defaults)
+    admission = limit_backend.admission(defaults)
     async with admission.model_slot("big") as decision:
         assert (decision.allowed, decision.remaining) == (True, 0)
         with pytest.raises(RateLimited) as refused:
@@ -537,10 +571,11 @@ def _redis_admission(client: Redis, *, fail_open: bool) -> Admission:
 async def test_unreachable_redis_fails_closed(unreachable: Redis):
     admission = _redis_admission(unreachable, fail_open=False)
     for web_search in (False, True):
-        started = time.monotonic()
-        with pytest.raises(LimitsUnavailable) as refused:
+        with (
+            finishes_within(10, "refusing without Redis"),
+            pytest.raises(LimitsUnavailable) as refused,
+        ):
             await admission.admit(_principal(), web_search=web_search)
-        assert time.monotonic() - started < 3
         error = refused.value
         assert error.status == 503
         assert "Redis" in error.message

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,9 +14,12 @@ from nilai.logging import request_id_var
 from nilai.store.base import QueryLog, QueryLogRepo, StoreUnavailable, Usage
 from nilai.store.sql import SqlStore, make_engine
 from nilai.store.tables import QueryLogRow
+from nilai.usage import sink as sink_module
 from nilai.usage.sink import UNCLASSIFIED_RETRIES, UsageSink
-from tests.integration.conftest import pg_url
 from tests.support.records import query_log
+from tests.support.servers import wait_until_async
+from tests.support.stores import pg_url
+from tests.support.timing import FakeClock
 
 pytestmark = pytest.mark.integration
 
@@ -70,16 +72,6 @@ def _unreachable_store(store: SqlStore, tmp_path: Path) -> SqlStore:
     return SqlStore(make_engine(f"sqlite+aiosqlite:///{tmp_path}/no/such/dir/nilai.db"))
 
 
-async def _eventually(check, timeout_s: float = 5.0, interval_s: float = 0.02) -> float:
-    """Await ``check()`` until it is true; return the seconds it took."""
-    start = time.monotonic()
-    while not await check():
-        if time.monotonic() - start > timeout_s:
-            raise TimeoutError(f"condition not met within {timeout_s}s")
-        await asyncio.sleep(interval_s)
-    return time.monotonic() - start
-
-
 class FlakyStore:
     """The real store, except that ``write_logs`` fails while ``failing`` is set.
 
@@ -91,16 +83,46 @@ class FlakyStore:
         self.store = store
         self.failing = failing
         self.commit_then_fail = commit_then_fail
-        self.attempts: list[float] = []
         self.failures = 0
 
     async def write_logs(self, logs: Sequence[QueryLog]) -> int:
-        self.attempts.append(time.monotonic())
         if self.failing:
             self.failures += 1
             if self.commit_then_fail:
                 await self.store.write_logs(logs)
             raise ConnectionResetError("database unreachable")
+        return await self.store.write_logs(logs)
+
+    async def usage(self, account_id: str) -> Usage:
+        return await self.store.usage(account_id)
+
+
+class SinkAsyncio:
+    """Stands in for ``asyncio`` in the sink's module: records each ``sleep`` (its backoff).
+
+    The sleep itself still happens; everything else is ``asyncio``'s own.
+    """
+
+    def __init__(self) -> None:
+        self.sleeps: list[float] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(asyncio, name)
+
+    async def sleep(self, delay: float) -> None:
+        self.sleeps.append(delay)
+        await asyncio.sleep(delay)
+
+
+class BatchSizes:
+    """The real store; the size of each batch written is kept."""
+
+    def __init__(self, store: SqlStore) -> None:
+        self.store = store
+        self.sizes: list[int] = []
+
+    async def write_logs(self, logs: Sequence[QueryLog]) -> int:
+        self.sizes.append(len(logs))
         return await self.store.write_logs(logs)
 
     async def usage(self, account_id: str) -> Usage:
@@ -173,7 +195,8 @@ class GatedStore:
 
 
 async def test_batches_are_written_within_the_interval(store: SqlStore):
-    sink = UsageSink(store, interval_s=0.2, batch_size=1000)
+    recorded = BatchSizes(store)
+    sink = UsageSink(recorded, interval_s=0.2, batch_size=1000)
     await sink.start()
     try:
         for burst in range(3):
@@ -191,8 +214,9 @@ async def test_batches_are_written_within_the_interval(store: SqlStore):
                     and sink.depth == 0
                 )
 
-            took = await _eventually(landed, timeout_s=3)
-            assert took < 0.2 + 1.0
+            await wait_until_async(landed)
+        # Each burst went out on its own, far from filling a batch: the interval wrote it.
+        assert recorded.sizes == [25, 25, 25]
         assert sink.written == 75
         assert await _rows(store) == 75
         assert sink.pending(ALICE) == Usage()
@@ -202,7 +226,7 @@ async def test_batches_are_written_within_the_interval(store: SqlStore):
 
 
 async def test_a_full_batch_is_written_without_waiting_for_the_interval(store: SqlStore):
-    sink = UsageSink(store, interval_s=30, batch_size=10)
+    sink = UsageSink(store, interval_s=3600, batch_size=10)
     await sink.start()
     try:
         for _ in range(10):
@@ -211,7 +235,7 @@ async def test_a_full_batch_is_written_without_waiting_for_the_interval(store: S
         async def written() -> bool:
             return sink.written == 10
 
-        assert await _eventually(written, timeout_s=3) < 3
+        await wait_until_async(written)  # long before the hour is up
         assert await store.usage(ALICE) == Usage(30, 50, 10)
     finally:
         await sink.aclose()
@@ -240,7 +264,7 @@ async def test_pending_covers_rows_not_yet_written(store: SqlStore):
         async def drained() -> bool:
             return sink.depth == 0
 
-        await _eventually(drained)
+        await wait_until_async(drained)
         assert sink.pending(ALICE) == Usage()
         assert sink.pending(BOB) == Usage()
         assert await store.usage(ALICE) == _sum(logs, ALICE)
@@ -308,7 +332,7 @@ async def test_depth_reflects_queued_rows(store: SqlStore):
         async def drained() -> bool:
             return sink.depth == 0
 
-        await _eventually(drained)
+        await wait_until_async(drained)
         assert sink.written == 8
     finally:
         gated.gate.set()
@@ -316,7 +340,11 @@ async def test_depth_reflects_queued_rows(store: SqlStore):
 
 
 @pytest.mark.parametrize("commit_then_fail", [False, True], ids=["fails", "commits-then-fails"])
-async def test_outage_loses_nothing_and_backs_off(store: SqlStore, commit_then_fail: bool):
+async def test_outage_loses_nothing_and_backs_off(
+    store: SqlStore, commit_then_fail: bool, monkeypatch: pytest.MonkeyPatch
+):
+    backoff = SinkAsyncio()
+    monkeypatch.setattr(sink_module, "asyncio", backoff)
     flaky = FlakyStore(store, commit_then_fail=commit_then_fail)
     sink = UsageSink(flaky, interval_s=0.02, batch_size=20, max_backoff_s=0.4)
     await sink.start()
@@ -329,25 +357,26 @@ async def test_outage_loses_nothing_and_backs_off(store: SqlStore, commit_then_f
                 sent.append(log)
                 sink.put(log)
             await asyncio.sleep(0.05)
-        assert flaky.failures >= 5
+
+        async def failed_five_times() -> bool:
+            return flaky.failures >= 5
+
+        await wait_until_async(failed_five_times)
         assert sink.depth == len(sent)  # nothing written, nothing lost
         assert sink.written == 0
         assert sink.pending(ALICE) + sink.pending(BOB) == _sum(sent, ALICE) + _sum(sent, BOB)
 
-        # retries back off: each gap at least the previous one, doubling up to the cap
-        gaps = [b - a for a, b in zip(flaky.attempts, flaky.attempts[1:], strict=False)]
-        assert gaps[0] >= 0.09
-        assert gaps[1] >= 0.18
-        assert gaps[2] >= 0.36
-        assert all(0.36 <= gap < 0.4 + 0.3 for gap in gaps[3:])
-        assert max(gaps) < 0.7
+        # retries back off: one wait after each failure, doubling up to the cap
+        assert len(backoff.sleeps) == flaky.failures
+        assert backoff.sleeps[:3] == [0.1, 0.2, 0.4]
+        assert set(backoff.sleeps[3:]) == {0.4}
 
         flaky.failing = False
 
         async def drained() -> bool:
             return sink.depth == 0
 
-        await _eventually(drained, timeout_s=5)
+        await wait_until_async(drained, timeout_s=5)
     finally:
         flaky.failing = False
         await sink.aclose()
@@ -359,15 +388,23 @@ async def test_outage_loses_nothing_and_backs_off(store: SqlStore, commit_then_f
     assert sink.dropped == 0
 
 
-async def test_aclose_gives_up_after_its_timeout_while_the_store_is_down(store: SqlStore):
+async def test_aclose_gives_up_after_its_timeout_while_the_store_is_down(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+):
+    logged = RequestIdLines()
+    monkeypatch.setattr(logging.getLogger("nilai.usage.sink"), "handlers", [logged])
     flaky = FlakyStore(store)
     sink = UsageSink(flaky, interval_s=0.01, max_backoff_s=0.1)
     await sink.start()
     for _ in range(3):
         sink.put(_log())
-    start = time.monotonic()
-    await sink.aclose(timeout_s=0.5)
-    assert 0.4 < time.monotonic() - start < 2
+    failures_before = flaky.failures
+    async with asyncio.timeout(30):  # a safety net: aclose must not wait for the store
+        await sink.aclose(timeout_s=0.5)
+    assert flaky.failures - failures_before >= 2  # it kept retrying while its time lasted
+    assert [line for _, line in logged.lines if line.startswith("shutdown")] == [
+        "shutdown: 3 query logs could not be written"
+    ]
     assert sink.depth == 3
     assert sink.written == 0
     assert await _rows(store) == 0
@@ -394,7 +431,7 @@ async def test_a_row_the_database_refuses_is_dropped_and_every_other_row_lands(
         async def settled() -> bool:
             return sink.depth == 0
 
-        await _eventually(settled)
+        await wait_until_async(settled)
         assert await _stored_ids(store) == {log.id for log in valid}
         assert await store.usage(ALICE) == _sum(valid, ALICE)
         assert await store.usage(CAROL) == _sum(valid, CAROL)
@@ -422,7 +459,7 @@ async def test_a_row_the_database_refuses_is_dropped_and_every_other_row_lands(
         async def later_landed() -> bool:
             return await store.usage(BOB) == _sum(later, BOB)
 
-        await _eventually(later_landed)
+        await wait_until_async(later_landed)
     finally:
         await sink.aclose()
 
@@ -460,7 +497,7 @@ async def test_an_unreachable_database_is_retried_and_no_row_is_dropped(
         async def retried() -> bool:
             return len(switch.errors) >= 2 * UNCLASSIFIED_RETRIES
 
-        await _eventually(retried)
+        await wait_until_async(retried)
         assert {type(error) for error in switch.errors} == {StoreUnavailable}
         assert sink.dropped == 0  # an outage never costs a row, not even the bad one
         assert sink.written == 0
@@ -472,7 +509,7 @@ async def test_an_unreachable_database_is_retried_and_no_row_is_dropped(
         async def drained() -> bool:
             return sink.depth == 0
 
-        await _eventually(drained)
+        await wait_until_async(drained)
     finally:
         switch.current = store
         await sink.aclose()
@@ -498,7 +535,7 @@ async def test_a_row_failing_for_an_unknown_reason_is_dropped_once_the_others_ar
         async def settled() -> bool:
             return sink.depth == 0
 
-        await _eventually(settled)
+        await wait_until_async(settled)
     finally:
         await sink.aclose()
     assert picky.calls > UNCLASSIFIED_RETRIES  # the whole batch was retried first
@@ -520,7 +557,7 @@ async def test_an_unknown_error_on_every_row_drops_nothing(store: SqlStore):
         async def split_several_times() -> bool:
             return picky.calls >= UNCLASSIFIED_RETRIES + 3 * (2 * len(rows) - 1)
 
-        await _eventually(split_several_times)
+        await wait_until_async(split_several_times)
         assert sink.dropped == 0
         assert sink.depth == len(rows)
         assert sink.pending(ALICE) == _sum(rows, ALICE)
@@ -530,7 +567,7 @@ async def test_an_unknown_error_on_every_row_drops_nothing(store: SqlStore):
         async def drained() -> bool:
             return sink.depth == 0
 
-        await _eventually(drained)
+        await wait_until_async(drained)
     finally:
         picky.refuses = lambda log: False
         await sink.aclose()
@@ -539,30 +576,34 @@ async def test_an_unknown_error_on_every_row_drops_nothing(store: SqlStore):
 
 
 async def test_stalled_seconds_grow_while_rows_wait_unwritten_and_reset_once_written(
-    store: SqlStore,
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
 ):
+    clock = FakeClock().install(monkeypatch, sink_module)
     gated = GatedStore(store)
     sink = UsageSink(gated, interval_s=0.01, batch_size=10)
     await sink.start()
     try:
         assert sink.stalled_s == 0
+        clock.advance(30)  # nothing waits: an idle sink is not stalled however long it idles
+        assert sink.stalled_s == 0
         sink.put(_log())
         await asyncio.wait_for(gated.entered.wait(), 3)
-        blocked_at = time.monotonic()
-        await asyncio.sleep(0.2)
-        assert sink.stalled_s >= time.monotonic() - blocked_at > 0
+        assert sink.stalled_s == 0
+        clock.advance(7)
+        assert sink.stalled_s == 7
         gated.gate.set()
 
         async def drained() -> bool:
             return sink.depth == 0
 
-        await _eventually(drained)
+        await wait_until_async(drained)
         assert sink.stalled_s == 0
         # a later backlog is timed from when it formed, not from the last write
-        await asyncio.sleep(0.2)
-        formed_at = time.monotonic()
+        clock.advance(50)
         sink.put(_log())
-        assert sink.stalled_s <= time.monotonic() - formed_at
+        assert sink.stalled_s == 0
+        clock.advance(2)
+        assert sink.stalled_s == 2
     finally:
         gated.gate.set()
         await sink.aclose()

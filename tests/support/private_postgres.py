@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import create_pg_database, drop_pg_database, run_sync
 from tests.support.servers import free_port
+from tests.support.stores import create_pg_database, drop_pg_database, run_sync
 
 
 def _pg_bin(name: str) -> str:

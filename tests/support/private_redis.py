@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.support.servers import free_port
+from tests.support.servers import free_port, wait_until
 
 
 class PrivateRedis:
@@ -46,20 +45,21 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while True:
-            if self._process.poll() is not None:
+        process = self._process
+
+        def answers() -> bool:
+            if process.poll() is not None:
                 raise RuntimeError(f"redis-server on port {self.port} exited at start-up")
             client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
             try:
-                if client.ping():
-                    return self
+                return bool(client.ping())
             except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+                return False
             finally:
                 client.close()
+
+        wait_until(answers, timeout_s=10, what=f"redis-server answering on port {self.port}")
+        return self
 
     def stop(self) -> None:
         process, self._process = self._process, None

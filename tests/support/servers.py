@@ -1,7 +1,12 @@
-"""Run ASGI apps under real uvicorn on loopback, in a background thread."""
+"""Run ASGI apps under real uvicorn on loopback, in a background thread; wait for conditions.
+
+``wait_until`` (and ``wait_until_async``, its twin for coroutines) is the one way tests wait:
+for a state, never for a time. Its timeout is only a safety net against a hang.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import subprocess
@@ -52,13 +57,13 @@ class ServerThread:
 
     def start(self) -> ServerThread:
         self._thread.start()
-        deadline = time.monotonic() + 15
-        while not self.server.started:
-            if not self._thread.is_alive():
+
+        def started() -> bool:
+            if not self.server.started and not self._thread.is_alive():
                 raise RuntimeError("server thread died during start-up")
-            if time.monotonic() > deadline:
-                raise TimeoutError("server did not start")
-            time.sleep(0.01)
+            return self.server.started
+
+        wait_until(started, timeout_s=15, interval_s=0.01, what="the server's start-up")
         return self
 
     def stop(self) -> None:
@@ -67,16 +72,43 @@ class ServerThread:
         self._sock.close()
 
 
-def wait_until(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy."""
+def wait_until(
+    predicate: Any,
+    timeout_s: float = 10.0,
+    interval_s: float = 0.05,
+    *,
+    what: str = "the condition",
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    ``timeout_s`` is a safety net against a hang, not a claim about speed: make it generous.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
         result = predicate()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout_s}s")
+            raise TimeoutError(f"waited {timeout_s}s for {what} in vain")
         time.sleep(interval_s)
+
+
+async def wait_until_async(
+    predicate: Any,
+    timeout_s: float = 10.0,
+    interval_s: float = 0.02,
+    *,
+    what: str = "the condition",
+) -> Any:
+    """``wait_until`` for a coroutine function, polled without blocking the event loop."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = await predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s}s for {what} in vain")
+        await asyncio.sleep(interval_s)
 
 
 def get_json(url: str, **kwargs: Any) -> Any:

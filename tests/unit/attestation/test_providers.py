@@ -447,15 +447,20 @@ async def test_http_read_timeout_is_504():
 
 
 async def test_http_overall_time_limit_is_504():
+    cut_off = asyncio.Event()
+
     async def handler(request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(5)
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            cut_off.set()
+            raise
         return httpx.Response(200, json={"cpu_attestation": CPU_REPORT})
 
     async with attester(handler) as client:
-        started = time.monotonic()
         with pytest.raises(UpstreamTimeout):
             await HttpAttester(ATTESTER, client, timeout_s=0.1).report(DATA)
-    assert time.monotonic() - started < 2
+    assert cut_off.is_set()  # the attester was still answering when the limit ended the call
 
 
 # --- factory -------------------------------------------------------------------------------

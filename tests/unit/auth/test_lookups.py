@@ -10,18 +10,9 @@ from sqlalchemy import exc as sa_exc
 
 from nilai.auth.lookups import CachedLookup, database_unavailable
 from nilai.errors import AccountsUnavailable
+from tests.support.timing import FakeClock
 
 TTL_S = 3.0
-
-
-class Clock:
-    """A monotonic clock that only moves when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Source:
@@ -49,7 +40,7 @@ class PgError(Exception):
 
 
 async def test_an_entry_is_served_for_the_ttl_and_looked_up_again_after_it():
-    clock, source = Clock(), Source(k="v1")
+    clock, source = FakeClock(), Source(k="v1")
     cache = CachedLookup(source.fetch, ttl_s=TTL_S, clock=clock)
     assert await cache.get("k") == "v1"
     source.values["k"] = "v2"  # e.g. revoked
@@ -61,7 +52,7 @@ async def test_an_entry_is_served_for_the_ttl_and_looked_up_again_after_it():
 
 
 async def test_the_miss_budget_refills_so_a_new_key_gets_through_after_a_flood():
-    clock, source = Clock(), Source(new="account")
+    clock, source = FakeClock(), Source(new="account")
     cache = CachedLookup(source.fetch, ttl_s=TTL_S, clock=clock, misses_per_s=10, miss_burst=5)
     for n in range(5):
         assert await cache.get(f"random-{n}") is None
@@ -76,7 +67,7 @@ async def test_the_miss_budget_refills_so_a_new_key_gets_through_after_a_flood()
 
 
 async def test_keys_seen_before_are_never_charged_to_the_miss_budget():
-    clock, source = Clock(), Source(known="account")
+    clock, source = FakeClock(), Source(known="account")
     cache = CachedLookup(source.fetch, ttl_s=TTL_S, clock=clock, misses_per_s=1, miss_burst=1)
     assert await cache.get("known") == "account"
     assert await cache.get("random") is None  # the only token
@@ -86,7 +77,7 @@ async def test_keys_seen_before_are_never_charged_to_the_miss_budget():
 
 
 async def test_negative_entries_are_bounded_oldest_evicted_first():
-    clock, source = Clock(), Source()
+    clock, source = FakeClock(), Source()
     cache = CachedLookup(source.fetch, ttl_s=TTL_S, clock=clock, max_missing=3)
     for key in ["a", "b", "c", "d"]:
         assert await cache.get(key) is None
@@ -96,7 +87,7 @@ async def test_negative_entries_are_bounded_oldest_evicted_first():
 
 
 async def test_found_entries_are_bounded_least_recently_used_evicted_first():
-    clock, source = Clock(), Source(a="1", b="2", c="3")
+    clock, source = FakeClock(), Source(a="1", b="2", c="3")
     cache = CachedLookup(source.fetch, ttl_s=TTL_S, clock=clock, max_known=2)
     await cache.get("a")
     await cache.get("b")
@@ -108,7 +99,7 @@ async def test_found_entries_are_bounded_least_recently_used_evicted_first():
 
 
 async def test_without_negative_caching_every_miss_asks_again():
-    clock, source = Clock(), Source()
+    clock, source = FakeClock(), Source()
     cache = CachedLookup(source.fetch, ttl_s=TTL_S, clock=clock, cache_missing=False)
     assert await cache.get("holder") is None
     source.values["holder"] = "account"  # an operator created it

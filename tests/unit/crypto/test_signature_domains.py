@@ -43,7 +43,8 @@ def key() -> PrivateKey:
 
 
 @pytest.fixture(scope="module")
-def signer(key: PrivateKey) -> Signer:
+def key_signer(key: PrivateKey) -> Signer:
+    """The signer over ``key``, for tests that also sign by hand with the key itself."""
     return Signer(key)
 
 
@@ -152,15 +153,17 @@ def test_attestation_documents_are_signed_in_their_own_domain(signer: Signer):
     assert signature == signer.sign_digest(expected)
 
 
-def test_answer_signature_does_not_make_an_attestation_document(key: PrivateKey, signer: Signer):
-    document = json.loads(SimulatedProvider(signer).document("cpu", REPORT_DATA))
+def test_answer_signature_does_not_make_an_attestation_document(
+    key: PrivateKey, key_signer: Signer
+):
+    document = json.loads(SimulatedProvider(key_signer).document("cpu", REPORT_DATA))
     del document["signature"]
     document["signature"] = _sign(key, CHAT_TAG + canonical_json(document))
     with pytest.raises(EvidenceError, match="not signed"):
         verify_document(
             json.dumps(document),
             kind="cpu",
-            public_key=signer.public_key_bytes,
+            public_key=key_signer.public_key_bytes,
             report_data=REPORT_DATA,
         )
 
@@ -182,28 +185,30 @@ def test_stream_with_an_earlier_payload_that_is_not_a_chunk_fails(signer: Signer
 
 @pytest.mark.parametrize("kind", ["chat.completion", None, "response"])
 def test_stream_whose_signed_payload_is_not_a_chunk_fails(
-    key: PrivateKey, signer: Signer, kind: Any
+    key: PrivateKey, key_signer: Signer, kind: Any
 ):
     last = _chunk(None, "stop", request_sha256=REQUEST_SHA, object=kind)
     raw = _hand_signed_stream(key, [orjson.dumps(_chunk("a"))], last)
     with pytest.raises(VerificationError, match="event 2: " + NOT_A_CHUNK):
-        verify_stream(raw, signer.public_key_b64)
+        verify_stream(raw, key_signer.public_key_b64)
 
 
 @pytest.mark.parametrize("kind", ["chat.completion.chunk", None, "response", ["chat.completion"]])
-def test_answer_that_is_not_a_chat_completion_fails(key: PrivateKey, signer: Signer, kind: Any):
+def test_answer_that_is_not_a_chat_completion_fails(key: PrivateKey, key_signer: Signer, kind: Any):
     raw = _hand_signed_answer(key, _completion(request_sha256=REQUEST_SHA, object=kind))
     with pytest.raises(VerificationError, match=NOT_AN_ANSWER):
-        verify_response(raw, signer.public_key_b64)
+        verify_response(raw, key_signer.public_key_b64)
 
 
-def test_hand_signed_answer_and_stream_of_the_right_kind_verify(key: PrivateKey, signer: Signer):
+def test_hand_signed_answer_and_stream_of_the_right_kind_verify(
+    key: PrivateKey, key_signer: Signer
+):
     # The negative tests above fail for the reason they name, not for a wrong signature.
     answer = _hand_signed_answer(key, _completion(request_sha256=REQUEST_SHA))
-    assert verify_response(answer, signer.public_key_b64, request=REQUEST).kind == "response"
+    assert verify_response(answer, key_signer.public_key_b64, request=REQUEST).kind == "response"
     last = _chunk(None, "stop", request_sha256=REQUEST_SHA)
     stream = _hand_signed_stream(key, [orjson.dumps(_chunk("a"))], last)
-    assert verify_stream(stream, signer.public_key_b64, request=REQUEST).kind == "stream"
+    assert verify_stream(stream, key_signer.public_key_b64, request=REQUEST).kind == "stream"
 
 
 BAD_REQUEST_HASHES = {
@@ -224,18 +229,22 @@ def _with_request_hash(obj: dict[str, Any], value: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("value", BAD_REQUEST_HASHES.values(), ids=BAD_REQUEST_HASHES.keys())
-def test_answer_without_a_64_hex_request_sha256_fails(key: PrivateKey, signer: Signer, value: Any):
+def test_answer_without_a_64_hex_request_sha256_fails(
+    key: PrivateKey, key_signer: Signer, value: Any
+):
     raw = _hand_signed_answer(key, _with_request_hash(_completion(), value))
     with pytest.raises(VerificationError, match="request_sha256 of 64 lowercase hex"):
-        verify_response(raw, signer.public_key_b64)
+        verify_response(raw, key_signer.public_key_b64)
 
 
 @pytest.mark.parametrize("value", BAD_REQUEST_HASHES.values(), ids=BAD_REQUEST_HASHES.keys())
-def test_stream_without_a_64_hex_request_sha256_fails(key: PrivateKey, signer: Signer, value: Any):
+def test_stream_without_a_64_hex_request_sha256_fails(
+    key: PrivateKey, key_signer: Signer, value: Any
+):
     last = _with_request_hash(_chunk(None, "stop"), value)
     raw = _hand_signed_stream(key, [orjson.dumps(_chunk("a"))], last)
     with pytest.raises(VerificationError, match="request_sha256 of 64 lowercase hex"):
-        verify_stream(raw, signer.public_key_b64)
+        verify_stream(raw, key_signer.public_key_b64)
 
 
 # --- the gateway signs only objects of the kind it claims ------------------------------------

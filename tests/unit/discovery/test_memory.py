@@ -1,8 +1,16 @@
-import asyncio
+import pytest
 
+from nilai.discovery import memory as memory_module
 from nilai.discovery.base import EndpointRecord, endpoint_id
 from nilai.discovery.memory import MemoryDiscovery
 from nilai.protocol.models import ModelCard
+from tests.support.timing import FakeClock
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """The clock leases expire on, moved by the test."""
+    return FakeClock().install(monkeypatch, memory_module)
 
 
 def _record(url: str, *models: str, registered_at: float = 1.0) -> EndpointRecord:
@@ -34,33 +42,38 @@ async def test_register_replaces_the_record():
     assert await discovery.list() == [newer]
 
 
-async def test_heartbeat_renews_a_live_lease():
+async def test_heartbeat_renews_a_live_lease(clock: FakeClock):
     discovery = MemoryDiscovery()
     record = _record("http://a")
-    await discovery.register(record, 0.05)
+    await discovery.register(record, 5)
+    clock.advance(4)
     assert await discovery.heartbeat(record.id, 10) is True
-    await asyncio.sleep(0.08)
+    clock.advance(9)  # 13 s after registering: alive only thanks to the heartbeat
     assert await discovery.list() == [record]
+    clock.advance(1)  # 10 s after the heartbeat
+    assert await discovery.list() == []
 
 
 async def test_heartbeat_of_unknown_endpoint_is_false():
     assert await MemoryDiscovery().heartbeat("nope", 10) is False
 
 
-async def test_lease_expires():
+async def test_lease_expires(clock: FakeClock):
     discovery = MemoryDiscovery()
     short, long = _record("http://a"), _record("http://b")
-    await discovery.register(short, 0.05)
+    await discovery.register(short, 5)
     await discovery.register(long, 10)
-    await asyncio.sleep(0.08)
+    clock.advance(4.9)
+    assert await discovery.list() == [short, long]
+    clock.advance(0.1)
     assert await discovery.list() == [long]
 
 
-async def test_heartbeat_on_expired_lease_is_false_and_does_not_revive():
+async def test_heartbeat_on_expired_lease_is_false_and_does_not_revive(clock: FakeClock):
     discovery = MemoryDiscovery()
     record = _record("http://a")
-    await discovery.register(record, 0.05)
-    await asyncio.sleep(0.08)
+    await discovery.register(record, 5)
+    clock.advance(5)
     assert await discovery.heartbeat(record.id, 10) is False
     assert await discovery.list() == []
     await discovery.register(record, 10)
@@ -80,11 +93,16 @@ async def test_deregister():
     assert await discovery.list() == [second]
 
 
-async def test_ping_answers_without_touching_the_records():
-    # Readiness pings discovery on every probe: a ping must neither fail nor forget endpoints.
+async def test_ping_answers_without_touching_the_records(clock: FakeClock):
+    # Readiness pings discovery on every probe: a ping must neither fail, forget endpoints,
+    # nor renew their leases.
     discovery = MemoryDiscovery()
     record = _record("http://a")
     await discovery.register(record, 10)
-    assert await discovery.ping() is None
+    await discovery.ping()
     assert await discovery.list() == [record]
+    clock.advance(9)
+    await discovery.ping()
+    clock.advance(1)
+    assert await discovery.list() == []
     await discovery.aclose()

@@ -12,18 +12,11 @@ from nilai.discovery.base import EndpointRecord
 from nilai.discovery.memory import MemoryDiscovery
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.protocol.models import ModelCard
+from tests.support.timing import FakeClock
 
 URL_A = "http://model-a:8000"
 URL_B = "http://model-b:8000"
 EJECT_S = 5.0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
 
 
 class ModelServers:
@@ -87,9 +80,7 @@ def _record(url: str, *models: str, registered_at: float = 1.0) -> EndpointRecor
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    fake = FakeClock()
-    monkeypatch.setattr(snapshot_module, "time", SimpleNamespace(monotonic=fake.monotonic))
-    return fake
+    return FakeClock().install(monkeypatch, snapshot_module)
 
 
 @pytest.fixture

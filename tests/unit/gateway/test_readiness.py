@@ -1,20 +1,12 @@
 """The /readyz pings: one run at a time for every caller, reused for a second."""
 
 import asyncio
-from types import SimpleNamespace
 
 import pytest
 
 from nilai.gateway import readiness as readiness_module
 from nilai.gateway.readiness import MAX_AGE_S, SharedChecks
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
+from tests.support.timing import FakeClock
 
 
 class Dependency:
@@ -35,9 +27,7 @@ class Dependency:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    fake = FakeClock()
-    monkeypatch.setattr(readiness_module, "time", SimpleNamespace(monotonic=fake.monotonic))
-    return fake
+    return FakeClock().install(monkeypatch, readiness_module)
 
 
 async def test_callers_at_the_same_time_share_one_run(clock: FakeClock):

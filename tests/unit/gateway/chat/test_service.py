@@ -6,7 +6,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from coincurve import PrivateKey
 
 from nilai.auth.base import Principal
 from nilai.crypto.keys import Signer
@@ -29,11 +28,6 @@ from nilai.upstream.sse import DONE, frame
 
 REQUEST = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}'
 USAGE = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
-
-
-@pytest.fixture(scope="module")
-def signer() -> Signer:
-    return Signer(PrivateKey())
 
 
 @pytest.fixture
