@@ -17,7 +17,7 @@ BENCH_RESULTS := bench/results
 .DEFAULT_GOAL := help
 .PHONY: help setup interop format lint typecheck test audit serve bench bench-quick \
 	bench-load-quick hooks clean \
-	deploy-check lock upgrade-deps pin-images
+	deploy-check docs-check lock upgrade-deps pin-images
 
 help: ## List the targets
 	@echo "Usage: make TARGET   (VENV=$(VENV))"
@@ -88,6 +88,9 @@ bench-load-quick: $(STAMP) ## The load benchmark in quick mode (~1 min): load.md
 
 deploy-check: $(STAMP) ## Check deploy/compose.yaml and lint the Dockerfiles (hadolint)
 	VENV="$(VENV)" bash scripts/check_deploy.sh
+
+docs-check: $(STAMP) ## Check docs/API.md's recorded examples against a live gateway (~10 s)
+	$(BIN)/python scripts/api_examples.py --check
 
 # Not on $(STAMP): after a dependency was added or raised in pyproject.toml, a set-up would
 # reinstall the old locked versions (or fail on them) before they could be locked anew.

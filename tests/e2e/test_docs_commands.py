@@ -4,22 +4,29 @@ The commands are read from the ``sh``/``bash`` blocks of the documents themselve
 or added command is checked the next time the tests run: it either runs below (against a
 gateway and fake model server on free ports, which replace the documented ones), or appears in
 ``ELSEWHERE`` with the test or CI step that runs it. A command that is neither fails the test.
+A block marked with ``SCRIPT_MARK`` on the line above it is a recipe meant to be pasted whole:
+it runs as one script (test_production_recipe_runs), not command by command.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
+from nilai.crypto.verify import verify_response
 from tests.conftest import FakeHandle, GatewayHandle
+from tests.support.servers import free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -27,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BIN = Path(sys.executable).parent
 API_KEY = "demo-key-123"  # pragma: allowlist secret
+SCRIPT_MARK = "<!-- docs-commands: one script"
 
 # Commands that cannot run inside this test, and what runs them instead.
 ELSEWHERE: dict[str, str] = {
@@ -70,6 +78,7 @@ class Command:
     path: Path
     line: int
     text: str
+    script: bool = False  # part of a block that runs as one script
 
     def __str__(self) -> str:
         return f"{self.path.relative_to(ROOT)}:{self.line}: {self.text}"
@@ -77,13 +86,16 @@ class Command:
 
 def document_commands(path: Path) -> Iterator[Command]:
     """The commands of a document's shell blocks: continuations joined, comments dropped."""
-    in_block = False
+    in_block = script = False
     pending: list[str] = []
     start = 0
+    previous = ""
     for number, raw in enumerate(path.read_text().splitlines(), 1):
         if raw.startswith("```"):
             in_block = raw.strip() in ("```sh", "```bash", "```shell")
+            script = in_block and previous.startswith(SCRIPT_MARK)
             continue
+        previous = raw
         if not in_block:
             continue
         line = re.sub(r"\s+#\s.*$", "", raw).rstrip()
@@ -93,7 +105,7 @@ def document_commands(path: Path) -> Iterator[Command]:
             start = number
         pending.append(line.rstrip("\\").strip())
         if not line.endswith("\\"):
-            yield Command(path, start, " ".join(pending))
+            yield Command(path, start, " ".join(pending), script)
             pending = []
 
 
@@ -103,7 +115,7 @@ def all_commands() -> list[Command]:
 
 def runnable(command: Command) -> bool:
     """Whether the tests below run ``command`` themselves."""
-    if command.text in ELSEWHERE:
+    if command.text in ELSEWHERE or command.script:
         return False
     words = shlex.split(command.text.replace(".venv/bin/", ""))
     while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
@@ -114,8 +126,13 @@ def runnable(command: Command) -> bool:
 def test_every_documented_command_is_exercised():
     commands = all_commands()
     assert len(commands) > 30  # the parser found the blocks
-    orphans = [str(c) for c in commands if c.text not in ELSEWHERE and not runnable(c)]
+    orphans = [
+        str(c) for c in commands if c.text not in ELSEWHERE and not c.script and not runnable(c)
+    ]
     assert orphans == [], "commands no test runs:\n" + "\n".join(orphans)
+    scripts = [c for c in commands if c.script]
+    assert scripts, f"no block marked {SCRIPT_MARK!r}"
+    assert {c.path for c in scripts} == {ROOT / "README.md"}  # run by the test below
     for where in ELSEWHERE.values():
         for path in re.findall(r"(?:tests|\.ci)/[\w/.]+", where):
             assert (ROOT / path).exists(), path
@@ -189,6 +206,74 @@ def test_readme_commands_run(start_fake: Callable[..., FakeHandle], start_gatewa
         if "nilai verify" in text or "nilai attest verify" in text:
             assert out.startswith(expected_outcome(text)[1]), out
     assert key_id
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_production_recipe_runs(pg_database: str, redis_prefix: str, tmp_path: Path):
+    """The README's PostgreSQL + Redis recipe, pasted whole: a signed chat and its usage.
+
+    Only what makes it private changes: its own database and Redis key prefix, free ports,
+    a data directory under ``tmp_path``, and this virtualenv instead of ``.venv``.
+    """
+    script = "\n".join(c.text for c in document_commands(ROOT / "README.md") if c.script)
+    assert "nilai api" in script
+    assert "/v1/usage" in script
+    api_port, worker_port = free_port(), free_port()
+    replacements = {
+        "127.0.0.1:5432/nilai": f"127.0.0.1:5432/{pg_database}",
+        '"$HOME/nilai-prod"': str(tmp_path / "data"),
+        ".venv/bin/": f"{BIN}/",
+    }
+    for documented, actual in replacements.items():
+        assert documented in script, documented
+        script = script.replace(documented, actual)
+    script = re.sub(r"\b8080\b", str(api_port), script)
+    script = re.sub(r"\b8000\b", str(worker_port), script)
+    env = shell_env(NILAI_REDIS_PREFIX=redis_prefix, TMPDIR=str(tmp_path))
+    for name in ("NILAI_API_KEY", "NILAI_DATABASE_URL", "NILAI_UPSTREAM_URLS", "NILAI_CONFIG_FILE"):
+        env.pop(name, None)
+    # Files, not pipes: the worker and the gateway keep running after the script ends.
+    stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with stdout.open("w") as out_file, stderr.open("w") as err_file:
+        shell = subprocess.Popen(
+            ["/bin/bash", "-e", "-c", script],
+            cwd=tmp_path,
+            env=env,
+            stdout=out_file,
+            stderr=err_file,
+            start_new_session=True,  # the background worker and gateway share its group
+        )
+    try:
+        status = shell.wait(timeout=240)
+        out = stdout.read_text()
+        assert status == 0, f"exit {status}\n{out}\n{stderr.read_text()[-4000:]}"
+        answer = (tmp_path / "nilai-answer.json").read_bytes()
+        assert json.loads(answer)["model"] == "tiny-model"
+        key = httpx.get(f"http://127.0.0.1:{api_port}/v1/public_key", timeout=30).json()
+        verify_response(answer, key)
+        lines = out.splitlines()
+        assert any(line.startswith("OK: response signature valid") for line in lines), out
+        usage = json.loads(lines[-1])
+        assert usage["queries"] == 1, usage
+        assert usage["total_tokens"] == json.loads(answer)["usage"]["total_tokens"], usage
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+        shell.wait()
+        if group_alive(shell.pid):
+            os.killpg(shell.pid, signal.SIGTERM)
+        try:
+            wait_until(lambda: not group_alive(shell.pid), timeout_s=30, what="the recipe's exit")
+        finally:
+            if group_alive(shell.pid):
+                os.killpg(shell.pid, signal.SIGKILL)
 
 
 def test_vllm_guide_commands_build_the_launch_command(tmp_path: Path):
