@@ -1,4 +1,8 @@
-"""docs/API.md's recorded examples are what the gateway answers (scripts/api_examples.py)."""
+"""scripts/api_examples.py catches recorded examples that are not what the gateway answers.
+
+That docs/API.md itself is current is CI's step "API examples (make docs-check)", the same
+check: running it here too would start the gateway twice for one answer.
+"""
 
 from __future__ import annotations
 
@@ -24,12 +28,6 @@ def check(doc: Path) -> subprocess.CompletedProcess[str]:
         timeout=180,
         check=False,
     )
-
-
-def test_recorded_examples_are_current():
-    done = check(DOC)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "examples match" in done.stdout
 
 
 def test_stale_examples_fail_the_check(tmp_path: Path):

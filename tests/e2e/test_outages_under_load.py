@@ -1,4 +1,4 @@
-"""Outages under load: the database stops for 10 s and Redis restarts while 20 clients chat.
+"""Outages under load: the database stops for 5 s and Redis restarts while 20 clients chat.
 
 A real ``nilai api`` process on a private PostgreSQL cluster and a private Redis (both stopped
 and started by this test, never the machine's own), a fake model server announced by the
@@ -32,9 +32,9 @@ from tests.support.stores import create_tenant, run_sync, with_store
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 CLIENTS = 20
-DB_DOWN_AT_S, DB_DOWN_FOR_S = 3.0, 10.0
-REDIS_RESTART_AT_S = 16.0
-TRAFFIC_S = 22.0
+DB_DOWN_AT_S, DB_DOWN_FOR_S = 2.0, 5.0
+REDIS_RESTART_AT_S = 9.0
+TRAFFIC_S = 13.0
 OUTAGE_START = re.compile(r" unavailable( at \S+)? \(")
 """The first line of an outage: ``<what> unavailable[ at <masked URL>] (<cause>); ...``."""
 MESSAGES = [{"role": "user", "content": "hi"}]
