@@ -17,6 +17,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -87,8 +88,9 @@ async def redis_backend() -> AsyncIterator[LimitBackend]:
 @pytest.fixture(params=["memory", "redis"])
 async def limit_backend(request: pytest.FixtureRequest) -> AsyncIterator[LimitBackend]:
     if request.param == "memory":
-        limiter = MemoryConcurrencyLimiter()
-        yield LimitBackend("memory", MemoryRateLimiter(), limiter, None, "")
+        rate = MemoryRateLimiter()
+        limiter = MemoryConcurrencyLimiter(rate)
+        yield LimitBackend("memory", rate, limiter, None, "")
         await limiter.aclose()
         return
     async with redis_backend() as shared:
@@ -549,6 +551,51 @@ async def test_model_slots_use_the_per_model_override(limit_backend: LimitBacken
             raise ValueError("inside")
     async with admission.model_slot("big"):
         pass
+
+
+async def test_admitting_to_a_model_counts_and_takes_a_slot_both_or_neither(
+    limit_backend: LimitBackend,
+):
+    admission = limit_backend.admission(replace(OFF, minute=2, model_concurrency=1))
+    principal = _principal()
+    async with admission.admit_to_model(principal, "m") as decision:
+        # The decision is the request limits' (the rate-limit headers), not the slot's.
+        assert decision.limit is not None
+        assert (decision.limit.kind, decision.remaining) == ("minute", 1)
+        with pytest.raises(RateLimited) as full_slot:
+            async with admission.admit_to_model(principal, "m"):
+                pytest.fail("a second slot of a model capped at one")
+        assert full_slot.value.decision.limit is not None
+        assert full_slot.value.decision.limit.kind == "model_concurrency"
+    # The request refused for its slot was not counted: one request of the minute is left.
+    async with admission.admit_to_model(principal, "m") as decision:
+        assert decision.remaining == 0
+    with pytest.raises(RateLimited) as full_window:
+        async with admission.admit_to_model(principal, "m"):
+            pytest.fail("a third request in a minute of two")
+    assert full_window.value.decision.limit is not None
+    assert full_window.value.decision.limit.kind == "minute"
+    # ... and the request refused for its window took no slot.
+    async with admission.model_slot("m") as slot:
+        assert slot.allowed
+
+
+async def test_admitting_to_a_model_is_one_round_trip_and_releasing_one_more(
+    shared_redis: LimitBackend,
+):
+    assert shared_redis.redis is not None
+    sent: list[str] = []
+    send = shared_redis.redis.execute_command
+
+    async def counted(*args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]))
+        return await send(*args, **options)
+
+    shared_redis.redis.execute_command = counted  # type: ignore[method-assign]
+    admission = shared_redis.admission(replace(OFF, minute=5, hour=50, model_concurrency=3))
+    async with admission.admit_to_model(_principal(), "m", web_search=False):
+        assert sent == ["EVALSHA"]
+    assert sent == ["EVALSHA", "ZREM"]
 
 
 @pytest.fixture

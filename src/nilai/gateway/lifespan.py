@@ -38,6 +38,7 @@ from nilai.startup import StartupError
 from nilai.state.redis import make_redis
 from nilai.store.open import open_store
 from nilai.store.sql import SqlStore
+from nilai.upstream.client import open_upstream
 from nilai.upstream.http import make_http_client
 from nilai.usage.sink import UsageSink
 
@@ -63,7 +64,8 @@ def make_admission(settings: NilaiSettings, redis: Redis | None) -> Admission:
     rate: RateLimiter
     concurrency: ConcurrencyLimiter
     if redis is None:
-        rate, concurrency = MemoryRateLimiter(), MemoryConcurrencyLimiter()
+        memory = MemoryRateLimiter()
+        rate, concurrency = memory, MemoryConcurrencyLimiter(memory)
     else:
         prefix = settings.redis_prefix
         rate = RedisRateLimiter(redis, prefix)
@@ -179,8 +181,14 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
         drain = Drain(settings.shutdown_grace_s)
         drain.install_signal_handlers()
         stack.callback(drain.restore_signal_handlers)
+        upstream = await open_upstream(
+            max_connections=settings.upstream_max_connections,
+            connect_timeout_s=settings.upstream_connect_timeout_s,
+            read_timeout_s=settings.upstream_read_timeout_s,
+        )
+        stack.push_async_callback(upstream.aclose)
         chat = ChatService(
-            http,
+            upstream,
             snapshot,
             signer,
             sink,

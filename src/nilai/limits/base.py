@@ -78,8 +78,16 @@ class ConcurrencyLimiter(Protocol):
     location: str
     """Where the slots live, for log lines (a Redis URL with its password masked)."""
 
-    def lease(self, key: str, limit: int) -> AbstractAsyncContextManager[Decision]:
-        """Hold one of ``limit`` slots for the duration; raises ``RateLimited`` when full."""
+    def lease(
+        self, key: str, limit: int, *, counting: Sequence[Limit] = (), member: str = ""
+    ) -> AbstractAsyncContextManager[Decision]:
+        """Hold one of ``limit`` slots for the duration; raises ``RateLimited`` when full.
+
+        With ``counting``, the request is also counted against those limits (as
+        ``RateLimiter.hit`` would, ``member`` unique per request) in the same atomic step: both
+        happen or neither, and a refusal names the full limit. The decision is then that of
+        the limit with the least room, as ``hit`` returns it.
+        """
         ...
 
     async def aclose(self) -> None:

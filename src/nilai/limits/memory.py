@@ -82,16 +82,23 @@ class MemoryRateLimiter:
 
 
 class MemoryConcurrencyLimiter:
-    """Counters of requests in flight; released when the block ends, whatever happens."""
+    """Counters of requests in flight; released when the block ends, whatever happens.
+
+    A lease that also counts the request (``counting``) counts it in ``rate``: the process's
+    rate limiter, the one its ``Admission`` checks.
+    """
 
     location = "in-process"
 
-    def __init__(self) -> None:
+    def __init__(self, rate: MemoryRateLimiter) -> None:
         self._in_flight: dict[str, int] = defaultdict(int)
+        self._rate = rate
 
     @contextlib.asynccontextmanager
-    async def lease(self, key: str, limit: int) -> AsyncGenerator[Decision]:
-        """Hold one slot of ``key`` while the block runs."""
+    async def lease(
+        self, key: str, limit: int, *, counting: Sequence[Limit] = (), member: str = ""
+    ) -> AsyncGenerator[Decision]:
+        """Hold one slot of ``key`` while the block runs (see ``ConcurrencyLimiter.lease``)."""
         used = self._in_flight[key]
         name = "concurrent requests for this model"
         if used >= limit:
@@ -103,9 +110,13 @@ class MemoryConcurrencyLimiter:
                     1.0,
                 )
             )
+        # ``hit`` never suspends, so nothing runs between the checks and taking the slot.
+        counted = await self._rate.hit(counting, member) if counting else None
+        if counted is not None and not counted.allowed:
+            raise RateLimited(counted)
         self._in_flight[key] = used + 1
         try:
-            yield Decision(
+            yield counted or Decision(
                 True,
                 Limit(key, name, limit, None, concurrent=True, kind="model_concurrency"),
                 limit - used - 1,

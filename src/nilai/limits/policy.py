@@ -148,15 +148,29 @@ class Admission:
 
     async def admit(self, principal: Principal, *, web_search: bool = False) -> Decision:
         """Count the request against its limits; raise ``RateLimited`` if one is full."""
+        return await self._check(self._request_limits(principal, web_search), uuid.uuid4().hex)
+
+    def _request_limits(self, principal: Principal, web_search: bool) -> list[Limit]:
         limits = self.account_limits(principal, web_search=web_search)
         if web_search and self._defaults.web_search_rps:
             # Checked in the same all-or-nothing hit, so a request the account's own limits
             # refuse uses none of the budget all accounts share. (One script touches keys of
-            # two hash slots: a single Redis server or a replica set, not Redis Cluster.)
+            # several hash slots: a single Redis server or a replica set, not Redis Cluster.)
             rps = self._defaults.web_search_rps
             name = "web searches per second (all accounts)"
             limits.append(Limit("{search}:second", name, rps, 1, kind="web_search_all_accounts"))
-        return await self._check(limits, uuid.uuid4().hex)
+        return limits
+
+    def admit_to_model(
+        self, principal: Principal, model: str, *, web_search: bool = False
+    ) -> contextlib.AbstractAsyncContextManager[Decision]:
+        """``admit`` and ``model_slot`` in one step (one store round trip), both or neither.
+
+        The decision is ``admit``'s, for the rate-limit headers; the slot is held until the
+        block ends.
+        """
+        counting = self._request_limits(principal, web_search)
+        return self.model_slot(model, counting=counting)
 
     async def admit_attestation(self, principal: Principal) -> Decision:
         """Count one attestation report against the account's own budget for reports.
@@ -205,13 +219,23 @@ class Admission:
         await self._concurrency.aclose()
 
     @contextlib.asynccontextmanager
-    async def model_slot(self, model: str) -> AsyncGenerator[Decision]:
-        """Hold one of the model's concurrency slots while the block runs."""
+    async def model_slot(
+        self, model: str, *, counting: list[Limit] | None = None
+    ) -> AsyncGenerator[Decision]:
+        """Hold one of the model's concurrency slots while the block runs.
+
+        With ``counting``, the request is counted against those limits in the same step.
+        """
         limit = self._overrides.get(model, self._defaults.model_concurrency)
         started = time.monotonic()
         async with contextlib.AsyncExitStack() as held:
             try:
-                lease = self._concurrency.lease(f"{{model:{model}}}:inflight", limit)
+                lease = self._concurrency.lease(
+                    f"{{model:{model}}}:inflight",
+                    limit,
+                    counting=counting or (),
+                    member=uuid.uuid4().hex if counting else "",
+                )
                 decision = await held.enter_async_context(lease)
             except RateLimited:
                 self._outage.answered(started=started)

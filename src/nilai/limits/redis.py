@@ -43,27 +43,65 @@ async def _store_errors() -> AsyncGenerator[None]:
         raise LimitStoreUnavailable("the limit store (Redis) cannot be reached") from exc
 
 
+def _slot_limit(key: str, limit: int) -> Limit:
+    return Limit(
+        key,
+        "concurrent requests for this model",
+        limit,
+        None,
+        concurrent=True,
+        kind="model_concurrency",
+    )
+
+
+class _AdmitScript:
+    """``admit.lua``: count a request against limits and take a model slot in one round trip."""
+
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self._prefix = prefix
+        # Any: redis-py's Script objects are untyped.
+        self._run: Any = redis.register_script(_script("admit.lua"))  # pyright: ignore[reportUnknownMemberType]
+
+    async def __call__(
+        self,
+        limits: Sequence[Limit],
+        member: str,
+        slot: tuple[str, int, str, int] | None = None,
+    ) -> Decision:
+        """Run it; ``slot`` is (key, limit, lease id, ttl ms). The deciding limit is named."""
+        keys = [self._prefix + limit.key for limit in limits]
+        lease_id, slot_count, ttl_ms = "", 0, 0
+        deciders = list(limits)
+        if slot is not None:
+            slot_key, slot_count, lease_id, ttl_ms = slot
+            keys.append(self._prefix + slot_key)
+            deciders.append(_slot_limit(slot_key, slot_count))
+        args: list[str | int] = [member, lease_id, slot_count, ttl_ms]
+        for limit in limits:
+            drop_at_ms = int(limit.expires_at * 1000) if limit.expires_at else 0
+            args += [limit.count, (limit.window_s or 0) * 1000, drop_at_ms]
+        async with _store_errors():
+            allowed, index, remaining, reset_ms = await self._run(keys=keys, args=args)
+        decider = deciders[int(index) - 1] if int(index) else None
+        reset_s = int(reset_ms) / 1000
+        if decider is not None and decider.concurrent:
+            # Held slots are renewed, so their expiry says little about when one frees.
+            reset_s = 1.0
+        return Decision(bool(allowed), decider, int(remaining), reset_s)
+
+
 class RedisRateLimiter:
     """Sliding-window counters in Redis."""
 
     def __init__(self, redis: Redis, prefix: str) -> None:
-        self._prefix = prefix
         self.location = redis_location(redis)
-        # Any: redis-py's Script objects are untyped.
-        self._hit: Any = redis.register_script(_script("sliding_window.lua"))  # pyright: ignore[reportUnknownMemberType]
+        self._admit = _AdmitScript(redis, prefix)
 
     async def hit(self, limits: Sequence[Limit], member: str) -> Decision:
         """Admit one request if every limit has room, atomically."""
         if not limits:
             return Decision(allowed=True)
-        keys = [self._prefix + limit.key for limit in limits]
-        args: list[str | int] = [member]
-        for limit in limits:
-            drop_at_ms = int(limit.expires_at * 1000) if limit.expires_at else 0
-            args += [limit.count, (limit.window_s or 0) * 1000, drop_at_ms]
-        async with _store_errors():
-            allowed, index, remaining, reset_ms = await self._hit(keys=keys, args=args)
-        return Decision(bool(allowed), limits[int(index) - 1], int(remaining), int(reset_ms) / 1000)
+        return await self._admit(limits, member)
 
 
 class RedisConcurrencyLimiter:
@@ -72,7 +110,7 @@ class RedisConcurrencyLimiter:
     def __init__(self, redis: Redis, prefix: str, *, ttl_s: float) -> None:
         self._prefix = prefix
         self._ttl_ms = int(ttl_s * 1000)
-        self._acquire: Any = redis.register_script(_script("lease_acquire.lua"))  # pyright: ignore[reportUnknownMemberType]
+        self._admit = _AdmitScript(redis, prefix)
         self._renew: Any = redis.register_script(_script("lease_renew.lua"))  # pyright: ignore[reportUnknownMemberType]
         self._redis = redis
         self.location = redis_location(redis)
@@ -86,29 +124,16 @@ class RedisConcurrencyLimiter:
         )
 
     @contextlib.asynccontextmanager
-    async def lease(self, key: str, limit: int) -> AsyncGenerator[Decision]:
-        """Hold one slot of ``key`` while the block runs."""
+    async def lease(
+        self, key: str, limit: int, *, counting: Sequence[Limit] = (), member: str = ""
+    ) -> AsyncGenerator[Decision]:
+        """Hold one slot of ``key`` while the block runs (see ``ConcurrencyLimiter.lease``)."""
         full_key = self._prefix + key
         lease_id = uuid.uuid4().hex
-        async with _store_errors():
-            acquired, used, _ = await self._acquire(
-                keys=[full_key], args=[lease_id, limit, self._ttl_ms]
-            )
-        decision = Decision(
-            bool(acquired),
-            Limit(
-                key,
-                "concurrent requests for this model",
-                limit,
-                None,
-                concurrent=True,
-                kind="model_concurrency",
-            ),
-            remaining=max(0, limit - int(used)),
-            # Held slots are renewed, so their expiry says nothing about when one frees.
-            reset_s=1.0,
+        decision = await self._admit(
+            counting, member or lease_id, (key, limit, lease_id, self._ttl_ms)
         )
-        if not acquired:
+        if not decision.allowed:
             raise RateLimited(decision)
         self._held[lease_id] = full_key
         self._ensure_keeper()

@@ -46,7 +46,8 @@ def admission(max_s: int = 3600) -> Admission:
         web_search_rps=None,
         token_uses_max_s=max_s,
     )
-    return Admission(MemoryRateLimiter(), MemoryConcurrencyLimiter(), defaults, fail_open=False)
+    rate = MemoryRateLimiter()
+    return Admission(rate, MemoryConcurrencyLimiter(rate), defaults, fail_open=False)
 
 
 def test_a_token_count_lasts_until_its_token_expires_plus_the_skew():

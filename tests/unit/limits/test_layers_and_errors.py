@@ -12,7 +12,7 @@ from nilai.auth.base import Principal, TokenLimit
 from nilai.errors import LimitsUnavailable
 from nilai.gateway.metrics import limit_kind
 from nilai.limits.base import Decision, Limit, LimitStoreUnavailable
-from nilai.limits.memory import MemoryConcurrencyLimiter
+from nilai.limits.memory import MemoryConcurrencyLimiter, MemoryRateLimiter
 from nilai.limits.policy import Admission, LimitDefaults
 
 
@@ -38,7 +38,9 @@ class DownConcurrencyLimiter:
     """A slot store that cannot be reached."""
 
     @asynccontextmanager
-    async def lease(self, key: str, limit: int) -> AsyncGenerator[Decision]:
+    async def lease(
+        self, key: str, limit: int, *, counting: Sequence[Limit] = (), member: str = ""
+    ) -> AsyncGenerator[Decision]:
         raise _unreachable()
         yield Decision(allowed=True)  # pragma: no cover - makes this a generator
 
@@ -80,7 +82,7 @@ async def test_a_backend_neutral_store_error_fails_open_when_configured():
 
 
 async def test_a_failure_inside_a_held_slot_propagates_and_frees_the_slot():
-    concurrency = MemoryConcurrencyLimiter()
+    concurrency = MemoryConcurrencyLimiter(MemoryRateLimiter())
     admission = Admission(DownRateLimiter(), concurrency, DEFAULTS, fail_open=True)
     with pytest.raises(ValueError, match="the block failed"):
         async with admission.model_slot("m"):

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-import httpx
 import orjson
 
 from nilai.discovery.snapshot import DiscoverySnapshot
@@ -33,22 +32,29 @@ from nilai.errors import (
 )
 from nilai.outages import OutageLog
 from nilai.protocol.base import json_object
+from nilai.upstream.client import (
+    ConnectFailed,
+    ConnectionBroken,
+    PoolFull,
+    ReadTimedOut,
+    UpstreamCallError,
+    UpstreamClient,
+    UpstreamResponse,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_UPSTREAM_MESSAGE = 500
-_JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
-_SSE_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 
 
 @dataclass(frozen=True, slots=True)
 class Dispatched:
     """A model server's answer, and the id of the server that gave it."""
 
-    response: httpx.Response
+    response: UpstreamResponse
     endpoint: str
 
-    async def ok(self) -> httpx.Response:
+    async def ok(self) -> UpstreamResponse:
         """The response, if its status is 200; otherwise close it and raise what it means.
 
         Raises:
@@ -56,7 +62,7 @@ class Dispatched:
             InvalidRequest: The server rejected the request (its message, shortened).
             UpstreamProtocolError: The server failed.
         """
-        if self.response.status_code != HTTPStatus.OK:
+        if self.response.status != HTTPStatus.OK:
             await _raise_for_status(self.response)
         return self.response
 
@@ -64,8 +70,8 @@ class Dispatched:
 class Dispatcher:
     """Sends chat payloads to the servers of a model."""
 
-    def __init__(self, http: httpx.AsyncClient, snapshot: DiscoverySnapshot) -> None:
-        self._http = http
+    def __init__(self, upstream: UpstreamClient, snapshot: DiscoverySnapshot) -> None:
+        self._upstream = upstream
         self._snapshot = snapshot
         self._pool = OutageLog(
             logger,
@@ -74,7 +80,7 @@ class Dispatcher:
         )
 
     async def send(self, model: str, payload: bytes, *, stream: bool) -> Dispatched:
-        """Return the first answer (body unread when ``stream``) and its server.
+        """Return the first answer (its body unread) and its server.
 
         Any status is returned: ``Dispatched.ok`` turns a failed one into an error, after the
         caller has noted which server answered.
@@ -86,16 +92,12 @@ class Dispatcher:
         """
         candidates = self._snapshot.candidates(model)
         for endpoint in candidates:
-            request = self._http.build_request(
-                "POST",
-                f"{endpoint.url}/v1/chat/completions",
-                content=payload,
-                headers=_SSE_HEADERS if stream else _JSON_HEADERS,
-            )
+            url = f"{endpoint.url}/v1/chat/completions"
+            accept = "text/event-stream" if stream else "application/json"
             started = time.monotonic()
             try:
-                response = await self._http.send(request, stream=stream)
-            except httpx.PoolTimeout as exc:
+                response = await self._upstream.post(url, payload, accept=accept)
+            except PoolFull as exc:
                 # Every connection this process may open is busy: the gateway's own limit, not
                 # the server's fault, and the next server would wait for the same pool.
                 self._pool.failed(exc, started=started)
@@ -104,17 +106,17 @@ class Dispatcher:
                     "try again shortly.",
                     code="upstream_busy",
                 ) from exc
-            except (httpx.ConnectError, httpx.ConnectTimeout):
+            except ConnectFailed:
                 logger.warning("model server %s unreachable; trying the next", endpoint.id)
                 self._snapshot.report_failure(endpoint.id)
                 continue
-            except httpx.TimeoutException as exc:
+            except ReadTimedOut as exc:
                 raise UpstreamTimeout("The model server did not answer in time.") from exc
-            except httpx.HTTPError as exc:
+            except ConnectionBroken as exc:
                 self._snapshot.report_error(endpoint.id)
                 raise UpstreamProtocolError("The model server broke the connection.") from exc
             self._pool.answered(started=started)
-            if _server_failed(response.status_code):
+            if _server_failed(response.status):
                 self._snapshot.report_error(endpoint.id)
             else:
                 self._snapshot.report_success(endpoint.id)
@@ -129,14 +131,14 @@ def _server_failed(status: int) -> bool:
     return status >= HTTPStatus.INTERNAL_SERVER_ERROR and status != HTTPStatus.SERVICE_UNAVAILABLE
 
 
-async def _raise_for_status(response: httpx.Response) -> None:
+async def _raise_for_status(response: UpstreamResponse) -> None:
     try:
-        body = await response.aread()
-    except httpx.HTTPError:
+        body = await response.read()
+    except UpstreamCallError:
         body = b""
     finally:
         await response.aclose()
-    status = response.status_code
+    status = response.status
     logger.warning("model server answered %d", status)
     if status in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE):
         raise UpstreamUnavailable("The model server is overloaded; try again shortly.")
@@ -157,6 +159,21 @@ def _upstream_message(body: bytes) -> str:
     if not isinstance(message, str) or not message:
         return fallback
     return message[:MAX_UPSTREAM_MESSAGE]
+
+
+async def read_body(response: UpstreamResponse) -> bytes:
+    """The whole body of a non-streaming answer; a failure to read it is the server's.
+
+    Raises:
+        UpstreamTimeout: The body did not arrive in time.
+        UpstreamProtocolError: The connection broke.
+    """
+    try:
+        return await response.read()
+    except ReadTimedOut as exc:
+        raise UpstreamTimeout("The model server did not send its answer in time.") from exc
+    except ConnectionBroken as exc:
+        raise UpstreamProtocolError("The model server broke the connection.") from exc
 
 
 def parse_completion(body: bytes) -> dict[str, Any]:

@@ -8,19 +8,25 @@ failed, or abandoned by the client. The streaming path after the upstream answer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-
-import httpx
 
 from nilai.auth.nuc_policies import check_request_policies
 from nilai.crypto.keys import Signer
 from nilai.discovery.snapshot import DiscoverySnapshot
-from nilai.errors import NotSupported, ShuttingDown, UpstreamTimeout, rate_limit_headers
+from nilai.errors import (
+    NilaiError,
+    NotSupported,
+    ShuttingDown,
+    UpstreamTimeout,
+    rate_limit_headers,
+)
 from nilai.gateway.chat.context import RequestContext
-from nilai.gateway.chat.dispatch import Dispatcher, parse_completion
+from nilai.gateway.chat.dispatch import Dispatcher, parse_completion, read_body
 from nilai.gateway.chat.signing import StreamSigner, sign_completion
 from nilai.gateway.chat.stream import (
     ChatStream,
@@ -32,8 +38,10 @@ from nilai.gateway.chat.stream import (
 from nilai.gateway.chat.validate import ValidatedChat, ignored_fields_headers, validate_chat
 from nilai.gateway.drain import Drain
 from nilai.gateway.metrics import OTHER_MODEL, Metrics
+from nilai.limits.base import Decision
 from nilai.limits.policy import Admission
 from nilai.protocol.chat import ChatCompletionRequest
+from nilai.upstream.client import UpstreamClient, UpstreamResponse
 from nilai.usage.sink import UsageSink
 
 logger = logging.getLogger(__name__)
@@ -44,7 +52,7 @@ class ChatService:
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        upstream: UpstreamClient,
         snapshot: DiscoverySnapshot,
         signer: Signer,
         usage: UsageSink,
@@ -57,7 +65,7 @@ class ChatService:
         idle_timeout_s: float = 60.0,
     ) -> None:
         self._snapshot = snapshot
-        self._dispatcher = Dispatcher(http, snapshot)
+        self._dispatcher = Dispatcher(upstream, snapshot)
         self._signer = signer
         self._usage = usage
         self._admission = admission
@@ -67,10 +75,13 @@ class ChatService:
         self._first_byte_timeout_s = first_byte_timeout_s
         self._idle_timeout_s = idle_timeout_s
 
-    async def _admit(
-        self, request: ChatCompletionRequest, ctx: RequestContext
-    ) -> tuple[ValidatedChat, dict[str, str]]:
-        """Describe the request, count it against the caller's limits, then check it."""
+    async def _check(self, request: ChatCompletionRequest, ctx: RequestContext) -> ValidatedChat:
+        """Describe the request in ``ctx``, then check it against policies and its model.
+
+        A request refused for its model or parameters still counts against the caller's
+        limits (a 429 wins over the refusal once they are used up), so that invalid requests
+        are not a free way to load the gateway. Valid ones are counted in ``_admit``.
+        """
         ctx.model = request.model
         ctx.streamed = request.stream
         ctx.tools = bool(request.tools)
@@ -83,11 +94,34 @@ class ChatService:
                 "This token references a nilDB prompt document; this gateway cannot fetch "
                 "prompt documents yet, so the request is refused rather than served without it."
             )
-        decision = await self._admission.admit(ctx.principal, web_search=request.web_search)
-        headers = rate_limit_headers(decision) | ignored_fields_headers(request)
-        return validate_chat(request, self._snapshot), headers
+        try:
+            return validate_chat(request, self._snapshot)
+        except NilaiError:
+            await self._admission.admit(ctx.principal, web_search=request.web_search)
+            raise
 
-    async def _send(self, chat: ValidatedChat, ctx: RequestContext) -> httpx.Response:
+    def _admit(
+        self, chat: ValidatedChat, ctx: RequestContext
+    ) -> contextlib.AbstractAsyncContextManager[Decision]:
+        """Count the request against the caller's limits and hold a slot of its model.
+
+        One step (one round trip to Redis): both happen or neither, so a request refused for
+        its model's concurrency uses none of the caller's budget.
+        """
+        web_search = chat.request.web_search
+        return self._admission.admit_to_model(ctx.principal, chat.model, web_search=web_search)
+
+    @staticmethod
+    def _headers(chat: ValidatedChat, decision: Decision) -> dict[str, str]:
+        return rate_limit_headers(decision) | ignored_fields_headers(chat.request)
+
+    async def _send[T](
+        self,
+        chat: ValidatedChat,
+        ctx: RequestContext,
+        then: Callable[[UpstreamResponse], Awaitable[T]],
+    ) -> T:
+        """Send the request and run ``then`` on the answer, all within the request timeout."""
         sent = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s) as timeout:
@@ -96,7 +130,7 @@ class ChatService:
                         chat.model, chat.payload, stream=chat.request.stream
                     )
                     ctx.endpoint = answer.endpoint
-                    response = await answer.ok()
+                    result = await then(await answer.ok())
         except TimeoutError as exc:
             if self._drain.passed():
                 raise ShuttingDown(
@@ -105,17 +139,17 @@ class ChatService:
                 ) from None
             raise UpstreamTimeout(f"The request took longer than {self._timeout_s:g}s.") from exc
         ctx.upstream_s = time.perf_counter() - sent
-        return response
+        return result
 
     async def complete(self, request: ChatCompletionRequest, ctx: RequestContext) -> ChatResult:
         """Run a non-streaming completion and return the signed body."""
         try:
-            chat, headers = await self._admit(request, ctx)
-            async with self._admission.model_slot(chat.model):
-                response = await self._send(chat, ctx)
-            body = parse_completion(response.content)
+            chat = await self._check(request, ctx)
+            async with self._admit(chat, ctx) as decision:
+                body = parse_completion(await self._send(chat, ctx, read_body))
             ctx.record_usage(body.get("usage"))
-            return ChatResult(sign_completion(body, self._signer, ctx.request_sha256), headers)
+            signed = sign_completion(body, self._signer, ctx.request_sha256)
+            return ChatResult(signed, self._headers(chat, decision))
         except BaseException as exc:
             ctx.fail(exc)
             raise
@@ -134,9 +168,9 @@ class ChatService:
         upstream = AsyncExitStack()
         resources.push_async_callback(upstream.aclose)
         try:
-            chat, headers = await self._admit(request, ctx)
-            await upstream.enter_async_context(self._admission.model_slot(chat.model))
-            response = await self._send(chat, ctx)
+            chat = await self._check(request, ctx)
+            decision = await upstream.enter_async_context(self._admit(chat, ctx))
+            response = await self._send(chat, ctx, _headers_only)
             upstream.push_async_callback(response.aclose)
         except BaseException as exc:
             ctx.fail(exc)
@@ -151,12 +185,12 @@ class ChatService:
         signer = StreamSigner(self._signer, ctx.request_sha256)
         forwarder = ChunkForwarder(signer, ctx, chat.request)
         events = relay_events(
-            read_batches(response.aiter_raw(), deadline, self._drain),
+            read_batches(response.iter_chunks(), deadline, self._drain),
             forwarder,
             ctx,
             release=upstream.aclose,
         )
-        return ChatStream(events, resources, headers)
+        return ChatStream(events, resources, self._headers(chat, decision))
 
     def account(self, ctx: RequestContext) -> None:
         """Queue the query log, record the metrics, log one line (counts only, no content)."""
@@ -190,6 +224,11 @@ class ChatService:
             ctx.completion_tokens,
             "-" if ctx.first_token_s is None else f"{ctx.first_token_s * 1000:.1f}",
         )
+
+
+async def _headers_only(response: UpstreamResponse) -> UpstreamResponse:
+    """A stream's answer: its body is read by the relay, not within the request timeout."""
+    return response
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,8 @@ The parts, in the order bytes flow:
 
 * ``read_batches`` reads the model server's SSE body through ``nilai.upstream.sse`` and is the
   one place where reading fails: a late first token or a silent server (``ReadDeadline``, with
-  first-token and idle as explicit state), shutdown (the ``Drain`` cut-off), and httpx errors all
-  become a ``NilaiError`` here.
+  first-token and idle as explicit state), shutdown (the ``Drain`` cut-off), and the upstream
+  client's errors all become a ``NilaiError`` here.
 * ``relay_events`` is the SSE relay: it passes each payload through a ``StreamTranslator`` and
   writes once per upstream read. Any ``NilaiError`` ends the stream the same way, with an in-band
   error event. The upstream response and the model slot are released *before* the last write
@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import anyio
-import httpx
 import orjson
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -45,6 +44,7 @@ from nilai.gateway.chat.signing import StreamSigner, claim_object
 from nilai.gateway.drain import Drain
 from nilai.protocol.base import json_object
 from nilai.protocol.chat import ChatCompletionRequest
+from nilai.upstream.client import ConnectionBroken, ReadTimedOut
 from nilai.upstream.sse import DONE, frame, iter_payload_batches, one_line
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -96,7 +96,7 @@ async def read_batches(
     Each read must finish within ``deadline`` (ended early by the drain at shutdown).
 
     Raises:
-        UpstreamTimeout: The model server was too slow, or httpx timed out reading.
+        UpstreamTimeout: The model server was too slow, or the client's read timed out.
         ShuttingDown: The gateway's shutdown cut the read off.
         UpstreamProtocolError: The connection broke.
     """
@@ -111,9 +111,9 @@ async def read_batches(
                 return
             except TimeoutError:
                 raise deadline.expired() from None
-            except httpx.TimeoutException as exc:
+            except ReadTimedOut as exc:
                 raise UpstreamTimeout("The model server stopped sending.") from exc
-            except httpx.HTTPError as exc:
+            except ConnectionBroken as exc:
                 raise UpstreamProtocolError("The model server broke the stream.") from exc
             deadline.arrived()
             yield batch

@@ -13,6 +13,7 @@ from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.errors import InvalidRequest, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from nilai.gateway.chat.dispatch import Dispatcher
 from nilai.protocol.models import ModelCard
+from nilai.upstream.client import HttpxUpstream, UpstreamResponse
 
 URL_A = "http://model-a:8000"
 URL_B = "http://model-b:8000"
@@ -69,14 +70,14 @@ async def dispatcher(
     snapshot: DiscoverySnapshot, servers: ModelServers
 ) -> AsyncIterator[Dispatcher]:
     async with httpx.AsyncClient(transport=httpx.MockTransport(servers)) as http:
-        yield Dispatcher(http, snapshot)
+        yield Dispatcher(HttpxUpstream(http), snapshot)
 
 
 def _in_rotation(snapshot: DiscoverySnapshot) -> list[str]:
     return sorted(record.url for record in snapshot.candidates("m"))
 
 
-async def _send(dispatcher: Dispatcher) -> httpx.Response:
+async def _send(dispatcher: Dispatcher) -> UpstreamResponse:
     return await (await dispatcher.send("m", PAYLOAD, stream=False)).ok()
 
 
@@ -91,7 +92,7 @@ async def test_a_full_local_connection_pool_answers_503_and_ejects_no_model_serv
         assert refused.value.headers["Retry-After"] == "1"
     assert _in_rotation(snapshot) == [URL_A, URL_B]
     servers.answers.clear()
-    assert (await _send(dispatcher)).status_code == 200
+    assert (await _send(dispatcher)).status == 200
 
 
 async def test_a_refused_connection_ejects_the_server_and_fails_over(
@@ -100,7 +101,7 @@ async def test_a_refused_connection_ejects_the_server_and_fails_over(
     servers.answers[URL_A] = _raises(httpx.ConnectError)
     for _ in range(3):
         answer = await dispatcher.send("m", PAYLOAD, stream=False)
-        assert answer.response.status_code == 200
+        assert answer.response.status == 200
         assert answer.endpoint == endpoint_id(URL_B)
     assert _in_rotation(snapshot) == [URL_B]
     assert servers.requests.count(URL_A) == 1  # tried once, then out of rotation

@@ -24,6 +24,7 @@ from nilai.limits.memory import MemoryConcurrencyLimiter, MemoryRateLimiter
 from nilai.limits.policy import Admission, LimitDefaults
 from nilai.protocol.chat import ChatCompletionRequest
 from nilai.protocol.models import ModelCard
+from nilai.upstream.client import HttpxUpstream
 from nilai.upstream.sse import DONE, frame
 
 REQUEST = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}'
@@ -308,11 +309,12 @@ async def _service_stream(
         snapshot = DiscoverySnapshot(discovery, http, refresh_s=60, eject_s=1)
         await snapshot.refresh()
         sink = ListSink()
+        rate = MemoryRateLimiter()
         admission = Admission(
-            MemoryRateLimiter(), MemoryConcurrencyLimiter(), LimitDefaults(), fail_open=False
+            rate, MemoryConcurrencyLimiter(rate), LimitDefaults(), fail_open=False
         )
         service = ChatService(
-            http,
+            HttpxUpstream(http),
             snapshot,
             signer,
             sink,  # type: ignore[arg-type]

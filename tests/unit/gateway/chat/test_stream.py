@@ -4,7 +4,6 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 
 from nilai.auth.base import Principal
@@ -12,6 +11,7 @@ from nilai.errors import NilaiError, UpstreamProtocolError
 from nilai.gateway.chat.context import CLIENT_CLOSED, RequestContext
 from nilai.gateway.chat.stream import ReadDeadline, SseFraming, read_batches, relay_events
 from nilai.gateway.drain import Drain
+from nilai.upstream.client import ConnectionBroken
 from nilai.upstream.sse import DONE, frame
 
 END = b'{"end":true}'
@@ -113,7 +113,7 @@ async def test_a_server_silent_after_a_token_times_out_naming_the_next_token(
 async def test_a_connection_broken_mid_stream_ends_in_band_after_the_release(
     ctx: RequestContext,
 ):
-    raw = _reads(frame(b"1"), then=httpx.ReadError("reset"))
+    raw = _reads(frame(b"1"), then=ConnectionBroken("reset"))
     writes, _ = await _collect(raw, ctx)
     assert writes[:2] == [frame(b"1"), "released"]
     error = _error(writes[2])
