@@ -93,9 +93,16 @@ def ready_fake(service: Service, tokens: int) -> None:
     response.raise_for_status()
 
 
-def spawn_gateway(name: str, env: dict[str, str], cpu: str, log_dir: Path) -> Service:
-    """Start ``nilai api`` pinned to one core (``ready_gateway`` waits for it)."""
+def spawn_gateway(
+    name: str, env: dict[str, str], cpu: str, log_dir: Path, *, workers: int = 1
+) -> Service:
+    """Start ``nilai api`` pinned to ``cpu`` (a ``taskset`` list; ``ready_gateway`` waits).
+
+    ``workers`` > 1 runs ``nilai api --workers N``: a supervisor and N worker processes.
+    """
     argv = [str(NILAI), "api", "--port", str(free_port())]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
     return spawn(name, argv, {**os.environ, **env}, cpu, log_dir / f"{name}.log")
 
 
@@ -163,12 +170,17 @@ def descendants(pid: int) -> list[int]:
 
 def cpu_seconds(tree: list[int]) -> float:
     """User + system CPU of a process tree (from ``descendants``), reaped children included."""
-    ticks = 0
+    return sum(cpu_by_process(tree).values())
+
+
+def cpu_by_process(tree: list[int]) -> dict[int, float]:
+    """User + system CPU seconds of each process in ``tree`` (its reaped children included)."""
+    seconds: dict[int, float] = {}
     for member in tree:
         fields = _stat_fields(member)
         if fields:
-            ticks += sum(int(value) for value in fields[CPU_TIMES])
-    return ticks / CLOCK_TICKS
+            seconds[member] = sum(int(value) for value in fields[CPU_TIMES]) / CLOCK_TICKS
+    return seconds
 
 
 def memory_kb(tree: list[int]) -> dict[str, int]:

@@ -32,6 +32,9 @@ class FakeConfig:
     tokens: int = 8
     token_delay_s: float = 0.0
     first_byte_delay_s: float = 0.0
+    first_byte_at: float = 0.0
+    """Hold every answer's first byte until this ``time.time()`` (0: off), so that streams
+    arriving over a while all start together."""
     models_delay_s: float = 0.0
     """How long ``GET /v1/models`` takes to answer (counted in the stats when it arrives)."""
     fault: str = "none"
@@ -108,6 +111,8 @@ def create_fake_app(config: FakeConfig | None = None) -> Starlette:
             return JSONResponse({"error": {"message": "context too long"}}, status_code=400)
         if state.config.first_byte_delay_s and not body.get("stream"):
             await asyncio.sleep(state.config.first_byte_delay_s)
+        if not body.get("stream"):
+            await _hold_until(state.config.first_byte_at)
         if fault == "malformed_json" and not body.get("stream"):
             return Response(b'{"choices": [', media_type="application/json")
         if body.get("stream"):
@@ -145,6 +150,11 @@ def create_fake_app(config: FakeConfig | None = None) -> Starlette:
     return app
 
 
+async def _hold_until(moment: float) -> None:
+    if moment and (wait := moment - time.time()) > 0:
+        await asyncio.sleep(wait)
+
+
 def _chunk(body: dict[str, Any], delta: dict[str, Any], finish: str | None, sent: int = 0) -> bytes:
     obj: dict[str, Any] = {
         "id": "chatcmpl-fake",
@@ -165,6 +175,7 @@ async def _stream(state: FakeState, body: dict[str, Any]) -> AsyncIterator[bytes
     try:
         if config.first_byte_delay_s:
             await asyncio.sleep(config.first_byte_delay_s)
+        await _hold_until(config.first_byte_at)
         yield _chunk(body, {"role": "assistant", "content": ""}, None)
         words = state.words()
         for i, word in enumerate(words):
