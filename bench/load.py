@@ -60,6 +60,7 @@ from tqdm import tqdm
 RESULTS = Path(__file__).with_name("results")
 HIGH_LIMIT = "100000000"
 FD_WANTED = 65536
+STREAM_TIMEOUT_S = 600
 GATEWAY_CORE = 0
 MULTI_WORKERS = 2
 # Connections, upstream connections and model slots the gateway may hold beyond the burst.
@@ -213,6 +214,11 @@ def gateway_env(
         "NILAI_MODEL_CONCURRENCY": str(connections(args)),
         "NILAI_MAX_CONNECTIONS": str(connections(args)),
         "NILAI_UPSTREAM_MAX_CONNECTIONS": str(connections(args)),
+        # The burst holds first bytes for over a minute (every stream open before any token):
+        # the default 60 s first-token limit would end the earliest streams in-band.
+        "NILAI_STREAM_FIRST_BYTE_TIMEOUT_S": str(STREAM_TIMEOUT_S),
+        "NILAI_UPSTREAM_READ_TIMEOUT_S": str(STREAM_TIMEOUT_S),
+        "NILAI_REQUEST_TIMEOUT_S": str(STREAM_TIMEOUT_S),
         "NILAI_LOG_LEVEL": "warning",
     }
 

@@ -130,6 +130,10 @@ async def stream_request(client: aiohttp.ClientSession, target: Target, body: by
                 if payload == DONE:
                     done = True
                     continue
+                if payload.startswith(b'{"error"') and outcome.error is None:
+                    # An in-band error ends a stream that had started: not a success.
+                    error = orjson.loads(payload)["error"]
+                    outcome.error = f"in-band {error.get('code') or error.get('type')}"
                 outcome.chunks += 1
                 last = payload
                 if outcome.ttft_s is None and _has_content(payload):
