@@ -45,6 +45,10 @@ ELSEWHERE: dict[str, str] = {
     ),
     "make test": ".ci/run, step 'Tests (make test)'",
     "make bench-quick": ".ci/run, step 'Benchmark baseline (make bench-quick)'",
+    "make bench-load-quick": (
+        "test_load_benchmark_runs_quick_mode below (bench/load.py --quick, one scenario; the "
+        "whole quick mode takes about a minute)"
+    ),
     "make bench": (
         "its two halves: .ci/run 'Benchmark baseline' (the micro benchmarks) and "
         "test_load_benchmark_runs_quick_mode below (bench/load.py)"
