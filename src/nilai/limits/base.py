@@ -50,6 +50,18 @@ class Decision:
 ALLOWED = Decision(allowed=True)
 
 
+def model_slot_limit(key: str, count: int) -> Limit:
+    """The cap on one model's requests in flight, as every backend names it."""
+    return Limit(
+        key,
+        "concurrent requests for this model",
+        count,
+        None,
+        concurrent=True,
+        kind="model_concurrency",
+    )
+
+
 class LimitStoreUnavailable(Exception):
     """The store that keeps the counters cannot be reached; ``__cause__`` says why.
 

@@ -9,7 +9,7 @@ from collections import defaultdict, deque
 from collections.abc import AsyncGenerator, Sequence
 
 from nilai.errors import RateLimited
-from nilai.limits.base import Decision, Limit
+from nilai.limits.base import Decision, Limit, model_slot_limit
 
 
 class MemoryRateLimiter:
@@ -100,28 +100,15 @@ class MemoryConcurrencyLimiter:
     ) -> AsyncGenerator[Decision]:
         """Hold one slot of ``key`` while the block runs (see ``ConcurrencyLimiter.lease``)."""
         used = self._in_flight[key]
-        name = "concurrent requests for this model"
         if used >= limit:
-            raise RateLimited(
-                Decision(
-                    False,
-                    Limit(key, name, limit, None, concurrent=True, kind="model_concurrency"),
-                    0,
-                    1.0,
-                )
-            )
+            raise RateLimited(Decision(False, model_slot_limit(key, limit), 0, 1.0))
         # ``hit`` never suspends, so nothing runs between the checks and taking the slot.
         counted = await self._rate.hit(counting, member) if counting else None
         if counted is not None and not counted.allowed:
             raise RateLimited(counted)
         self._in_flight[key] = used + 1
         try:
-            yield counted or Decision(
-                True,
-                Limit(key, name, limit, None, concurrent=True, kind="model_concurrency"),
-                limit - used - 1,
-                0.0,
-            )
+            yield counted or Decision(True, model_slot_limit(key, limit), limit - used - 1, 0.0)
         finally:
             self._in_flight[key] -= 1
 

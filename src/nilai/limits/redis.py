@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from nilai.errors import RateLimited
-from nilai.limits.base import Decision, Limit, LimitStoreUnavailable
+from nilai.limits.base import Decision, Limit, LimitStoreUnavailable, model_slot_limit
 from nilai.outages import OutageLog
 from nilai.state.redis import redis_location
 
@@ -41,17 +41,6 @@ async def _store_errors() -> AsyncGenerator[None]:
         yield
     except (RedisError, OSError) as exc:
         raise LimitStoreUnavailable("the limit store (Redis) cannot be reached") from exc
-
-
-def _slot_limit(key: str, limit: int) -> Limit:
-    return Limit(
-        key,
-        "concurrent requests for this model",
-        limit,
-        None,
-        concurrent=True,
-        kind="model_concurrency",
-    )
 
 
 class _AdmitScript:
@@ -75,7 +64,7 @@ class _AdmitScript:
         if slot is not None:
             slot_key, slot_count, lease_id, ttl_ms = slot
             keys.append(self._prefix + slot_key)
-            deciders.append(_slot_limit(slot_key, slot_count))
+            deciders.append(model_slot_limit(slot_key, slot_count))
         args: list[str | int] = [member, lease_id, slot_count, ttl_ms]
         for limit in limits:
             drop_at_ms = int(limit.expires_at * 1000) if limit.expires_at else 0
