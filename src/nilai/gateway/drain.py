@@ -17,7 +17,7 @@ import signal
 import threading
 from collections.abc import Callable, Generator
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +28,25 @@ _MAX_MARGIN_S = 1.0
 type _Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
+class TimeLimit(Protocol):
+    """A time limit the drain can pull in: an ``asyncio.Timeout``, or one kept another way."""
+
+    def when(self) -> float | None:
+        """When it runs out, in event-loop time (None: never)."""
+        ...
+
+    def reschedule(self, when: float | None) -> None:
+        """Make it run out at ``when``."""
+        ...
+
+
 class Drain:
     """Tracks the time limits of running requests and pulls them in when shutdown begins."""
 
     def __init__(self, grace_s: float) -> None:
         self._cut_after_s = max(0.0, grace_s - min(_MAX_MARGIN_S, grace_s / 4))
         self._deadline: float | None = None
-        self._watched: set[asyncio.Timeout] = set()
+        self._watched: set[TimeLimit] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._previous: dict[int, _Handler] = {}
 
@@ -61,7 +73,7 @@ class Drain:
             self._pull_in(timeout)
 
     @contextlib.contextmanager
-    def watch(self, timeout: asyncio.Timeout) -> Generator[None]:
+    def watch(self, timeout: TimeLimit) -> Generator[None]:
         """Let ``timeout`` be pulled in to the cut-off while the block runs."""
         self._pull_in(timeout)
         self._watched.add(timeout)
@@ -70,7 +82,7 @@ class Drain:
         finally:
             self._watched.discard(timeout)
 
-    def _pull_in(self, timeout: asyncio.Timeout) -> None:
+    def _pull_in(self, timeout: TimeLimit) -> None:
         if self._deadline is None:
             return
         when = timeout.when()

@@ -70,6 +70,9 @@ class UpstreamResponse(Protocol):
     def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, one chunk per network read.
 
+        The caller bounds how long each read may take (the stream's first-token and idle
+        limits); the client's own read timeout may not apply to these reads.
+
         Raises:
             ReadTimedOut: A read did not finish in time.
             ConnectionBroken: The connection broke.
@@ -189,6 +192,11 @@ class _AiohttpResponse:
             await self.aclose()
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
+        # The caller keeps each read's limit with one timer per stream; aiohttp's own read
+        # timeout would cancel and set a timer for every chunk, that is, for every token.
+        connection = self._response.connection
+        if connection is not None and connection.protocol is not None:
+            connection.protocol.read_timeout = None
         try:
             async for chunk in self._response.content.iter_any():
                 yield chunk

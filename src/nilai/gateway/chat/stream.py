@@ -88,6 +88,86 @@ class ReadDeadline:
         )
 
 
+class _ReadWatch:
+    """One timer per stream that keeps its read deadline, instead of one timer per read.
+
+    Tokens arrive one per read, and a timer set and cancelled for every read
+    (``asyncio.timeout(limit)``) cost about a fifth of a relayed token's CPU. Here each read only
+    notes when it began and enters a timeout with no timer of its own; the one timer wakes no
+    later than the current read's deadline and then either ends that read (it is late) or sleeps
+    on until the deadline of the read now in progress. The drain pulls it in at shutdown as it
+    does any time limit (``when`` and ``reschedule``).
+    """
+
+    def __init__(self, deadline: ReadDeadline) -> None:
+        self._deadline = deadline
+        self._loop = asyncio.get_running_loop()
+        self._read: asyncio.Timeout | None = None
+        self._read_began = 0.0
+        self._cut_off: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def begin_read(self) -> asyncio.Timeout:
+        """The timeout to wait for the next read in; ``end_read`` when it is over."""
+        now = self._loop.time()
+        if self._cut_off is not None and now >= self._cut_off:
+            return asyncio.timeout_at(self._cut_off)  # past the drain's cut-off: end it at once
+        self._read_began = now
+        self._read = asyncio.timeout(None)
+        if self._timer is None:
+            self._arm(self._due())
+        return self._read
+
+    def end_read(self) -> None:
+        """The read finished (or failed): nothing is waiting any more."""
+        self._read = None
+
+    def arrived(self) -> None:
+        """Payloads arrived; after the first ones, the (maybe shorter) idle limit applies."""
+        if self._deadline.waiting_for_first_token:
+            self._deadline.arrived()
+            self._disarm()  # the next read arms the timer for its own deadline
+
+    def close(self) -> None:
+        """The stream is over: no more wake-ups."""
+        self._read = None
+        self._disarm()
+
+    def when(self) -> float | None:
+        """The drain's cut-off, once set: each read's own limit moves on with the reads."""
+        return self._cut_off
+
+    def reschedule(self, when: float | None) -> None:
+        """The drain's cut-off: no read may last beyond ``when``."""
+        self._cut_off = when
+        if self._read is not None:
+            self._arm(self._due())
+
+    def _due(self) -> float:
+        due = self._read_began + self._deadline.limit_s
+        return due if self._cut_off is None else min(due, self._cut_off)
+
+    def _arm(self, when: float) -> None:
+        self._disarm()
+        self._timer = self._loop.call_at(when, self._wake)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _wake(self) -> None:
+        self._timer = None
+        if self._read is None:
+            return  # between reads (the client is being written to): the next read re-arms
+        due = self._due()
+        now = self._loop.time()
+        if now >= due:
+            self._read.reschedule(now)  # the read in progress ends with a TimeoutError
+        else:
+            self._arm(due)
+
+
 async def read_batches(
     raw: AsyncIterator[bytes], deadline: ReadDeadline, drain: Drain
 ) -> AsyncGenerator[list[bytes]]:
@@ -101,22 +181,28 @@ async def read_batches(
         UpstreamProtocolError: The connection broke.
     """
     batches = iter_payload_batches(raw)
+    watch = _ReadWatch(deadline)
     async with contextlib.aclosing(batches):
-        while True:
+        with drain.watch(watch):
             try:
-                async with asyncio.timeout(deadline.limit_s) as timeout:
-                    with drain.watch(timeout):
-                        batch = await anext(batches)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise deadline.expired() from None
-            except ReadTimedOut as exc:
-                raise UpstreamTimeout("The model server stopped sending.") from exc
-            except ConnectionBroken as exc:
-                raise UpstreamProtocolError("The model server broke the stream.") from exc
-            deadline.arrived()
-            yield batch
+                while True:
+                    try:
+                        async with watch.begin_read():
+                            batch = await anext(batches)
+                    except StopAsyncIteration:
+                        return
+                    except TimeoutError:
+                        raise deadline.expired() from None
+                    except ReadTimedOut as exc:
+                        raise UpstreamTimeout("The model server stopped sending.") from exc
+                    except ConnectionBroken as exc:
+                        raise UpstreamProtocolError("The model server broke the stream.") from exc
+                    finally:
+                        watch.end_read()
+                    watch.arrived()
+                    yield batch
+            finally:
+                watch.close()
 
 
 # --- relaying: one write per upstream read, one error path ------------------------------------

@@ -9,7 +9,12 @@ import pytest
 from nilai.auth.base import Principal
 from nilai.errors import NilaiError, UpstreamProtocolError
 from nilai.gateway.chat.context import CLIENT_CLOSED, RequestContext
-from nilai.gateway.chat.stream import ReadDeadline, SseFraming, read_batches, relay_events
+from nilai.gateway.chat.stream import (
+    ReadDeadline,
+    SseFraming,
+    read_batches,
+    relay_events,
+)
 from nilai.gateway.drain import Drain
 from nilai.upstream.client import ConnectionBroken
 from nilai.upstream.sse import DONE, frame
@@ -149,6 +154,79 @@ async def test_a_client_that_leaves_is_recorded_and_sees_nothing_more(ctx: Reque
     # The relay's own release is for the normal end; the ChatStream releases on a close.
     assert released == []
     assert (ctx.status, ctx.error_kind) == (CLIENT_CLOSED, "ClientDisconnected")
+
+
+async def _trickle(count: int, every_s: float) -> AsyncIterator[bytes]:
+    """An upstream body: ``count`` events, one per read, ``every_s`` apart."""
+    for n in range(count):
+        await asyncio.sleep(every_s)
+        yield frame(str(n).encode())
+
+
+async def test_reads_within_the_idle_limit_never_time_out_however_long_the_stream(
+    ctx: RequestContext,
+):
+    """Each read has its own limit: 30 reads of 10 ms outlast the 50 ms limit many times."""
+    writes, _ = await _collect(_trickle(30, 0.01), ctx, first_s=0.05, idle_s=0.05)
+    assert writes[-1] == frame(END) + frame(DONE)
+    assert ctx.status == 200
+
+
+async def test_time_spent_writing_to_a_slow_client_is_not_the_model_servers(
+    ctx: RequestContext,
+):
+    """The limit runs while waiting for the model server, not while the client is written to."""
+    seen: list[bytes] = []
+    async for batch in _batches(_reads(frame(b"1"), frame(b"2")), first_s=0.05, idle_s=0.05):
+        seen += batch
+        await asyncio.sleep(0.15)  # three idle limits spent by the consumer
+    assert seen == [b"1", b"2"]
+
+
+async def test_a_stream_keeps_its_read_limit_with_one_timer_not_one_per_read(
+    ctx: RequestContext, monkeypatch: pytest.MonkeyPatch
+):
+    loop = asyncio.get_running_loop()
+    timers: list[float] = []
+    call_at = loop.call_at
+
+    def counting_call_at(when: float, *args: object, **kwargs: object) -> asyncio.TimerHandle:
+        timers.append(when)
+        return call_at(when, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "call_at", counting_call_at)
+    reads = [frame(str(n).encode()) for n in range(200)]
+    writes, _ = await _collect(_reads(*reads, frame(DONE)), ctx, first_s=5, idle_s=5)
+    monkeypatch.undo()
+    assert len(writes) == 202  # 200 events, the release, the end
+    assert len(timers) <= 2  # the first token's limit, then the idle limit
+
+
+async def test_the_drain_cuts_a_waiting_read_off_as_a_shutdown(ctx: RequestContext):
+    drain = Drain(0.04)
+    events = relay_events(
+        read_batches(_silent_after(frame(b"1")), ReadDeadline(5, 5, drain), drain),
+        Echo(),
+        ctx,
+        release=_nothing,
+    )
+    assert await anext(events) == frame(b"1")
+    drain.begin()  # the cut-off comes 30 ms from now; the read waits for 5 s
+    final = await anext(events)
+    assert "shutting down" in str(_error(final)["message"])
+    assert ctx.status == 503
+
+
+async def test_a_read_begun_after_the_drains_cut_off_ends_at_once(ctx: RequestContext):
+    drain = Drain(0.0)
+    drain.begin()
+    batches = read_batches(_silent_after(), ReadDeadline(5, 5, drain), drain)
+    with pytest.raises(NilaiError, match="shutting down"):
+        await anext(batches)
+
+
+async def _nothing() -> None:
+    pass
 
 
 def test_the_deadline_moves_from_first_token_to_idle() -> None:
