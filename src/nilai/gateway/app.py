@@ -14,11 +14,11 @@ from nilai.gateway.chat.validate import IGNORED_FIELDS_HEADER
 from nilai.gateway.cors import OpenAIErrorCORS
 from nilai.gateway.lifespan import StartupError, build_services
 from nilai.gateway.metrics import Metrics, MetricsMiddleware
-from nilai.gateway.middleware import RequestIdMiddleware
+from nilai.gateway.middleware import KeepServerSend, RequestIdMiddleware
 from nilai.gateway.routes import attestation, chat, health, keys, models, usage
 from nilai.gateway.routes import metrics as metrics_route
 from nilai.gateway.security import BodySizeLimit, SecurityHeaders
-from nilai.http_errors import install_error_handlers
+from nilai.http_errors import InternalErrors, install_error_handlers
 from nilai.logging import configure_logging
 from nilai.settings import NilaiSettings
 
@@ -75,6 +75,7 @@ def create_app(settings: NilaiSettings | None = None) -> FastAPI:
     # Outermost, so every response gets the headers, including those of the layers inside.
     app.add_middleware(SecurityHeaders, hsts=settings.hsts)
     app.add_middleware(StartupFailureInOneLine)
+    app.add_middleware(KeepServerSend)
     return app
 
 
@@ -115,6 +116,24 @@ class StartupFailureInOneLine:
             raise
         for message in held:
             await send(message)
+
+
+START_ONLY_MIDDLEWARE: frozenset[type] = frozenset(
+    {
+        KeepServerSend,
+        StartupFailureInOneLine,
+        SecurityHeaders,
+        RequestIdMiddleware,
+        MetricsMiddleware,
+        OpenAIErrorCORS,
+        BodySizeLimit,
+        InternalErrors,
+    }
+)
+"""The middleware a stream's chunks may pass by (``KeepServerSend``): each acts on a response's
+start and on the end of the call, never on the body messages between. (Starlette's own outer
+and inner layers, server errors and exception handlers, only note that the response started.)
+A layer that reads or rewrites bodies, compression say, must not be added to this list."""
 
 
 def create_app_from_env() -> FastAPI:

@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request ids (accepted or created, echoed, on every log line)."""
+"""Pure ASGI middleware: request ids, and the server's own ``send`` kept for streams."""
 
 from __future__ import annotations
 
@@ -45,3 +45,29 @@ def _incoming_id(scope: Scope) -> str | None:
             text = value.decode("latin-1")
             return text if _VALID_ID.match(text) else None
     return None
+
+
+SERVER_SEND = "nilai.server_send"
+"""The scope key under which ``KeepServerSend`` leaves the server's ``send``."""
+
+
+class KeepServerSend:
+    """Leave the server's own ``send`` in the scope, for a stream to write its chunks with.
+
+    A chat stream sends one body message per token, and through the middleware stack each one
+    passes a ``send`` wrapper per layer (ours and Starlette's, eight in all), each of which only
+    ever acts on the response start: that cost about a sixth of a relayed token's CPU. So a
+    stream sends its start and its final message through the stack, where every layer sees the
+    status, the headers and the end, and the chunks between them straight to the server.
+    Installed outermost. ``START_ONLY_MIDDLEWARE`` in ``nilai.gateway.app`` names the layers
+    that allows, and a test fails when a layer outside it is added.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection, with the server's ``send`` in the scope."""
+        if scope["type"] == "http":
+            scope[SERVER_SEND] = send
+        await self.app(scope, receive, send)

@@ -42,6 +42,7 @@ from nilai.crypto.domains import CHAT_COMPLETION_CHUNK_OBJECT
 from nilai.errors import NilaiError, ShuttingDown, UpstreamProtocolError, UpstreamTimeout
 from nilai.gateway.chat.signing import StreamSigner, claim_object
 from nilai.gateway.drain import Drain
+from nilai.gateway.middleware import SERVER_SEND
 from nilai.protocol.base import json_object
 from nilai.protocol.chat import ChatCompletionRequest
 from nilai.upstream.client import ConnectionBroken, ReadTimedOut
@@ -463,6 +464,9 @@ class ChatStreamResponse(StreamingResponse):
 
     A generator's own ``finally`` does not run if it is never started (the client left before
     the first byte), so the release happens here, around the whole response.
+
+    The chunks between the response start and its end go straight to the server's ``send``
+    where ``KeepServerSend`` left it (see there why); the start and the end pass the middleware.
     """
 
     def __init__(self, stream: ChatStream) -> None:
@@ -472,9 +476,21 @@ class ChatStreamResponse(StreamingResponse):
             headers={**SSE_HEADERS, **stream.headers},
         )
         self._stream = stream
+        self._chunk_send: Send | None = None
+
+    async def stream_response(self, send: Send) -> None:
+        """The start and the end through the middleware; the chunks past it, if it allows."""
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        write = self._chunk_send or send
+        async for chunk in self.body_iterator:
+            await write({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Send the stream, then release its resources even when cancelled."""
+        self._chunk_send = cast(Send | None, scope.get(SERVER_SEND))
         try:
             await super().__call__(scope, receive, send)
         finally:

@@ -2,20 +2,25 @@
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AsyncExitStack
 
 import pytest
+from starlette.types import Message, Scope, Send
 
 from nilai.auth.base import Principal
 from nilai.errors import NilaiError, UpstreamProtocolError
 from nilai.gateway.chat.context import CLIENT_CLOSED, RequestContext
 from nilai.gateway.chat.stream import (
+    ChatStream,
+    ChatStreamResponse,
     ReadDeadline,
     SseFraming,
     read_batches,
     relay_events,
 )
 from nilai.gateway.drain import Drain
+from nilai.gateway.middleware import SERVER_SEND
 from nilai.upstream.client import ConnectionBroken
 from nilai.upstream.sse import DONE, frame
 
@@ -255,3 +260,33 @@ async def test_another_api_frames_its_own_events_errors_and_end(ctx: RequestCont
     broken = _batches(_reads(frame(b"bad")))
     bad = relay_events(broken, Echo(), ctx, release=release, framing=framing)
     assert [w async for w in bad] == [b"event: error\n" + frame(b"bad_gateway") + b"event: end\n\n"]
+
+
+async def test_a_streams_chunks_go_straight_to_the_server_and_its_start_and_end_through_the_stack():
+    async def events() -> AsyncGenerator[bytes]:
+        yield b"one"
+        yield b"two"
+
+    released: list[str] = []
+    resources = AsyncExitStack()
+    resources.callback(released.append, "released")
+    through_stack: list[tuple[str, bytes]] = []
+    to_server: list[tuple[str, bytes]] = []
+
+    def recorder(into: list[tuple[str, bytes]]) -> Send:
+        async def send(message: Message) -> None:
+            into.append((message["type"], message.get("body", b"")))
+
+        return send
+
+    async def receive() -> Message:
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    scope: Scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+    scope[SERVER_SEND] = recorder(to_server)
+    response = ChatStreamResponse(ChatStream(events(), resources, {}))
+    await response(scope, receive, recorder(through_stack))
+    assert through_stack == [("http.response.start", b""), ("http.response.body", b"")]
+    assert to_server == [("http.response.body", b"one"), ("http.response.body", b"two")]
+    assert released == ["released"]
