@@ -25,7 +25,7 @@ COPY src ./src
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && python -m venv /opt/nilai \
     && /opt/nilai/bin/pip install --no-cache-dir --constraint constraints.txt \
-        /wheels/nilai-*.whl \
+        "$(ls /wheels/nilai-*.whl)[nildb]" \
     && /opt/nilai/bin/pip uninstall --yes pip
 
 
