@@ -21,6 +21,10 @@ exception class with a readable message.
 - ``AccountsUnavailable`` (503): stored API keys or NUC accounts cannot be checked now (the
   accounts database is unreachable, or too many unknown keys are being checked); ``Retry-After``.
 - ``NotSupported`` (501): a nilai extra (web search, nilRAG) this gateway does not offer.
+- ``ContextUnavailable`` (503): a service that private context comes from (nilDB, nilauth) is
+  not configured or cannot be reached; ``ContextNotAccessible`` (403): the prompt document does
+  not exist or this gateway may not read it; ``ContextCorrupt`` (502): what the service sent is
+  unusable (shares that do not fit together), and is never used.
 - ``InternalError`` (500): anything else; the message never carries internal detail.
 """
 
@@ -266,6 +270,31 @@ class AccountsUnavailable(NilaiError):
 
     def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class ContextUnavailable(NilaiError):
+    """Private context (a nilDB prompt, a delegation) cannot be had now: unconfigured or down."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "context_unavailable"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after_s: int = 1) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
+
+
+class ContextNotAccessible(Forbidden):
+    """The prompt document does not exist, or its owner has not let this gateway read it."""
+
+    default_code = "prompt_document_not_accessible"
+
+
+class ContextCorrupt(NilaiError):
+    """What nilDB returned does not fit together (inconsistent or tampered shares)."""
+
+    status = 502
+    type = "upstream_error"
+    default_code = "prompt_document_corrupt"
 
 
 def rate_limit_headers(decision: Decision) -> dict[str, str]:

@@ -120,6 +120,17 @@ class NilaiSettings(BaseSettings):
     nuc_max_lifetime_s: int = Field(default=86_400, ge=60, le=30 * 86_400)
     nuc_replay_protection: bool = True
 
+    # private prompts in nilDB (off unless nildb_nodes is set; docs/API.md "Private prompts")
+    nildb_nodes: CommaList = Field(default_factory=list)
+    nildb_nilauth_url: str | None = None
+    nildb_builder_key: SecretStr | None = None
+    nildb_builder_key_file: Path | None = None
+    nildb_collection: str | None = None
+    nildb_delegation_ttl_s: int = Field(default=60, ge=10, le=3600)
+    nildb_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    nildb_prompt_cache_s: float = Field(default=60.0, ge=0, le=3600)
+    nildb_max_prompt_bytes: int = Field(default=4096, ge=1, le=1024 * 1024)
+
     # storage: accounts, keys, query logs
     database_url: SecretStr | None = None
     db_auto_migrate: bool = True
@@ -222,6 +233,7 @@ class NilaiSettings(BaseSettings):
         "api_key_hashes",
         "nuc_root_issuers",
         "upstream_urls",
+        "nildb_nodes",
         "cors_origins",
         "metrics_allow",
         "forwarded_allow_ips",
@@ -243,6 +255,33 @@ class NilaiSettings(BaseSettings):
                     "upstream URLs must start with http:// or https://"
                 )
         return [url.rstrip("/") for url in value]
+
+    @field_validator("nildb_nodes")
+    @classmethod
+    def _check_nildb_nodes(cls, value: list[str]) -> list[str]:
+        for number, url in enumerate(value, 1):
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"entry {number} has {_scheme_of(url)}; nilDB node URLs must start with "
+                    "http:// or https://"
+                )
+        return [url.rstrip("/") for url in value]
+
+    @field_validator("nildb_nilauth_url")
+    @classmethod
+    def _check_nilauth_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"has {_scheme_of(value)}; it must start with http:// or https://")
+        return value.rstrip("/") if value else value
+
+    @field_validator("nildb_collection")
+    @classmethod
+    def _check_collection(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(
+            r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", value
+        ):
+            raise ValueError("nildb_collection must be a collection id (a UUID)")
+        return value.lower() if value else value
 
     @field_validator("attestation_url")
     @classmethod
@@ -330,7 +369,26 @@ class NilaiSettings(BaseSettings):
     def _check_strategies(self) -> Self:
         if not self.auth_strategies:
             raise ValueError("auth_strategies must name at least one strategy")
+        if self.nildb_builder_key is not None and self.nildb_builder_key_file is not None:
+            raise ValueError("set nildb_builder_key or nildb_builder_key_file, not both")
         return self
+
+    @property
+    def nildb_enabled(self) -> bool:
+        """Whether private prompts from nilDB are on (``NILAI_NILDB_NODES`` is set)."""
+        return bool(self.nildb_nodes)
+
+    @property
+    def nildb_missing(self) -> list[str]:
+        """The nilDB settings still needed once ``nildb_nodes`` is set (variable names)."""
+        missing: list[str] = []
+        if self.nildb_nilauth_url is None:
+            missing.append("NILAI_NILDB_NILAUTH_URL")
+        if self.nildb_builder_key is None and self.nildb_builder_key_file is None:
+            missing.append("NILAI_NILDB_BUILDER_KEY or NILAI_NILDB_BUILDER_KEY_FILE")
+        if self.nildb_collection is None:
+            missing.append("NILAI_NILDB_COLLECTION")
+        return missing
 
     @property
     def db_url(self) -> str:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import subprocess
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -247,23 +248,27 @@ def test_a_raw_private_key_as_bearer_is_explained_and_never_logged(
     assert private_key not in str(refused.value.body)
 
 
-def test_prompt_documents_are_refused_with_501_until_nildb_is_supported(
+def test_prompt_documents_are_refused_with_503_when_nildb_is_not_configured(
     start_fake: Callable[..., FakeHandle], start_gateway: Callable[..., GatewayHandle]
 ):
     fake = start_fake()
     gateway = start_gateway(upstream_urls=[fake.url], auth_strategies=["nuc"])
-    holder, caller = Holder(), PrivateKey()
-    document = {"document_id": "doc-1", "document_owner_did": str(did_of(PrivateKey()))}
-    delegation = holder.delegate(caller, meta=document)
+    owner, caller = Holder(), PrivateKey()
+    # The delegation naming the document is signed by its owner, as the gateway requires.
+    document = {"document_id": str(uuid.uuid4()), "document_owner_did": str(owner.did)}
+    delegation = owner.delegate(caller, meta=document)
     for stream in (False, True):
         response = chat(
             gateway.url, invoke(delegation, caller, gateway_did(gateway.url)), stream=stream
         )
-        assert response.status_code == 501, response.text
+        assert response.status_code == 503, response.text
         error = response.json()["error"]
-        assert error["code"] == "not_supported"
-        assert "prompt document" in error["message"]
+        assert error["code"] == "nildb_not_configured"
+        assert "NILAI_NILDB_NODES" in error["message"]
     assert fake.state.stats.requests == 0
+    # The same caller without a document is served: only the document is refused.
+    plain = invoke(owner.root(), owner.key, gateway_did(gateway.url))
+    assert chat(gateway.url, plain).status_code == 200
 
 
 def test_unknown_holders_are_refused_until_an_operator_creates_their_account(

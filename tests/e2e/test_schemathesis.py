@@ -12,6 +12,7 @@ it are kept out of the property run, so everything else is still checked.
 
 from __future__ import annotations
 
+import secrets
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,10 +34,12 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from secp256k1 import PrivateKey  # pyright: ignore[reportMissingTypeStubs]
 
 from nilai.gateway.app import create_app
 from nilai.settings import NilaiSettings
 from tests.conftest import TEST_API_KEY
+from tests.fakes.nildb import provision_builder, start_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -83,9 +86,22 @@ class Live:
 
 
 @pytest.fixture
-def gateway_url(start_fake, start_gateway) -> str:
+def gateway_url(start_fake, start_gateway) -> Iterator[str]:
+    """A gateway with every feature on: nilDB private prompts too (the stand-in cluster)."""
     fake = start_fake()
-    return start_gateway(upstream_urls=[fake.url]).url
+    cluster = start_cluster(2)
+    try:
+        secret = secrets.token_bytes(32)
+        _, collection = provision_builder(cluster, PrivateKey(secret, raw=True))
+        yield start_gateway(
+            upstream_urls=[fake.url],
+            nildb_nodes=cluster.node_urls,
+            nildb_nilauth_url=cluster.nilauth_url,
+            nildb_builder_key=secret.hex(),
+            nildb_collection=collection,
+        ).url
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ parameters are built once per process.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
@@ -277,6 +278,13 @@ def _chain(envelope: NucTokenEnvelope) -> list[DecodedNucToken]:
 
 
 def _prompt_document(tokens: list[DecodedNucToken]) -> PromptDocument | None:
+    """The prompt document the delegations name, if any.
+
+    The delegation that names it must be signed by the document's owner: the gateway can read
+    any document whose owner granted it access, so a document named by anyone else would let
+    them use (and perhaps get the model to repeat) another user's private prompt.
+    """
+    found: PromptDocument | None = None
     for decoded in tokens:
         meta = decoded.token.meta or {}
         document_id = meta.get("document_id")
@@ -285,8 +293,19 @@ def _prompt_document(tokens: list[DecodedNucToken]) -> PromptDocument | None:
         owner = meta.get("document_owner_did")
         if not isinstance(document_id, str) or not isinstance(owner, str):
             raise _rejected("its prompt document needs 'document_id' and 'document_owner_did'")
-        return PromptDocument(document_id, owner)
-    return None
+        if not _DOCUMENT_ID.fullmatch(document_id):
+            raise _rejected("its prompt document's 'document_id' is not a document id (a UUID)")
+        if str(decoded.token.issuer) != owner:
+            raise _rejected(
+                "the delegation naming a prompt document must be signed by the document's owner "
+                "('document_owner_did')",
+                code="prompt_document_not_owner",
+            )
+        document = PromptDocument(document_id.lower(), owner)
+        if found is not None and found != document:
+            raise _rejected("its delegations name two different prompt documents")
+        found = document
+    return found
 
 
 def _code(kind: ValidationKind) -> str:
@@ -297,6 +316,11 @@ def _code(kind: ValidationKind) -> str:
     if kind is ValidationKind.INVALID_AUDIENCE:
         return "invalid_nuc_audience"
     return "invalid_nuc_token"
+
+
+_DOCUMENT_ID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 
 
 def _rejected(reason: str, *, code: str = "invalid_nuc_token") -> AuthenticationFailed:

@@ -17,6 +17,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from nilai.attestation.factory import close_attestation_provider, make_attestation_provider
 from nilai.auth.strategies import make_authenticator
+from nilai.context.setup import make_private_prompts
 from nilai.crypto.keys import Signer, load_or_create_key
 from nilai.discovery.announcer import Announcer
 from nilai.discovery.base import Discovery
@@ -187,6 +188,7 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             read_timeout_s=settings.upstream_read_timeout_s,
         )
         stack.push_async_callback(upstream.aclose)
+        private_prompts = make_private_prompts(settings, http)
         chat = ChatService(
             upstream,
             snapshot,
@@ -198,6 +200,7 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             request_timeout_s=settings.request_timeout_s,
             first_byte_timeout_s=settings.stream_first_byte_timeout_s,
             idle_timeout_s=settings.stream_idle_timeout_s,
+            prompts=private_prompts.vault,
         )
         # Start-up objects (modules, settings, clients) live as long as the process: moving them
         # out of the collector's reach keeps full collections short under load.
@@ -220,6 +223,7 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             metrics=metrics,
             drain=drain,
             readiness=readiness,
+            delegations=private_prompts.delegations,
         )
 
 

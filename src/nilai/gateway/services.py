@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 
 from nilai.attestation.base import AttestationProvider
 from nilai.auth.base import Authenticator
+from nilai.context.nilauth import DelegationIssuer
 from nilai.crypto.keys import Signer
 from nilai.discovery.base import Discovery
 from nilai.discovery.snapshot import DiscoverySnapshot
@@ -42,3 +43,5 @@ class Services:
     metrics: Metrics
     drain: Drain
     readiness: SharedChecks
+    delegations: DelegationIssuer | None = None
+    """Mints ``/v1/delegation`` tokens; None when nilDB is not configured."""

@@ -41,6 +41,6 @@ _DESCRIPTIONS = {
     429: "A rate or concurrency limit is reached (see Retry-After).",
     500: "Internal error (no detail is given).",
     502: "The model server answered with something unusable.",
-    503: "No model server available, or rate limiting unavailable.",
+    503: "No model server available, or rate limiting (or nilDB, nilauth) unavailable.",
     504: "The time limit passed.",
 }

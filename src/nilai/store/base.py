@@ -57,6 +57,8 @@ class QueryLog:
     web_search: bool = False
     nilrag: bool = False
     multimodal: bool = False
+    prompt_document: bool = False
+    """A private prompt from nilDB was put first (which one, or what it said, is never kept)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,17 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -68,6 +78,7 @@ class QueryLogRow(Base):
     web_search: Mapped[bool] = mapped_column(Boolean)
     nilrag: Mapped[bool] = mapped_column(Boolean)
     multimodal: Mapped[bool] = mapped_column(Boolean)
+    prompt_document: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
 
 class UsageTotalRow(Base):

@@ -89,8 +89,8 @@ async def test_the_caller_is_the_invocations_issuer_and_limits_pass_through():
     repo = FakeAccounts()
     auth = authenticator(repo)
     holder, caller = Holder(), PrivateKey()
-    owner = str(did_of(PrivateKey()))
-    meta = {"document_id": "doc-7", "document_owner_did": owner}
+    owner = str(holder.did)
+    meta = {"document_id": "4f0b8a52-3c1d-4e8e-9d51-6a0f2b7c9e11", "document_owner_did": owner}
     proof = holder.delegate(caller, uses=4, meta=meta)
     principal = await auth.authenticate(invoke(proof, caller, did_of(GATEWAY)))
     (account,) = repo.accounts.values()
@@ -100,7 +100,9 @@ async def test_the_caller_is_the_invocations_issuer_and_limits_pass_through():
     (limit,) = principal.token_limits
     assert limit.token_id == proof.token.compute_hash().hex()
     assert limit.uses == 4
-    assert principal.prompt_document == PromptDocument("doc-7", owner)
+    assert principal.prompt_document == PromptDocument(
+        "4f0b8a52-3c1d-4e8e-9d51-6a0f2b7c9e11", owner
+    )
 
 
 async def test_two_holders_get_two_accounts():

@@ -212,12 +212,43 @@ def test_a_usage_limit_of_zero_is_kept(world: World):
     assert limit.uses == 0
 
 
+DOCUMENT_ID = "4f0b8a52-3c1d-4e8e-9d51-6a0f2b7c9e11"
+
+
 def test_prompt_document_meta_is_carried(world: World):
-    owner = str(did_of(PrivateKey()))
-    meta = {"document_id": "doc-42", "document_owner_did": owner}
+    owner = str(world.holder.did)  # the owner signs the delegation that names the document
+    meta = {"document_id": DOCUMENT_ID.upper(), "document_owner_did": owner}
     granted = world.verifier.verify(world.delegated(uses=2, meta=meta))
-    assert granted.prompt_document == PromptDocument("doc-42", owner)
+    assert granted.prompt_document == PromptDocument(DOCUMENT_ID, owner)
     assert [limit.uses for limit in granted.limits] == [2]
+
+
+def test_a_prompt_document_named_by_someone_other_than_its_owner_is_refused(world: World):
+    someone_else = str(did_of(PrivateKey()))
+    meta = {"document_id": DOCUMENT_ID, "document_owner_did": someone_else}
+    with pytest.raises(AuthenticationFailed) as refused:
+        world.verifier.verify(world.delegated(meta=meta))
+    assert refused.value.code == "prompt_document_not_owner"
+    assert "signed by the document's owner" in refused.value.message
+
+
+def test_a_prompt_document_id_must_be_a_document_id(world: World):
+    meta = {"document_id": "../../admin", "document_owner_did": str(world.holder.did)}
+    with pytest.raises(AuthenticationFailed, match="not a document id"):
+        world.verifier.verify(world.delegated(meta=meta))
+
+
+def test_two_delegations_naming_different_documents_are_refused(world: World):
+    owner = str(world.holder.did)
+    first = world.holder.delegate(
+        world.holder.key, meta={"document_id": DOCUMENT_ID, "document_owner_did": owner}
+    )
+    other = "5f0b8a52-3c1d-4e8e-9d51-6a0f2b7c9e11"
+    second = world.holder.delegate(
+        world.caller, root=first, meta={"document_id": other, "document_owner_did": owner}
+    )
+    with pytest.raises(AuthenticationFailed, match="two different prompt documents"):
+        world.verifier.verify(invoke(second, world.caller, world.gateway_did))
 
 
 def test_a_chain_of_the_maximum_length_verifies(world: World):

@@ -33,6 +33,7 @@ class RequestContext:
     web_search: bool = False
     nilrag: bool = False
     multimodal: bool = False
+    prompt_document: bool = False
     endpoint: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -101,4 +102,5 @@ class RequestContext:
             web_search=self.web_search,
             nilrag=self.nilrag,
             multimodal=self.multimodal,
+            prompt_document=self.prompt_document,
         )

@@ -16,11 +16,11 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 from nilai.auth.nuc_policies import check_request_policies
+from nilai.context.prompts import PromptsOff, PromptVault
 from nilai.crypto.keys import Signer
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.errors import (
     NilaiError,
-    NotSupported,
     ShuttingDown,
     UpstreamTimeout,
     rate_limit_headers,
@@ -63,8 +63,10 @@ class ChatService:
         request_timeout_s: float,
         first_byte_timeout_s: float = 60.0,
         idle_timeout_s: float = 60.0,
+        prompts: PromptVault | None = None,
     ) -> None:
         self._snapshot = snapshot
+        self._prompts: PromptVault = prompts or PromptsOff("NILAI_NILDB_NODES is not set")
         self._dispatcher = Dispatcher(upstream, snapshot)
         self._signer = signer
         self._usage = usage
@@ -89,16 +91,21 @@ class ChatService:
         ctx.nilrag = bool(request.nilrag)
         ctx.multimodal = request.has_image()
         check_request_policies(ctx.principal, request)
-        if ctx.principal.prompt_document is not None:
-            raise NotSupported(
-                "This token references a nilDB prompt document; this gateway cannot fetch "
-                "prompt documents yet, so the request is refused rather than served without it."
-            )
         try:
-            return validate_chat(request, self._snapshot)
+            system_prompt = await self._private_prompt(ctx)
+            return validate_chat(request, self._snapshot, system_prompt=system_prompt)
         except NilaiError:
             await self._admission.admit(ctx.principal, web_search=request.web_search)
             raise
+
+    async def _private_prompt(self, ctx: RequestContext) -> str | None:
+        """The system prompt the caller's token names in nilDB, if any (never logged)."""
+        document = ctx.principal.prompt_document
+        if document is None:
+            return None
+        prompt = await self._prompts.reveal(document)
+        ctx.prompt_document = True
+        return prompt
 
     def _admit(
         self, chat: ValidatedChat, ctx: RequestContext

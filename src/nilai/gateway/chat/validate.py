@@ -35,8 +35,16 @@ class ValidatedChat:
         return self.card.id
 
 
-def validate_chat(request: ChatCompletionRequest, snapshot: DiscoverySnapshot) -> ValidatedChat:
+def validate_chat(
+    request: ChatCompletionRequest,
+    snapshot: DiscoverySnapshot,
+    *,
+    system_prompt: str | None = None,
+) -> ValidatedChat:
     """Check ``request`` against the model it names, or raise a ``NilaiError``.
+
+    ``system_prompt`` (a private prompt from nilDB) goes first in what the model server
+    receives, before the client's own messages; the request itself is left as sent.
 
     An unknown model is 404; one served until moments ago is 503 with ``Retry-After``.
     """
@@ -56,7 +64,7 @@ def validate_chat(request: ChatCompletionRequest, snapshot: DiscoverySnapshot) -
             code="model_not_found",
         )
     _check_capabilities(request, card)
-    return ValidatedChat(request, card, upstream_payload(request))
+    return ValidatedChat(request, card, upstream_payload(request, system_prompt=system_prompt))
 
 
 def _check_capabilities(request: ChatCompletionRequest, card: ModelCard) -> None:
@@ -81,8 +89,10 @@ def _check_capabilities(request: ChatCompletionRequest, card: ModelCard) -> None
         )
 
 
-def upstream_payload(request: ChatCompletionRequest) -> bytes:
+def upstream_payload(request: ChatCompletionRequest, *, system_prompt: str | None = None) -> bytes:
     """The JSON sent upstream: only fields the client set, known to OpenAI or vLLM.
+
+    A ``system_prompt`` becomes the first message, ahead of the client's own system message.
 
     Streams always ask the model server for usage, so every stream can be accounted; the
     relay forwards the usage chunk only to clients that asked for it.
@@ -90,6 +100,8 @@ def upstream_payload(request: ChatCompletionRequest) -> bytes:
     exclude = set(NILAI_ONLY_FIELDS) | set(request.unknown_fields())
     data = request.model_dump(mode="json", exclude_unset=True, exclude=exclude)
     data["model"] = request.model
+    if system_prompt is not None:
+        data["messages"] = [{"role": "system", "content": system_prompt}, *data["messages"]]
     if request.stream:
         # Running totals on every chunk let a stream the client abandons be accounted exactly.
         options = dict(data.get("stream_options") or {})
