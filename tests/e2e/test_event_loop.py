@@ -11,6 +11,11 @@ callback, which roughly doubles a step's cost; the longest real steps here (a wh
 stream relayed in one step when the model server's bytes arrive at once) take up to ~10 ms
 without debug mode (measured by timing every handle, docs/PERFORMANCE.md). A blocking call —
 a synchronous HTTP or database call, a CPU-heavy job on the loop — takes far longer.
+
+The second test adds private prompts (issue 17) to the mix: chats whose NUC names a prompt
+document, stored by nilai-py in stand-in nilDB nodes, and ``GET /v1/delegation`` calls. The
+prompt cache is off there, so every such chat reads all nodes and reveals the shares (the
+costly path: a NUC signed per node, then blindfold's combine).
 """
 
 from __future__ import annotations
@@ -18,14 +23,27 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
+from secp256k1 import PrivateKey  # pyright: ignore[reportMissingTypeStubs]
 
 from tests.conftest import TEST_API_KEY, FakeHandle
+from tests.e2e.test_private_prompts import (
+    PROMPT,
+    new_builder,
+    node_requests,
+    owner_token,
+    store_with_nilai_py,
+)
+from tests.fakes.nildb import start_cluster
+from tests.support.nuc import did_of
 from tests.support.servers import free_port, stop_process, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -36,58 +54,165 @@ MESSAGES = [{"role": "user", "content": "hello there"}]
 HEADERS = {"Authorization": f"Bearer {TEST_API_KEY}"}
 
 
-def chat(client: httpx.Client, url: str, *, stream: bool) -> int:
-    body = {"model": "fake-model", "messages": MESSAGES, "stream": stream}
-    if not stream:
-        return client.post(f"{url}/v1/chat/completions", json=body, headers=HEADERS).status_code
-    with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=HEADERS) as r:
-        for _ in r.iter_bytes():
-            pass
-        return r.status_code
+@dataclass(frozen=True)
+class DebugGateway:
+    """The gateway subprocess on a debug-mode loop, and the log its slow steps go to."""
+
+    url: str
+    log: Path
+
+    def slow_steps(self) -> list[str]:
+        """The "Executing <Task ...> took N seconds" lines asyncio has logged so far."""
+        text = self.log.read_text(errors="replace")
+        return [line for line in text.splitlines() if "Executing" in line]
 
 
-def slow_steps(log: Path) -> list[str]:
-    return [line for line in log.read_text(errors="replace").splitlines() if "Executing" in line]
+@contextmanager
+def debug_gateway(tmp_path: Path, upstream_url: str, **env: str) -> Generator[DebugGateway]:
+    """Run tests/support/debug_loop_gateway.py in its own process until ready; stop it after.
 
-
-def test_no_slow_callbacks_under_traffic(start_fake: Callable[..., FakeHandle], tmp_path: Path):
-    fake = start_fake(tokens=32)
+    ``env`` adds ``NILAI_*`` settings to the API key, model server and rate limit given here.
+    """
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
+    gateway = DebugGateway(f"http://127.0.0.1:{port}", tmp_path / "gateway.log")
+    settings = {
         "PYTHONPATH": str(ROOT),
         "NILAI_DATA_DIR": str(tmp_path),
         "NILAI_API_KEY": TEST_API_KEY,
-        "NILAI_UPSTREAM_URLS": fake.url,
+        "NILAI_UPSTREAM_URLS": upstream_url,
         "NILAI_RATE_LIMIT_MINUTE": "100000",
+        **env,
     }
-    log = tmp_path / "gateway.log"
     command = [sys.executable, "-m", "tests.support.debug_loop_gateway", str(port)]
-    with log.open("wb") as out:
+    with gateway.log.open("wb") as out:
         process = subprocess.Popen(
-            [*command, str(SLOW_CALLBACK_S)], env=env, stdout=out, stderr=subprocess.STDOUT
+            [*command, str(SLOW_CALLBACK_S)],
+            env={**os.environ, **settings},
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     try:
         with httpx.Client(timeout=10) as client:
 
             def ready() -> bool:
-                assert process.poll() is None, log.read_text()
+                assert process.poll() is None, gateway.log.read_text()
                 try:
-                    return client.get(f"{url}/v1/models", headers=HEADERS).status_code == 200
+                    models = client.get(f"{gateway.url}/v1/models", headers=HEADERS)
                 except httpx.TransportError:
                     return False
+                return models.status_code == 200
 
             wait_until(ready, timeout_s=30, interval_s=0.1)
-            for stream in (False, True, False, True):  # warm-up: first-use imports and caches
-                assert chat(client, url, stream=stream) == 200
-            warm = len(slow_steps(log))
-            jobs = [stream for _ in range(15) for stream in (False, True)]
-            with ThreadPoolExecutor(max_workers=4) as pool:
-                statuses = list(pool.map(lambda s: chat(client, url, stream=s), jobs))
-            assert client.get(f"{url}/metrics").status_code == 200
-            assert client.get(f"{url}/readyz").status_code == 200
+        yield gateway
     finally:
         stop_process(process)
+
+
+def chat(
+    client: httpx.Client,
+    url: str,
+    *,
+    stream: bool,
+    headers: dict[str, str] = HEADERS,
+) -> int:
+    """POST a chat (read to the end when streamed); its status."""
+    body = {"model": "fake-model", "messages": MESSAGES, "stream": stream}
+    if not stream:
+        return client.post(f"{url}/v1/chat/completions", json=body, headers=headers).status_code
+    with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
+        for _ in r.iter_bytes():
+            pass
+        return r.status_code
+
+
+def test_no_slow_callbacks_under_traffic(start_fake: Callable[..., FakeHandle], tmp_path: Path):
+    fake = start_fake(tokens=32)
+    with debug_gateway(tmp_path, fake.url) as gateway, httpx.Client(timeout=10) as client:
+        url = gateway.url
+        for stream in (False, True, False, True):  # warm-up: first-use imports and caches
+            assert chat(client, url, stream=stream) == 200
+        warm = len(gateway.slow_steps())
+        jobs = [stream for _ in range(15) for stream in (False, True)]
+
+        def send(stream: bool) -> int:
+            return chat(client, url, stream=stream)
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            statuses = list(pool.map(send, jobs))
+        assert client.get(f"{url}/metrics").status_code == 200
+        assert client.get(f"{url}/readyz").status_code == 200
     assert statuses == [200] * len(jobs)
-    assert slow_steps(log)[warm:] == []
+    assert gateway.slow_steps()[warm:] == []
+
+
+def test_no_slow_callbacks_with_prompt_documents_in_the_traffic(
+    start_fake: Callable[..., FakeHandle], tmp_path: Path
+):
+    fake = start_fake(tokens=32)
+    cluster = start_cluster(3)
+    try:
+        builder = new_builder(cluster)
+        # The settings test_private_prompts.py gives NilaiSettings, as the subprocess's env.
+        nildb_env = {
+            f"NILAI_{name.upper()}": ",".join(cast("list[str]", value))
+            if isinstance(value, list)
+            else str(value)
+            for name, value in builder.settings(cluster).items()
+        }
+        with (
+            debug_gateway(
+                tmp_path,
+                fake.url,
+                NILAI_AUTH_STRATEGIES="api_key,nuc",
+                # Off: every document chat reads all nodes and reveals, the costly path.
+                NILAI_NILDB_PROMPT_CACHE_S="0",
+                **nildb_env,
+            ) as gateway,
+            httpx.Client(timeout=10) as client,
+        ):
+            # nilai-py stores the prompt through this gateway's own /v1/delegation.
+            stored = store_with_nilai_py(cluster, builder, gateway.url)
+            user_did = str(did_of(PrivateKey()))
+
+            def delegation() -> int:
+                params = {"prompt_delegation_request": user_did}
+                answer = client.get(f"{gateway.url}/v1/delegation", params=params, headers=HEADERS)
+                return answer.status_code
+
+            def document_chat(stream: bool) -> int:
+                token = owner_token(gateway, stored)
+                headers = {"Authorization": f"Bearer {token}"}
+                return chat(client, gateway.url, stream=stream, headers=headers)
+
+            def send(job: tuple[str, bool]) -> int:
+                kind, stream = job
+                if kind == "delegation":
+                    return delegation()
+                if kind == "document":
+                    return document_chat(stream)
+                return chat(client, gateway.url, stream=stream)
+
+            # Warm-up: first-use imports (blindfold, the NUC validation) and the nodes' DIDs.
+            for stream in (False, True):
+                assert chat(client, gateway.url, stream=stream) == 200
+                assert document_chat(stream) == 200
+            assert delegation() == 200
+            sent: Any = fake.state.stats.last_body
+            assert sent["messages"][0] == {"role": "system", "content": PROMPT}
+            warm = len(gateway.slow_steps())
+
+            kinds = [("api_key", False), ("api_key", True), ("document", False)]
+            kinds += [("document", True), ("delegation", False)]
+            jobs = [job for _ in range(8) for job in kinds]
+            before = node_requests(cluster)
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                statuses = list(pool.map(send, jobs))
+            after = node_requests(cluster)
+            assert client.get(f"{gateway.url}/metrics").status_code == 200
+    finally:
+        cluster.stop()
+    assert statuses == [200] * len(jobs), list(zip(jobs, statuses, strict=True))
+    # No prompt cache: every document chat read the document from every node.
+    documents = sum(kind == "document" for kind, _ in jobs)
+    assert [a - b for a, b in zip(after, before, strict=True)] >= [documents] * len(before)
+    assert gateway.slow_steps()[warm:] == []

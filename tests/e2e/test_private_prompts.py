@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pytest
@@ -149,13 +149,22 @@ def stored(cluster: FakeNildbCluster, tmp_path_factory: pytest.TempPathFactory) 
 # --- chats ---------------------------------------------------------------------------------------
 
 
-def public_key(gateway: GatewayHandle) -> str:
+class Served(Protocol):
+    """A running gateway: a ``GatewayHandle``, or one in its own process (test_event_loop.py)."""
+
+    @property
+    def url(self) -> str:
+        """The gateway's base URL (``http://127.0.0.1:PORT``)."""
+        ...
+
+
+def public_key(gateway: Served) -> str:
     """The gateway's signing key as ``GET /v1/public_key`` gives it (base64)."""
     return httpx.get(f"{gateway.url}/v1/public_key", timeout=10).json()
 
 
 def document_token(
-    gateway: GatewayHandle,
+    gateway: Served,
     signer: PrivateKey,
     document: str,
     owner_did: str,
@@ -169,7 +178,7 @@ def document_token(
     return invoke(delegation, caller, gateway_did_from_b64(public_key(gateway)))
 
 
-def owner_token(gateway: GatewayHandle, stored: Stored, **kwargs: Any) -> str:
+def owner_token(gateway: Served, stored: Stored, **kwargs: Any) -> str:
     """An invocation naming the stored document, delegated by its owner (as nilai-py's users do)."""
     owner_did = str(did_of(stored.owner))
     return document_token(gateway, stored.owner, stored.document, owner_did, **kwargs)
