@@ -39,6 +39,7 @@ from nuc.token import (  # pyright: ignore[reportMissingTypeStubs]
 from secp256k1 import PrivateKey  # pyright: ignore[reportMissingTypeStubs]
 
 from nilai.errors import ContextUnavailable, ValidationFailed
+from nilai.outages import OutageLog, mask_url
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ DATA_CREATE = Command(["nil", "db", "data", "create"])
 _REFRESH_BEFORE_S = 60.0
 """A root token is replaced once it has less than this left (or half its life, if shorter)."""
 _DID = re.compile(r"did:nil:(0[23][0-9a-fA-F]{64})")
+
+
+class NilauthRefused(Exception):
+    """Why nilauth gave no usable root token (for the outage log: no token, no key)."""
 
 
 class RootTokens(Protocol):
@@ -85,6 +90,12 @@ class NilauthRootTokens:
         self._clock = clock
         self._held: _Held | None = None
         self._fetching: asyncio.Task[_Held] | None = None
+        self._outage = OutageLog(
+            logger,
+            "nilauth",
+            "GET /v1/delegation gets 503 once the root token held expires",
+            where=mask_url(url),
+        )
 
     async def root(self) -> NucTokenEnvelope:
         """The root token; see ``RootTokens.root``."""
@@ -109,6 +120,7 @@ class NilauthRootTokens:
             self._held = task.result()
 
     async def _fetch(self) -> _Held:
+        started = time.monotonic()
         try:
             about = await self._http.get(f"{self._url}/about", timeout=self._timeout_s)
             about.raise_for_status()
@@ -145,12 +157,13 @@ class NilauthRootTokens:
             MalformedNucTokenException,
             MalformedDidException,
         ) as exc:
-            logger.warning("nilauth at %s did not issue a root token (%s)", self._url, _reason(exc))
+            self._outage.failed(NilauthRefused(_reason(exc)), started=started)
             raise ContextUnavailable(
                 "nilauth, which issues this gateway's nilDB tokens, cannot be reached or refused;"
                 " try again later.",
                 code="nilauth_unavailable",
             ) from None
+        self._outage.answered(started=started)
         now = self._clock()
         expires = _expiry(envelope)
         return _Held(envelope, expires - min(_REFRESH_BEFORE_S, (expires - now) / 2))

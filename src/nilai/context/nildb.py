@@ -33,6 +33,7 @@ from secp256k1 import PrivateKey  # pyright: ignore[reportMissingTypeStubs]
 from nilai.auth.base import PromptDocument
 from nilai.context.prompts import NOT_ACCESSIBLE
 from nilai.errors import ContextCorrupt, ContextNotAccessible, ContextUnavailable
+from nilai.outages import OutageLog, mask_url
 from nilai.protocol.base import json_object
 
 logger = logging.getLogger(__name__)
@@ -40,12 +41,13 @@ logger = logging.getLogger(__name__)
 USERS_READ = Command(["nil", "db", "users", "read"])
 _INVOCATION_TTL_S = 60
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_CONSEQUENCE = "chats whose token names a prompt document get 503 until it answers"
 _NOT_READABLE = (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN, HTTPStatus.NOT_FOUND)
 """What a node answers for a document it does not hold for that owner, or not for us."""
 _NODE_KEY = re.compile(r"0[23][0-9a-fA-F]{64}")
 
 
-class _NodeDown(Exception):
+class NodeDown(Exception):
     """A node could not be reached or answered with a server error."""
 
 
@@ -75,6 +77,12 @@ class NilDBPromptVault:
         self._max_prompt_bytes = max_prompt_bytes
         self._clock = clock
         self._node_dids: dict[str, Did] = {}
+        # One warning when a node stops answering, reminders, one when it is back: not a line
+        # per request while it is down.
+        self._outages = {
+            node: OutageLog(logger, "nilDB node", _CONSEQUENCE, where=mask_url(node))
+            for node in nodes
+        }
 
     async def reveal(self, document: PromptDocument) -> str:
         """The prompt; see ``PromptVault.reveal``."""
@@ -87,9 +95,9 @@ class NilDBPromptVault:
         )
         failures = [r for r in results if isinstance(r, BaseException)]
         for failure in failures:
-            if not isinstance(failure, _NodeDown | _NotReadable | ContextCorrupt):
+            if not isinstance(failure, NodeDown | _NotReadable | ContextCorrupt):
                 raise failure  # a bug or a cancellation: not the nodes' doing
-        if any(isinstance(f, _NodeDown) for f in failures):
+        if any(isinstance(f, NodeDown) for f in failures):
             raise ContextUnavailable(
                 "A nilDB node holding the prompt document cannot be reached; the prompt cannot "
                 "be revealed without every node's share. Try again later.",
@@ -120,6 +128,17 @@ class NilDBPromptVault:
         return text
 
     async def _read(self, node: str, document_id: str, owner: Did) -> dict[str, object]:
+        outage = self._outages[node]
+        started = time.monotonic()
+        try:
+            data = await self._read_from(node, document_id, owner)
+        except NodeDown as exc:
+            outage.failed(exc, started=started)
+            raise
+        outage.answered(started=started)
+        return data
+
+    async def _read_from(self, node: str, document_id: str, owner: Did) -> dict[str, object]:
         did = await self._node_did(node)
         token = (
             NucTokenBuilder.invocation({})
@@ -135,11 +154,9 @@ class NilDBPromptVault:
                 url, headers={"Authorization": f"Bearer {token}"}, timeout=self._timeout_s
             )
         except httpx.HTTPError as exc:
-            logger.warning("nilDB node %s unreachable (%s)", node, type(exc).__name__)
-            raise _NodeDown from None
+            raise NodeDown(type(exc).__name__) from None
         if response.status_code >= HTTPStatus.INTERNAL_SERVER_ERROR:
-            logger.warning("nilDB node %s answered %d", node, response.status_code)
-            raise _NodeDown
+            raise NodeDown(f"status {response.status_code}")
         if response.status_code in _NOT_READABLE:
             raise _NotReadable
         if response.status_code != HTTPStatus.OK:
@@ -163,13 +180,11 @@ class NilDBPromptVault:
             response.raise_for_status()
             about: object = response.json()
         except (httpx.HTTPError, ValueError) as exc:
-            logger.warning("nilDB node %s: /about failed (%s)", node, type(exc).__name__)
-            raise _NodeDown from None
+            raise NodeDown(f"/about: {type(exc).__name__}") from None
         fields = json_object(about)
         key = fields.get("public_key") if fields is not None else None
         if not isinstance(key, str) or not _NODE_KEY.fullmatch(key):
-            logger.warning("nilDB node %s: /about has no usable public key", node)
-            raise _NodeDown
+            raise NodeDown("/about has no usable public key")
         did = Did(bytes.fromhex(key))
         self._node_dids[node] = did
         return did

@@ -552,7 +552,7 @@ async def test_no_log_record_holds_the_prompt_or_a_share(
         (record.getMessage(), repr(record.args), record.exc_text or "") for record in caplog.records
     ]
     assert any("prompt document rejected" in message for message, _, _ in logged)
-    assert any("unreachable" in message for message, _, _ in logged)
+    assert any("nilDB node unavailable" in message for message, _, _ in logged)
     tampered = flip_first_byte(world.shares[1], 0x02)
     for message, args, exc_text in logged:
         for secret in [*_secrets(world), tampered]:
@@ -579,3 +579,21 @@ async def test_errors_do_not_carry_the_prompt_or_a_share(world: World):
             assert secret not in repr(error.__cause__)
         assert error.__cause__ is None
         assert error.__context__ is None or error.__suppress_context__
+
+
+async def test_a_node_outage_is_logged_once_and_its_end_once(
+    world: World, caplog: pytest.LogCaptureFixture
+):
+    world.node(1).answer = refuse_connection
+    with caplog.at_level(logging.WARNING, logger="nilai.context.nildb"):
+        for _ in range(5):
+            await reveal_fails(world, ContextUnavailable)
+        world.node(1).answer = None
+        assert await world.vault.reveal(world.document()) == PROMPT
+    messages = [record.getMessage() for record in caplog.records]
+    down = [m for m in messages if "nilDB node unavailable" in m]
+    back = [m for m in messages if "nilDB node available again" in m]
+    assert len(down) == 1, messages
+    assert "http://node1.test" in down[0]
+    assert len(back) == 1, messages
+    assert "5 failed attempts" in back[0]
