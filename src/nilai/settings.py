@@ -88,6 +88,21 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return cast("dict[str, Any]", data)
 
 
+UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+"""A UUID in its usual text form (nilDB's collection and document ids)."""
+
+
+def _http_urls(urls: list[str], what: str) -> list[str]:
+    """``urls`` without trailing slashes, or a ValueError for one that is not http(s)."""
+    for number, url in enumerate(urls, 1):
+        if not url.startswith(("http://", "https://")):
+            # The URL may carry user:password@, so only its position and scheme are named.
+            raise ValueError(
+                f"entry {number} has {_scheme_of(url)}; {what} must start with http:// or https://"
+            )
+    return [url.rstrip("/") for url in urls]
+
+
 class NilaiSettings(BaseSettings):
     """Everything an operator can configure; see ``.env.sample`` for each variable."""
 
@@ -246,26 +261,13 @@ class NilaiSettings(BaseSettings):
 
     @field_validator("upstream_urls")
     @classmethod
-    def _strip_slashes(cls, value: list[str]) -> list[str]:
-        for number, url in enumerate(value, 1):
-            if not url.startswith(("http://", "https://")):
-                # The URL may carry user:password@, so only its position and scheme are named.
-                raise ValueError(
-                    f"entry {number} has {_scheme_of(url)}; "
-                    "upstream URLs must start with http:// or https://"
-                )
-        return [url.rstrip("/") for url in value]
+    def _check_upstream_urls(cls, value: list[str]) -> list[str]:
+        return _http_urls(value, "upstream URLs")
 
     @field_validator("nildb_nodes")
     @classmethod
     def _check_nildb_nodes(cls, value: list[str]) -> list[str]:
-        for number, url in enumerate(value, 1):
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(
-                    f"entry {number} has {_scheme_of(url)}; nilDB node URLs must start with "
-                    "http:// or https://"
-                )
-        return [url.rstrip("/") for url in value]
+        return _http_urls(value, "nilDB node URLs")
 
     @field_validator("nildb_nilauth_url")
     @classmethod
@@ -277,9 +279,7 @@ class NilaiSettings(BaseSettings):
     @field_validator("nildb_collection")
     @classmethod
     def _check_collection(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(
-            r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", value
-        ):
+        if value is not None and not UUID.fullmatch(value):
             raise ValueError("nildb_collection must be a collection id (a UUID)")
         return value.lower() if value else value
 

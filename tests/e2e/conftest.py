@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from tests.conftest import FakeHandle, GatewayHandle
+from tests.fakes.nildb import FakeNildbCluster, start_cluster
 from tests.support.replicas import start_replica  # noqa: F401 - a fixture for e2e tests
 
 
@@ -51,3 +52,13 @@ def tiny_engine(tiny_model_dir):
     from nilai.workers.local.engine import TransformersEngine
 
     return TransformersEngine(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[FakeNildbCluster]:
+    """A stand-in nilauth and three nilDB nodes for the module (tests undo the faults they set)."""
+    running = start_cluster(3)
+    try:
+        yield running
+    finally:
+        running.stop()

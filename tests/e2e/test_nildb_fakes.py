@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,7 +40,7 @@ from nuc.token import (  # pyright: ignore[reportMissingTypeStubs]
 )
 from secp256k1 import PrivateKey  # pyright: ignore[reportMissingTypeStubs]
 
-from tests.fakes.nildb import FakeNildbCluster, start_cluster
+from tests.fakes.nildb import FakeNildbCluster
 
 # nuc.nilauth pulls in cosmpy and protobuf, whose C extension warns (DeprecationWarning) when it
 # loads; this suite turns warnings into errors, so it is imported with that one warning muted.
@@ -84,16 +83,6 @@ class Stored:
     def user_did(self) -> str:
         """The prompt's owner."""
         return str(self.report["user_did"])
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[FakeNildbCluster]:
-    """A stand-in nilauth and three nodes for the module."""
-    running = start_cluster(3)
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")

@@ -13,38 +13,18 @@ from typing import Any
 
 import openai
 import pytest
-from sqlalchemy import inspect, select, table, text
-from sqlalchemy.engine import Connection
+from sqlalchemy import select
 
-from nilai.store.sql import make_engine
 from nilai.store.tables import QueryLogRow
 from tests.conftest import TEST_API_KEY
 from tests.support.servers import wait_until
 from tests.support.stores import (
     create_tenant,
-    run_sync,
+    dump_database,
     with_store,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
-
-
-def _all_rows(sync: Connection) -> dict[str, list[tuple[Any, ...]]]:
-    dump: dict[str, list[tuple[Any, ...]]] = {}
-    for name in inspect(sync).get_table_names():
-        columns = [column["name"] for column in inspect(sync).get_columns(name)]
-        query = select(*(text(f'"{c}"') for c in columns)).select_from(table(name))
-        dump[name] = [tuple(row) for row in sync.execute(query)]
-    return dump
-
-
-async def _dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
-    engine = make_engine(url)
-    try:
-        async with engine.connect() as conn:
-            return await conn.run_sync(_all_rows)
-    finally:
-        await engine.dispose()
 
 
 def _query_logs(url: str) -> int:
@@ -104,7 +84,7 @@ def test_no_content_or_key_in_logs_or_database(
 
     wait_until(lambda: _query_logs(db_url) >= 5, what="the query logs")
 
-    dump = run_sync(_dump(db_url))
+    dump = dump_database(db_url)
     captured = capfd.readouterr()
     log_text = "\n".join(
         [caplog.text, *(r.getMessage() for r in caplog.records), captured.out, captured.err]

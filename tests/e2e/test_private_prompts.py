@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -23,20 +23,18 @@ import httpx
 import pytest
 from nuc.envelope import NucTokenEnvelope  # pyright: ignore[reportMissingTypeStubs]
 from secp256k1 import PrivateKey  # pyright: ignore[reportMissingTypeStubs]
-from sqlalchemy import inspect, select, table, text
-from sqlalchemy.engine import Connection
+from sqlalchemy import select
 
 from nilai.crypto.verify import verify_response, verify_stream
 from nilai.gateway.app import create_app
 from nilai.settings import NilaiSettings
-from nilai.store.sql import make_engine
 from nilai.store.tables import QueryLogRow
 from tests.conftest import TEST_API_KEY, FakeHandle, GatewayHandle
 from tests.e2e.test_nildb_fakes import run_flow
 from tests.fakes.nildb import FakeNildbCluster, provision_builder, start_cluster
 from tests.support.nuc import Holder, did_of, gateway_did_from_b64, invoke
 from tests.support.servers import ServerThread, wait_until
-from tests.support.stores import run_sync, with_store
+from tests.support.stores import dump_database, with_store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -117,16 +115,6 @@ def store_with_nilai_py(cluster: FakeNildbCluster, builder: Builder, gateway_url
     assert len(report["nilai_py_documents"]) == 1, report
     owner = PrivateKey(owner_secret, raw=True)
     return Stored(builder, owner, report["document"], report)
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[FakeNildbCluster]:
-    """A stand-in nilauth and three nilDB nodes for the module (faults are undone by tests)."""
-    running = start_cluster(3)
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")
@@ -492,29 +480,6 @@ def test_nilauth_down_fails_delegations_with_503_while_chat_works(
 
 
 # --- privacy ---------------------------------------------------------------------------------
-
-
-def _all_rows(sync: Connection) -> dict[str, list[tuple[Any, ...]]]:
-    dump: dict[str, list[tuple[Any, ...]]] = {}
-    for name in inspect(sync).get_table_names():
-        columns = [column["name"] for column in inspect(sync).get_columns(name)]
-        query = select(*(text(f'"{c}"') for c in columns)).select_from(table(name))
-        dump[name] = [tuple(row) for row in sync.execute(query)]
-    return dump
-
-
-def dump_database(url: str) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table (as tests/e2e/test_privacy.py searches them)."""
-
-    async def dump() -> dict[str, list[tuple[Any, ...]]]:
-        engine = make_engine(url)
-        try:
-            async with engine.connect() as conn:
-                return await conn.run_sync(_all_rows)
-        finally:
-            await engine.dispose()
-
-    return run_sync(dump())
 
 
 def _query_log_flags(url: str) -> list[bool]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from sqlalchemy import Connection, inspect, select, table, text
 
 from nilai.auth.stored_keys import generate_key
 from nilai.store.base import Account, ApiKey
@@ -82,6 +83,29 @@ def with_store[T](url: str, action: Callable[[SqlStore], Awaitable[T]]) -> T:
             await engine.dispose()
 
     return run_sync(run())
+
+
+def _all_rows(sync: Connection) -> dict[str, list[tuple[Any, ...]]]:
+    dump: dict[str, list[tuple[Any, ...]]] = {}
+    for name in inspect(sync).get_table_names():
+        columns = [column["name"] for column in inspect(sync).get_columns(name)]
+        query = select(*(text(f'"{c}"') for c in columns)).select_from(table(name))
+        dump[name] = [tuple(row) for row in sync.execute(query)]
+    return dump
+
+
+def dump_database(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, for tests that search the database for what it must not hold."""
+
+    async def dump() -> dict[str, list[tuple[Any, ...]]]:
+        engine = make_engine(url)
+        try:
+            async with engine.connect() as conn:
+                return await conn.run_sync(_all_rows)
+        finally:
+            await engine.dispose()
+
+    return run_sync(dump())
 
 
 async def create_tenant(store: SqlStore, name: str) -> tuple[Account, ApiKey, str]:

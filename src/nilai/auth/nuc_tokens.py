@@ -18,7 +18,6 @@ parameters are built once per process.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
@@ -43,6 +42,7 @@ from nuc.validate import (  # pyright: ignore[reportMissingTypeStubs]
 from nilai.auth.base import PromptDocument, TokenLimit
 from nilai.auth.nuc_policies import TOKEN_FIELDS, RequestPolicy, compile_policies
 from nilai.errors import AuthenticationFailed
+from nilai.settings import UUID
 
 REQUIRED_COMMAND = Command(["nil", "ai"])
 MAX_CHAIN_LENGTH = 5
@@ -293,7 +293,7 @@ def _prompt_document(tokens: list[DecodedNucToken]) -> PromptDocument | None:
         owner = meta.get("document_owner_did")
         if not isinstance(document_id, str) or not isinstance(owner, str):
             raise _rejected("its prompt document needs 'document_id' and 'document_owner_did'")
-        if not _DOCUMENT_ID.fullmatch(document_id):
+        if not UUID.fullmatch(document_id):
             raise _rejected("its prompt document's 'document_id' is not a document id (a UUID)")
         if str(decoded.token.issuer) != owner:
             raise _rejected(
@@ -316,11 +316,6 @@ def _code(kind: ValidationKind) -> str:
     if kind is ValidationKind.INVALID_AUDIENCE:
         return "invalid_nuc_audience"
     return "invalid_nuc_token"
-
-
-_DOCUMENT_ID = re.compile(
-    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-)
 
 
 def _rejected(reason: str, *, code: str = "invalid_nuc_token") -> AuthenticationFailed:

@@ -35,12 +35,12 @@ from nilai.context.prompts import NOT_ACCESSIBLE
 from nilai.errors import ContextCorrupt, ContextNotAccessible, ContextUnavailable
 from nilai.outages import OutageLog, mask_url
 from nilai.protocol.base import json_object
+from nilai.settings import UUID
 
 logger = logging.getLogger(__name__)
 
 USERS_READ = Command(["nil", "db", "users", "read"])
 _INVOCATION_TTL_S = 60
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _CONSEQUENCE = "chats whose token names a prompt document get 503 until it answers"
 _NOT_READABLE = (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN, HTTPStatus.NOT_FOUND)
 """What a node answers for a document it does not hold for that owner, or not for us."""
@@ -86,7 +86,7 @@ class NilDBPromptVault:
 
     async def reveal(self, document: PromptDocument) -> str:
         """The prompt; see ``PromptVault.reveal``."""
-        if not _UUID.fullmatch(document.document_id):
+        if not UUID.fullmatch(document.document_id):
             raise ContextNotAccessible(NOT_ACCESSIBLE)
         owner = _owner_did(document.owner_did)
         results = await asyncio.gather(
