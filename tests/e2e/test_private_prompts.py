@@ -418,6 +418,27 @@ def node_requests(cluster: FakeNildbCluster) -> list[int]:
     ]
 
 
+def test_a_caller_over_its_limit_makes_no_nildb_read(
+    cluster: FakeNildbCluster,
+    stored: Stored,
+    start_fake: Callable[..., FakeHandle],
+    start_gateway: Callable[..., GatewayHandle],
+):
+    """The prompt is read once the request is admitted: a 429 costs the nodes nothing."""
+    fake = start_fake()
+    gateway = nildb_gateway(
+        start_gateway, fake, stored.builder, cluster, rate_limit_minute=1, nildb_prompt_cache_s=0
+    )
+    first = send_chat(gateway, owner_token(gateway, stored), chat_body(stream=False))
+    assert first.status_code == 200, first.text
+    before = node_requests(cluster)
+    for stream in (False, True):
+        refused = send_chat(gateway, owner_token(gateway, stored), chat_body(stream=stream))
+        expect_error(refused, 429, "rate_limit_exceeded")
+    assert node_requests(cluster) == before
+    assert fake.state.stats.requests == 1
+
+
 def test_unconfigured_gateway_answers_503_for_documents_and_delegations(
     start_fake: Callable[..., FakeHandle], start_gateway: Callable[..., GatewayHandle]
 ):

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nilai.auth.nuc_policies import check_request_policies
 from nilai.context.prompts import PromptsOff, PromptVault
@@ -35,7 +35,12 @@ from nilai.gateway.chat.stream import (
     read_batches,
     relay_events,
 )
-from nilai.gateway.chat.validate import ValidatedChat, ignored_fields_headers, validate_chat
+from nilai.gateway.chat.validate import (
+    ValidatedChat,
+    ignored_fields_headers,
+    upstream_payload,
+    validate_chat,
+)
 from nilai.gateway.drain import Drain
 from nilai.gateway.metrics import OTHER_MODEL, Metrics
 from nilai.limits.base import Decision
@@ -92,20 +97,23 @@ class ChatService:
         ctx.multimodal = request.has_image()
         check_request_policies(ctx.principal, request)
         try:
-            system_prompt = await self._private_prompt(ctx)
-            return validate_chat(request, self._snapshot, system_prompt=system_prompt)
+            return validate_chat(request, self._snapshot)
         except NilaiError:
             await self._admission.admit(ctx.principal, web_search=request.web_search)
             raise
 
-    async def _private_prompt(self, ctx: RequestContext) -> str | None:
-        """The system prompt the caller's token names in nilDB, if any (never logged)."""
+    async def _with_private_prompt(self, chat: ValidatedChat, ctx: RequestContext) -> ValidatedChat:
+        """``chat`` with the system prompt the caller's token names in nilDB put first.
+
+        Called once the request is admitted, so that a caller over its limits cannot make the
+        gateway read every nilDB node. The prompt is never logged, stored or returned.
+        """
         document = ctx.principal.prompt_document
         if document is None:
-            return None
+            return chat
         prompt = await self._prompts.reveal(document)
         ctx.prompt_document = True
-        return prompt
+        return replace(chat, payload=upstream_payload(chat.request, system_prompt=prompt))
 
     def _admit(
         self, chat: ValidatedChat, ctx: RequestContext
@@ -153,6 +161,7 @@ class ChatService:
         try:
             chat = await self._check(request, ctx)
             async with self._admit(chat, ctx) as decision:
+                chat = await self._with_private_prompt(chat, ctx)
                 body = parse_completion(await self._send(chat, ctx, read_body))
             ctx.record_usage(body.get("usage"))
             signed = sign_completion(body, self._signer, ctx.request_sha256)
@@ -177,6 +186,7 @@ class ChatService:
         try:
             chat = await self._check(request, ctx)
             decision = await upstream.enter_async_context(self._admit(chat, ctx))
+            chat = await self._with_private_prompt(chat, ctx)
             response = await self._send(chat, ctx, _headers_only)
             upstream.push_async_callback(response.aclose)
         except BaseException as exc:

@@ -35,16 +35,8 @@ class ValidatedChat:
         return self.card.id
 
 
-def validate_chat(
-    request: ChatCompletionRequest,
-    snapshot: DiscoverySnapshot,
-    *,
-    system_prompt: str | None = None,
-) -> ValidatedChat:
+def validate_chat(request: ChatCompletionRequest, snapshot: DiscoverySnapshot) -> ValidatedChat:
     """Check ``request`` against the model it names, or raise a ``NilaiError``.
-
-    ``system_prompt`` (a private prompt from nilDB) goes first in what the model server
-    receives, before the client's own messages; the request itself is left as sent.
 
     An unknown model is 404; one served until moments ago is 503 with ``Retry-After``.
     """
@@ -64,7 +56,7 @@ def validate_chat(
             code="model_not_found",
         )
     _check_capabilities(request, card)
-    return ValidatedChat(request, card, upstream_payload(request, system_prompt=system_prompt))
+    return ValidatedChat(request, card, upstream_payload(request))
 
 
 def _check_capabilities(request: ChatCompletionRequest, card: ModelCard) -> None:
@@ -92,7 +84,8 @@ def _check_capabilities(request: ChatCompletionRequest, card: ModelCard) -> None
 def upstream_payload(request: ChatCompletionRequest, *, system_prompt: str | None = None) -> bytes:
     """The JSON sent upstream: only fields the client set, known to OpenAI or vLLM.
 
-    A ``system_prompt`` becomes the first message, ahead of the client's own system message.
+    A ``system_prompt`` (a private prompt from nilDB) becomes the first message, ahead of the
+    client's own system message; the request itself is left as the client sent it.
 
     Streams always ask the model server for usage, so every stream can be accounted; the
     relay forwards the usage chunk only to clients that asked for it.
