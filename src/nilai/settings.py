@@ -166,6 +166,7 @@ class NilaiSettings(BaseSettings):
     web_search_rate_limit_minute: int = Field(default=10, ge=0)
     web_search_rate_limit_hour: int = Field(default=100, ge=0)
     web_search_rate_limit_day: int = Field(default=1000, ge=0)
+    web_search_rate_limit_lifetime: int = Field(default=0, ge=0)
     rate_limit_fail_open: bool = False
     concurrency_lease_ttl_s: float = Field(default=15.0, gt=0, le=30)
 

@@ -59,6 +59,7 @@ def make_admission(settings: NilaiSettings, redis: Redis | None) -> Admission:
         web_search_minute=settings.web_search_rate_limit_minute or None,
         web_search_hour=settings.web_search_rate_limit_hour or None,
         web_search_day=settings.web_search_rate_limit_day or None,
+        web_search_lifetime=settings.web_search_rate_limit_lifetime or None,
         token_uses_max_s=settings.nuc_max_lifetime_s,
         attestation_minute=settings.attestation_rate_limit_minute or None,
     )

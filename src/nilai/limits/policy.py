@@ -40,6 +40,7 @@ class LimitDefaults:
     web_search_minute: int | None = 10
     web_search_hour: int | None = 100
     web_search_day: int | None = 1000
+    web_search_lifetime: int | None = None
     token_uses_max_s: int = 86_400
     """The longest a token's use count is kept (``NILAI_NUC_MAX_LIFETIME_S``): the NUC
     verifier refuses a limited token usable for longer, so no count is dropped while its token
@@ -134,6 +135,16 @@ class Admission:
                 for window, seconds in _WINDOWS
                 if (count := searches[window])
             ]
+            if d.web_search_lifetime:
+                limits.append(
+                    Limit(
+                        f"{tag}:search:lifetime",
+                        "web searches in total for this account",
+                        d.web_search_lifetime,
+                        None,
+                        kind="web_search_lifetime",
+                    )
+                )
         return limits
 
     def _token_count_expiry(self, token: TokenLimit) -> float:

@@ -104,11 +104,23 @@ def test_every_limit_names_its_kind_without_its_key_being_parsed():
             web_search_minute=5,
             web_search_hour=None,
             web_search_day=None,
+            web_search_lifetime=6,
         ),
         fail_open=False,
     )
     kinds = [limit.kind for limit in admission.account_limits(_principal(), web_search=True)]
-    assert kinds == ["minute", "hour", "day", "lifetime", "token", "web_search_minute"]
+    assert kinds == [
+        "minute",
+        "hour",
+        "day",
+        "lifetime",
+        "token",
+        "web_search_minute",
+        "web_search_lifetime",
+    ]
+    lifetime = admission.account_limits(_principal(), web_search=True)[-1]
+    assert (lifetime.count, lifetime.window_s) == (6, None)
+    assert admission.account_limits(_principal(), web_search=False)[-1].kind == "token"
 
 
 def test_metrics_label_a_refusal_by_the_limits_kind_not_its_key():
