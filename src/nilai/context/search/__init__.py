@@ -1,0 +1,1 @@
+"""Web search: what to search for, the search provider, and the pages behind its results."""
