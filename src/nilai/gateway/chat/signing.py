@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -17,14 +18,37 @@ from nilai.crypto.keys import Signer
 from nilai.errors import UpstreamProtocolError
 from nilai.upstream.sse import one_line
 
+GATEWAY_FIELDS = ("sources", "request_sha256", "signature")
+"""Fields only the gateway sets on what it signs (``sources``: a web search's pages). Whatever a
+model server sends under these names is dropped, so that it cannot get, say, sources of its own
+making signed by the gateway."""
 
-def sign_completion(body: dict[str, Any], signer: Signer, request_sha256: str) -> bytes:
+
+def drop_gateway_fields(obj: dict[str, Any]) -> bool:
+    """Remove the gateway's own fields from a model server's object; True if any were there."""
+    found = [name for name in GATEWAY_FIELDS if name in obj]
+    for name in found:
+        del obj[name]
+    return bool(found)
+
+
+def sign_completion(
+    body: dict[str, Any],
+    signer: Signer,
+    request_sha256: str,
+    *,
+    added: Mapping[str, object] | None = None,
+) -> bytes:
     """Bind ``body`` to the request, sign its canonical JSON, and return the bytes to send.
+
+    ``added`` are fields the gateway puts in the signed object itself (``sources``).
 
     Raises:
         UpstreamProtocolError: The model server's answer says it is not a chat completion.
     """
     claim_object(body, CHAT_COMPLETION_OBJECT)
+    drop_gateway_fields(body)
+    body.update(added or {})
     body["request_sha256"] = request_sha256
     body["signature"] = signer.sign(SignatureDomain.CHAT_COMPLETION, canonical_json(body))
     return orjson.dumps(body)
@@ -57,11 +81,15 @@ class StreamSigner:
     ``b"".join(p + b"\\n" for p in earlier) + canonical(last)``; keeping a running SHA-256
     instead of the payloads makes the cost per chunk one hash update. Every payload must be a
     ``chat.completion.chunk`` (``claim_object``): the caller checks the ones it sends as is.
+    ``added`` are fields the gateway puts on the last chunk, inside what is signed (``sources``).
     """
 
-    def __init__(self, signer: Signer, request_sha256: str) -> None:
+    def __init__(
+        self, signer: Signer, request_sha256: str, *, added: Mapping[str, object] | None = None
+    ) -> None:
         self._signer = signer
         self._request_sha256 = request_sha256
+        self._added = dict(added or {})
         self._hash = hashlib.sha256(SignatureDomain.CHAT_COMPLETION_CHUNK)
 
     def sent(self, payload: bytes) -> bytes:
@@ -77,6 +105,8 @@ class StreamSigner:
             UpstreamProtocolError: The chunk says it is not a chat completion chunk.
         """
         claim_object(chunk, CHAT_COMPLETION_CHUNK_OBJECT)
+        drop_gateway_fields(chunk)
+        chunk.update(self._added)
         chunk["request_sha256"] = self._request_sha256
         self._hash.update(canonical_json(chunk))
         chunk["signature"] = self._signer.sign_digest(self._hash.digest())

@@ -40,7 +40,7 @@ from starlette.types import Receive, Scope, Send
 
 from nilai.crypto.domains import CHAT_COMPLETION_CHUNK_OBJECT
 from nilai.errors import NilaiError, ShuttingDown, UpstreamProtocolError, UpstreamTimeout
-from nilai.gateway.chat.signing import StreamSigner, claim_object
+from nilai.gateway.chat.signing import StreamSigner, claim_object, drop_gateway_fields
 from nilai.gateway.drain import Drain
 from nilai.gateway.middleware import SERVER_SEND
 from nilai.protocol.base import json_object
@@ -353,7 +353,9 @@ class ChunkForwarder:
         """
         chunk = _parse_chunk(payload)
         # The verifier accepts only chunks that say what they are; add it where upstream didn't.
-        claimed = claim_object(chunk, CHAT_COMPLETION_CHUNK_OBJECT)
+        changed = claim_object(chunk, CHAT_COMPLETION_CHUNK_OBJECT)
+        # Fields only the gateway may set (sources, signature) never pass from a model server.
+        changed = drop_gateway_fields(chunk) or changed
         self._record.mark_first_token()
         usage = chunk.get("usage")
         if usage:
@@ -370,9 +372,9 @@ class ChunkForwarder:
         if "usage" in chunk and not self._continuous:
             del chunk["usage"]
             payload = orjson.dumps(chunk)
-        elif claimed or b"\n" in payload or b"\r" in payload:
-            # Send the added ``object``, and one event per line (what clients and the verifier
-            # read): re-encode compactly.
+        elif changed or b"\n" in payload or b"\r" in payload:
+            # Send the chunk as changed here (``object`` added, gateway fields dropped), and one
+            # event per line (what clients and the verifier read): re-encode compactly.
             payload = orjson.dumps(chunk)
         payload = one_line(payload)
         if _has_content(chunk):

@@ -9,14 +9,14 @@ import pytest
 
 from nilai.auth.base import Principal
 from nilai.crypto.keys import Signer
-from nilai.crypto.verify import VerificationError, sse_payloads, verify_stream
+from nilai.crypto.verify import VerificationError, sse_payloads, verify_response, verify_stream
 from nilai.discovery.base import EndpointRecord
 from nilai.discovery.memory import MemoryDiscovery
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.errors import UpstreamProtocolError
 from nilai.gateway.chat.context import RequestContext
 from nilai.gateway.chat.service import ChatService
-from nilai.gateway.chat.signing import StreamSigner
+from nilai.gateway.chat.signing import StreamSigner, sign_completion
 from nilai.gateway.chat.stream import ChunkForwarder
 from nilai.gateway.drain import Drain
 from nilai.gateway.metrics import Metrics
@@ -482,3 +482,50 @@ def test_line_separators_in_content_are_escaped_so_every_client_reads_one_line(
     ]
     assert contents == [text, text]
     assert verify_stream(raw, signer.public_key_b64).kind == "stream"
+
+
+def test_sources_a_model_server_sends_are_dropped_and_the_gateways_are_signed_last(
+    signer: Signer, ctx: RequestContext
+):
+    forged = [{"source": "https://evil.example", "content": "made up"}]
+    ours = [{"source": "https://example.com/a", "content": "the page's text"}]
+    hel = orjson.dumps({**_chunk({"content": "Hel"}), "sources": forged, "signature": "x"})
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    )
+    relay = ChunkForwarder(
+        StreamSigner(signer, ctx.request_sha256, added={"sources": ours}), ctx, request
+    )
+    per_feed = [relay.feed(payload) for payload in [ROLE, hel, FINISH]]
+    final = relay.finish()
+    forwarded = json.loads(per_feed[1][0])
+    assert "sources" not in forwarded
+    assert "signature" not in forwarded
+    last = json.loads(final[-1])
+    assert last["sources"] == ours
+    raw = _stream(per_feed, final)
+    verify_stream(raw, signer.public_key_b64, request=REQUEST)
+    # The sources are inside what is signed: an edited source fails verification.
+    with pytest.raises(VerificationError):
+        verify_stream(raw.replace(b"the page's text", b"the page's test"), signer.public_key_b64)
+
+
+def test_a_completion_signs_the_gateways_sources_never_the_model_servers(signer: Signer):
+    body = {
+        "id": "c",
+        "object": "chat.completion",
+        "choices": [],
+        "sources": [{"source": "https://evil.example", "content": "made up"}],
+    }
+    ours = [{"source": "https://example.com/a", "content": "text"}]
+    signed = sign_completion(body, signer, "ab" * 32, added={"sources": ours})
+    assert json.loads(signed)["sources"] == ours
+    verify_response(signed, signer.public_key_b64)
+    with pytest.raises(VerificationError):
+        verify_response(signed.replace(b"example.com/a", b"example.com/b"), signer.public_key_b64)
+    plain = sign_completion(
+        {"id": "c", "object": "chat.completion", "choices": [], "sources": ["x"]},
+        signer,
+        "ab" * 32,
+    )
+    assert "sources" not in json.loads(plain)
