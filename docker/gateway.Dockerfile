@@ -25,7 +25,7 @@ COPY src ./src
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && python -m venv /opt/nilai \
     && /opt/nilai/bin/pip install --no-cache-dir --constraint constraints.txt \
-        "$(ls /wheels/nilai-*.whl)[nildb]" \
+        "$(ls /wheels/nilai-*.whl)[nildb,websearch]" \
     && /opt/nilai/bin/pip uninstall --yes pip
 
 
