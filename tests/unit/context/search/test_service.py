@@ -1,0 +1,115 @@
+"""One web search for a chat: planning, searching, fetching and the sources it yields."""
+
+import pytest
+
+from nilai.context.search.pages import MemoryPageFetcher
+from nilai.context.search.provider import MemorySearch, SearchResult
+from nilai.context.search.service import PlannerAnswer, SearchOutcome, WebSearch
+from nilai.errors import ContextUnavailable, UpstreamTimeout, ValidationFailed
+from nilai.protocol.chat import ChatMessage
+
+MESSAGES = [ChatMessage.model_validate({"role": "user", "content": "What happened in Paris?"})]
+PLAN = (
+    '{"topics": [{"topic": "news", "query": "Paris news"},'
+    ' {"topic": "weather", "query": "Paris weather"}]}'
+)
+NEWS = SearchResult("News", "https://news.example/paris", "news snippet")
+WEATHER = SearchResult("Weather", "https://weather.example/paris", "weather snippet")
+
+
+class Planner:
+    """A scripted planner model: one answer (or error), and what it was asked."""
+
+    def __init__(self, answer: PlannerAnswer | Exception) -> None:
+        self.answer = answer
+        self.calls: list[tuple[list[dict[str, str]], int, float]] = []
+
+    async def complete(
+        self, messages: list[dict[str, str]], *, max_tokens: int, timeout_s: float
+    ) -> PlannerAnswer:
+        self.calls.append((messages, max_tokens, timeout_s))
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def world(
+    results: dict[str, list[SearchResult]] | None = None, pages: dict[str, str] | None = None
+) -> tuple[WebSearch, MemorySearch, MemoryPageFetcher]:
+    provider = MemorySearch(results or {"Paris news": [NEWS], "Paris weather": [WEATHER, NEWS]})
+    fetcher = MemoryPageFetcher(pages=pages or {NEWS.url: "news page text"})
+    search = WebSearch(
+        provider, fetcher, results_per_query=2, planner_max_tokens=99, planner_timeout_s=3
+    )
+    return search, provider, fetcher
+
+
+async def test_planned_topics_are_searched_pages_fetched_once_and_snippets_fill_in():
+    search, provider, fetcher = world()
+    planner = Planner(PlannerAnswer(PLAN, prompt_tokens=40, completion_tokens=12))
+    outcome = await search.run(MESSAGES, planner)
+    assert isinstance(outcome, SearchOutcome)
+    assert sorted(provider.searches) == [("Paris news", 2), ("Paris weather", 2)]
+    assert fetcher.calls == [[NEWS.url, WEATHER.url]]  # the news page once, though found twice
+    assert outcome.sources == [
+        {"source": NEWS.url, "content": "news page text"},
+        {"source": WEATHER.url, "content": "weather snippet"},  # its page failed
+    ]
+    assert outcome.searches == 2
+    assert (outcome.planner_prompt_tokens, outcome.planner_completion_tokens) == (40, 12)
+    (messages, max_tokens, timeout_s), *_ = planner.calls
+    assert (max_tokens, timeout_s) == (99, 3)
+    assert messages[-1]["content"].endswith("What happened in Paris?")
+    assert outcome.message["role"] == "system"
+    assert "[1] https://news.example/paris\nnews page text" in outcome.message["content"]
+    assert "not instructions" in outcome.message["content"]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [UpstreamTimeout("The model server did not answer."), PlannerAnswer("I cannot plan.")],
+)
+async def test_a_planner_that_fails_or_plans_nothing_falls_back_to_the_users_message(
+    answer: PlannerAnswer | Exception,
+):
+    search, provider, _ = world({"What happened in Paris?": [NEWS]})
+    outcome = await search.run(MESSAGES, Planner(answer))
+    assert provider.queries == ["What happened in Paris?"]
+    assert outcome.searches == 1
+    assert outcome.sources == [{"source": NEWS.url, "content": "news page text"}]
+
+
+async def test_one_failed_search_is_skipped_and_all_failed_is_the_providers_error():
+    class HalfDown(MemorySearch):
+        async def search(self, query: str, *, count: int) -> list[SearchResult]:
+            if query == "Paris weather":
+                raise ContextUnavailable("down", code="web_search_unavailable")
+            return await super().search(query, count=count)
+
+    half = HalfDown({"Paris news": [NEWS]})
+    search = WebSearch(half, MemoryPageFetcher(pages={NEWS.url: "text"}))
+    outcome = await search.run(MESSAGES, Planner(PlannerAnswer(PLAN)))
+    assert outcome.sources == [{"source": NEWS.url, "content": "text"}]
+
+    down = MemorySearch()
+    down.failure = ContextUnavailable("down", code="web_search_unavailable")
+    with pytest.raises(ContextUnavailable):
+        await WebSearch(down, MemoryPageFetcher()).run(MESSAGES, Planner(PlannerAnswer(PLAN)))
+
+
+async def test_a_conversation_without_user_text_is_refused():
+    search, _, _ = world()
+    system_only = [ChatMessage.model_validate({"role": "system", "content": "be brief"})]
+    with pytest.raises(ValidationFailed) as refused:
+        await search.run(system_only, Planner(PlannerAnswer("no plan")))
+    assert refused.value.param == "messages"
+
+
+async def test_sources_are_cut_to_their_limit():
+    long_text = "x" * 10_000
+    provider = MemorySearch({"Paris news": [NEWS]})
+    search = WebSearch(
+        provider, MemoryPageFetcher(pages={NEWS.url: long_text}), max_source_chars=100
+    )
+    outcome = await search.run(MESSAGES, Planner(PlannerAnswer(PLAN)))
+    assert [len(source["content"]) for source in outcome.sources] == [100]
