@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 DATA_CREATE = Command(["nil", "db", "data", "create"])
 _REFRESH_BEFORE_S = 60.0
 """A root token is replaced once it has less than this left (or half its life, if shorter)."""
-_DID = re.compile(r"did:nil:(0[23][0-9a-fA-F]{64})")
+_COMPRESSED_KEY = re.compile(r"0[23][0-9a-fA-F]{64}")
+"""A compressed secp256k1 public key in hex: what a ``did:nil:`` DID and nilDB's /about carry."""
 
 
 class NilauthRefused(Exception):
@@ -204,16 +205,29 @@ def _reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def did_of_key(hex_key: str) -> Did | None:
+    """The DID of a compressed secp256k1 public key given in hex; None if it is not one."""
+    return Did(bytes.fromhex(hex_key)) if _COMPRESSED_KEY.fullmatch(hex_key) else None
+
+
+def did_from_text(value: str) -> Did | None:
+    """``did:nil:<66 hex digits of a compressed key>`` as a ``Did``; None for anything else."""
+    if not value.startswith("did:nil:"):
+        return None
+    return did_of_key(value.removeprefix("did:nil:"))
+
+
 def parse_user_did(value: str, *, param: str) -> Did:
     """A ``did:nil:`` DID with a compressed secp256k1 key, or a 422 naming ``param``."""
-    if not _DID.fullmatch(value):
+    did = did_from_text(value)
+    if did is None:
         raise ValidationFailed(
             f"'{param}' must be a DID of the form did:nil:<66 hex digits of a compressed "
             "secp256k1 public key>.",
             param=param,
             code="invalid_did",
         )
-    return Did(bytes.fromhex(value.removeprefix("did:nil:")))
+    return did
 
 
 def builder_did(key: PrivateKey) -> str:

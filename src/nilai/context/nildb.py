@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -31,6 +30,7 @@ from nuc.token import Command, Did  # pyright: ignore[reportMissingTypeStubs]
 from secp256k1 import PrivateKey  # pyright: ignore[reportMissingTypeStubs]
 
 from nilai.auth.base import PromptDocument
+from nilai.context.nilauth import did_from_text, did_of_key
 from nilai.context.prompts import NOT_ACCESSIBLE
 from nilai.errors import ContextCorrupt, ContextNotAccessible, ContextUnavailable
 from nilai.outages import OutageLog, mask_url
@@ -44,7 +44,6 @@ _INVOCATION_TTL_S = 60
 _CONSEQUENCE = "chats whose token names a prompt document get 503 until it answers"
 _NOT_READABLE = (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN, HTTPStatus.NOT_FOUND)
 """What a node answers for a document it does not hold for that owner, or not for us."""
-_NODE_KEY = re.compile(r"0[23][0-9a-fA-F]{64}")
 
 
 class NodeDown(Exception):
@@ -183,18 +182,18 @@ class NilDBPromptVault:
             raise NodeDown(f"/about: {type(exc).__name__}") from None
         fields = json_object(about)
         key = fields.get("public_key") if fields is not None else None
-        if not isinstance(key, str) or not _NODE_KEY.fullmatch(key):
+        did = did_of_key(key) if isinstance(key, str) else None
+        if did is None:
             raise NodeDown("/about has no usable public key")
-        did = Did(bytes.fromhex(key))
         self._node_dids[node] = did
         return did
 
 
 def _owner_did(value: str) -> Did:
-    hex_key = value.removeprefix("did:nil:")
-    if not value.startswith("did:nil:") or not _NODE_KEY.fullmatch(hex_key):
+    did = did_from_text(value)
+    if did is None:
         raise ContextNotAccessible(NOT_ACCESSIBLE)
-    return Did(bytes.fromhex(hex_key))
+    return did
 
 
 def _corrupt(why: str) -> ContextCorrupt:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from nilai.auth.nuc_policies import check_request_policies
 from nilai.context.prompts import PromptsOff, PromptVault
+from nilai.context.setup import NOT_CONFIGURED
 from nilai.crypto.keys import Signer
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.errors import (
@@ -71,7 +72,7 @@ class ChatService:
         prompts: PromptVault | None = None,
     ) -> None:
         self._snapshot = snapshot
-        self._prompts: PromptVault = prompts or PromptsOff("NILAI_NILDB_NODES is not set")
+        self._prompts: PromptVault = prompts or PromptsOff(NOT_CONFIGURED)
         self._dispatcher = Dispatcher(upstream, snapshot)
         self._signer = signer
         self._usage = usage
