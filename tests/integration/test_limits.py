@@ -507,30 +507,32 @@ async def test_web_search_limits_count_only_web_search_requests(limit_backend: L
     assert await _admit_until_refused(admission, principal) == 2
 
 
-async def test_web_search_per_second_is_global(limit_backend: LimitBackend):
+async def test_web_search_per_second_counts_searches_of_all_accounts(
+    limit_backend: LimitBackend,
+):
     defaults = replace(OFF, web_search_rps=3)
     admission = limit_backend.admission(defaults)
-    for _ in range(3):
+    # A web search request is admitted on its account's limits only ...
+    for _ in range(5):
         assert (await admission.admit(_principal(), web_search=True)).allowed
+    # ... and each search it makes at the provider counts against all accounts' second.
+    for _ in range(3):
+        assert (await admission.admit_search()).allowed
     with pytest.raises(RateLimited) as refused:
-        await admission.admit(_principal(), web_search=True)
+        await admission.admit_search()
     assert "3 web searches per second (all accounts)" in refused.value.message
     assert refused.value.decision.retry_after_s == 1
-    assert (await admission.admit(_principal())).allowed  # not a search: not counted
+    assert refused.value.decision.limit is not None
+    assert refused.value.decision.limit.kind == "web_search_all_accounts"
+    assert (await admission.admit(_principal(), web_search=True)).allowed  # not a search
     await asyncio.sleep(refused.value.decision.reset_s + 0.05)
-    assert (await admission.admit(_principal(), web_search=True)).allowed
+    assert (await admission.admit_search()).allowed
 
 
-async def test_a_refused_request_uses_no_global_web_search_budget(limit_backend: LimitBackend):
-    defaults = replace(OFF, minute=1, web_search_rps=3)
-    admission = limit_backend.admission(defaults)
-    greedy = _principal()
-    assert (await admission.admit(greedy, web_search=True)).allowed
-    for _ in range(2):
-        with pytest.raises(RateLimited):
-            await admission.admit(greedy, web_search=True)  # over its own minute
-    # Only one search was admitted in this second, so another account still has two.
-    assert (await admission.admit(_principal(), web_search=True)).allowed
+async def test_searches_per_second_off_asks_nothing(limit_backend: LimitBackend):
+    admission = limit_backend.admission(replace(OFF, web_search_rps=None))
+    for _ in range(50):
+        assert (await admission.admit_search()).allowed
 
 
 async def test_model_slots_use_the_per_model_override(limit_backend: LimitBackend):
@@ -629,6 +631,8 @@ async def test_unreachable_redis_fails_closed(unreachable: Redis):
         assert "Rate limiting" in error.message
         assert error.headers["Retry-After"] == "1"
     with pytest.raises(LimitsUnavailable):
+        await admission.admit_search()
+    with pytest.raises(LimitsUnavailable):
         async with admission.model_slot("m"):
             pytest.fail("a slot was granted without Redis")
     await admission.aclose()
@@ -640,6 +644,7 @@ async def test_unreachable_redis_fails_open_when_configured(unreachable: Redis):
         decision = await admission.admit(_principal(), web_search=True)
         assert decision.allowed
         assert decision.limit is None
+        assert (await admission.admit_search()).allowed
     async with admission.model_slot("m") as slot:
         assert slot.allowed
     await admission.aclose()

@@ -159,18 +159,26 @@ class Admission:
 
     async def admit(self, principal: Principal, *, web_search: bool = False) -> Decision:
         """Count the request against its limits; raise ``RateLimited`` if one is full."""
-        return await self._check(self._request_limits(principal, web_search), uuid.uuid4().hex)
-
-    def _request_limits(self, principal: Principal, web_search: bool) -> list[Limit]:
         limits = self.account_limits(principal, web_search=web_search)
-        if web_search and self._defaults.web_search_rps:
-            # Checked in the same all-or-nothing hit, so a request the account's own limits
-            # refuse uses none of the budget all accounts share. (One script touches keys of
-            # several hash slots: a single Redis server or a replica set, not Redis Cluster.)
-            rps = self._defaults.web_search_rps
-            name = "web searches per second (all accounts)"
-            limits.append(Limit("{search}:second", name, rps, 1, kind="web_search_all_accounts"))
-        return limits
+        return await self._check(limits, uuid.uuid4().hex)
+
+    async def admit_search(self) -> Decision:
+        """Count one search at the provider against the searches per second of all accounts.
+
+        Called for each search a web search makes (up to one per planned topic), after the
+        request was admitted: the provider's quota is in searches, shared by every replica
+        (the count is in the limit store), and a request its account's limits refuse never
+        gets here, so it uses none of that budget.
+
+        Raises:
+            RateLimited: This second's searches are used up (``Retry-After: 1``).
+        """
+        rps = self._defaults.web_search_rps
+        if not rps:
+            return ALLOWED
+        name = "web searches per second (all accounts)"
+        limit = Limit("{search}:second", name, rps, 1, kind="web_search_all_accounts")
+        return await self._check([limit], uuid.uuid4().hex)
 
     def admit_to_model(
         self, principal: Principal, model: str, *, web_search: bool = False
@@ -180,7 +188,7 @@ class Admission:
         The decision is ``admit``'s, for the rate-limit headers; the slot is held until the
         block ends.
         """
-        counting = self._request_limits(principal, web_search)
+        counting = self.account_limits(principal, web_search=web_search)
         return self.model_slot(model, counting=counting)
 
     async def admit_attestation(self, principal: Principal) -> Decision:

@@ -13,14 +13,15 @@ results, malformed items skipped. Its failures reach the client as:
   ``web_search_key_refused``, logged once as the operator's problem.
 - Brave's own rate limit or monthly quota (429): ``SearchRateLimited`` (429,
   ``web_search_rate_limited``) with ``Retry-After`` from Brave's ``Retry-After`` or
-  ``X-RateLimit-Remaining``/``X-RateLimit-Reset`` headers; the gateway then holds its own bucket
-  briefly rather than spend more requests that Brave would refuse.
+  ``X-RateLimit-Remaining``/``X-RateLimit-Reset`` headers. This adapter (in this process)
+  then holds searches itself for Brave's ``Retry-After`` (at most ``MAX_HOLD_S``): while held,
+  a search is refused at once with the same 429 and the hold's remaining seconds, without
+  asking Brave, so as not to spend requests that Brave would refuse.
 
-A ``RequestRateBucket`` (``rps`` searches per second, a burst of as many) sits in front of Brave
-so the gateway stays inside its plan's per-second limit: a search waits for a token up to
-``max_wait_s``, and beyond that is refused with 429 and ``Retry-After``. The bucket is **per
-process**: with several gateway processes or replicas, give each ``rps`` divided by their number.
-Per-account web-search limits (minute/hour/day/lifetime) are ``nilai.limits``' business.
+The gateway-wide searches-per-second limit (``NILAI_WEB_SEARCH_RPS``, shared by all replicas
+through Redis) is not applied here: the web-search service (``nilai.context.search.service``)
+checks it per search through ``nilai.limits`` before asking this adapter. Per-account web-search
+limits (minute/hour/day/lifetime) are ``nilai.limits``' business too.
 
 Privacy: the query and the results are the user's content, and the API key is a secret. Nothing
 here logs any of them: outage lines name the failure's kind (``ConnectError``, ``status 503``,
@@ -36,7 +37,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
@@ -62,7 +63,7 @@ MAX_URL_CHARS = 2048
 MAX_RESPONSE_BYTES = 2 * 1024 * 1024
 """A web search answer with 20 results is tens of KiB; more is not a search answer."""
 MAX_HOLD_S = 60.0
-"""The longest the bucket stops searches after Brave's 429: a monthly quota's reset (weeks)
+"""The longest ``BraveSearch`` holds searches after Brave's 429: a monthly quota's reset (weeks)
 would otherwise outlast a plan upgrade; a minute's hold lets one search a minute find out."""
 SAFESEARCH_LEVELS = ("off", "moderate", "strict")
 
@@ -102,13 +103,14 @@ class SearchProvider(Protocol):
         Raises:
             ContextUnavailable: the provider cannot be reached, answers unusably, or refuses the
                 gateway's key.
-            SearchRateLimited: the gateway's or the provider's rate limit is reached.
+            SearchRateLimited: the provider's rate limit or quota is reached (or was, within
+                the hold after its 429).
         """
         ...
 
 
 class SearchRateLimited(RateLimited):
-    """Web search's rate limit is reached: this process's bucket, or the provider's plan.
+    """Web search's rate limit is reached: the gateway-wide one, or the provider's plan.
 
     A ``RateLimited`` (so the query log and metrics see the limit that decided), with its own
     code so a client can tell it from its account's limits.
@@ -121,76 +123,6 @@ class SearchRateLimited(RateLimited):
         retry = decision.retry_after_s
         self.message = f"Web search rate limit reached: {reason}. Retry after {retry} s."
         self.args = (self.message,)
-
-
-def provider_limit(rps: int) -> Limit:
-    """The limit this process's bucket enforces, as ``RateLimited`` and metrics name it."""
-    return Limit(
-        "web_search:provider",
-        "web searches per second through this gateway",
-        rps,
-        1,
-        kind="web_search_provider",
-    )
-
-
-class RequestRateBucket:
-    """A token bucket: ``rps`` tokens a second, up to ``burst`` saved; one per search.
-
-    A search without a token waits for one if that takes at most ``max_wait_s``, else is refused
-    with ``SearchRateLimited``. Waiters reserve their token (the count goes negative), so they
-    are served in order and the wait of the next one includes everyone queued before it; a
-    waiter that is cancelled gives its token back. ``hold`` stops all searches for a while (after
-    the provider's own 429). ``clock`` and ``sleep`` are injectable for tests.
-    """
-
-    def __init__(
-        self,
-        rps: int,
-        *,
-        burst: int | None = None,
-        max_wait_s: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        if rps < 1:
-            raise ValueError("the web search rate (searches per second) must be at least 1")
-        self.rps = rps
-        self.burst = max(1, burst if burst is not None else rps)
-        self.max_wait_s = max(0.0, max_wait_s)
-        self.limit = provider_limit(rps)
-        self._clock = clock
-        self._sleep = sleep
-        self._tokens = float(self.burst)
-        self._updated = clock()
-        self._held_until = -math.inf
-
-    async def acquire(self) -> None:
-        """Take a token, waiting briefly if need be.
-
-        Raises:
-            SearchRateLimited: no token within ``max_wait_s``; ``Retry-After`` says when.
-        """
-        now = self._clock()
-        self._tokens = min(float(self.burst), self._tokens + (now - self._updated) * self.rps)
-        self._updated = now
-        wait = max(self._held_until - now, (1.0 - self._tokens) / self.rps, 0.0)
-        if wait > self.max_wait_s:
-            decision = Decision(False, self.limit, 0, wait)
-            raise SearchRateLimited(decision, "this gateway's searches per second are used up")
-        self._tokens -= 1.0
-        if wait <= 0.0:
-            return
-        try:
-            await self._sleep(wait)
-        except asyncio.CancelledError:
-            self._tokens = min(float(self.burst), self._tokens + 1.0)
-            raise
-
-    def hold(self, seconds: float) -> None:
-        """Give out no tokens for ``seconds`` (at most ``MAX_HOLD_S``) from now."""
-        until = self._clock() + min(max(0.0, seconds), MAX_HOLD_S)
-        self._held_until = max(self._held_until, until)
 
 
 class BraveFailure(Exception):
@@ -210,12 +142,8 @@ class BraveSearch:
         base_url: str,
         api_key: SecretStr | str,
         timeout_s: float,
-        rps: int,
-        burst: int | None = None,
-        max_wait_s: float = 1.0,
         safesearch: str = "moderate",
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         key = api_key if isinstance(api_key, SecretStr) else SecretStr(api_key)
         if not key.get_secret_value().strip():
@@ -227,9 +155,11 @@ class BraveSearch:
         self._key = key
         self._timeout_s = timeout_s
         self._safesearch = safesearch
-        self.bucket = RequestRateBucket(
-            rps, burst=burst, max_wait_s=max_wait_s, clock=clock, sleep=sleep
-        )
+        self._clock = clock
+        # Set after Brave's 429: until then searches are refused here, with the limit Brave
+        # named (if any), rather than sent to Brave to be refused there.
+        self._held_until = -math.inf
+        self._held_limit: Limit | None = None
         where = mask_url(base_url)
         self._outage = OutageLog(logger, "Brave Search", "web search requests get 503", where=where)
         self._key_refused = OutageLog(
@@ -253,7 +183,7 @@ class BraveSearch:
         if not query:
             return []
         count = max(1, min(count, MAX_COUNT))
-        await self.bucket.acquire()
+        self._refuse_while_held()
         started = time.monotonic()
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -281,6 +211,13 @@ class BraveSearch:
             self._key_refused.answered(started=started)
             raise self._rate_limited(headers, brave_code)
         raise self._unavailable(BraveFailure(_status_reason(status, brave_code)), started)
+
+    def _refuse_while_held(self) -> None:
+        """Raise ``SearchRateLimited`` while the hold after Brave's last 429 lasts."""
+        remaining = self._held_until - self._clock()
+        if remaining > 0:
+            decision = Decision(False, self._held_limit, 0, remaining)
+            raise SearchRateLimited(decision, "the search provider's plan allows no more now")
 
     async def _get(self, query: str, count: int) -> tuple[int, httpx.Headers, bytes]:
         params = {
@@ -328,7 +265,6 @@ class BraveSearch:
         reset_s = retry_after if retry_after is not None else (window[2] if window else 1.0)
         if brave_code == "QUOTA_LIMITED":
             self._quota.failed(BraveFailure(brave_code))
-        self.bucket.hold(reset_s)
         limit = None
         if window is not None:
             count, window_s, _ = window
@@ -339,6 +275,8 @@ class BraveSearch:
                 window_s,
                 kind="web_search_provider_plan",
             )
+        self._held_until = self._clock() + min(reset_s, MAX_HOLD_S)
+        self._held_limit = limit
         decision = Decision(False, limit, 0, reset_s)
         return SearchRateLimited(decision, "the search provider's plan allows no more now")
 

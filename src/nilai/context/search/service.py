@@ -49,6 +49,27 @@ class PlannerAnswer:
     completion_tokens: int = 0
 
 
+class SearchQuota(Protocol):
+    """The provider's quota, shared by every account and replica (``nilai.limits.Admission``)."""
+
+    async def admit_search(self) -> object:
+        """Count one search about to be sent to the provider.
+
+        Raises:
+            RateLimited: The quota's current window is used up.
+            LimitsUnavailable: The limit store is down (when limits fail closed).
+        """
+        ...
+
+
+class NoQuota:
+    """No provider quota: every search may go (tests, and ``NILAI_WEB_SEARCH_RPS=0``)."""
+
+    async def admit_search(self) -> object:
+        """Allow the search."""
+        return None
+
+
 class ModelCall(Protocol):
     """One non-streaming call to the request's model, for the planner."""
 
@@ -72,7 +93,7 @@ class SearchOutcome:
     message: dict[str, str]
     """The system message that hands the sources to the model."""
     searches: int
-    """Searches made at the provider (for the query log)."""
+    """Searches the provider answered (for the query log); failed or refused ones are not."""
     planner_prompt_tokens: int = 0
     planner_completion_tokens: int = 0
     topics: list[SearchTopic] = field(default_factory=list[SearchTopic])
@@ -86,6 +107,7 @@ class WebSearch:
         provider: SearchProvider,
         pages: PageFetcher,
         *,
+        quota: SearchQuota | None = None,
         results_per_query: int = 3,
         max_topics: int = 3,
         planner_max_tokens: int = 256,
@@ -95,6 +117,7 @@ class WebSearch:
     ) -> None:
         self._provider = provider
         self._pages = pages
+        self._quota: SearchQuota = quota or NoQuota()
         self._results_per_query = results_per_query
         self._max_topics = max_topics
         self._planner_max_tokens = planner_max_tokens
@@ -121,7 +144,7 @@ class WebSearch:
                     code="invalid_value",
                 )
             topics = [SearchTopic(query, query)]
-        results = await self._search(topics)
+        results, searches = await self._search(topics)
         urls = list(dict.fromkeys(normalise_url(result.url) for result in results))
         pages = {
             page.url: page
@@ -131,7 +154,7 @@ class WebSearch:
         return SearchOutcome(
             sources=sources,
             message=_sources_message(sources),
-            searches=len(topics),
+            searches=searches,
             planner_prompt_tokens=answer.prompt_tokens if answer else 0,
             planner_completion_tokens=answer.completion_tokens if answer else 0,
             topics=topics,
@@ -149,10 +172,10 @@ class WebSearch:
         except NilaiError:
             return None  # fall back to searching the user's last message
 
-    async def _search(self, topics: list[SearchTopic]) -> list[SearchResult]:
+    async def _search(self, topics: list[SearchTopic]) -> tuple[list[SearchResult], int]:
+        """The topics' results, best first per topic, and how many searches the provider made."""
         found = await asyncio.gather(
-            *(self._provider.search(t.query, count=self._results_per_query) for t in topics),
-            return_exceptions=True,
+            *(self._search_one(topic.query) for topic in topics), return_exceptions=True
         )
         errors = [item for item in found if isinstance(item, BaseException)]
         for error in errors:
@@ -164,7 +187,13 @@ class WebSearch:
         for item in found:
             if not isinstance(item, BaseException):
                 results.extend(item)
-        return results
+        return results, len(found) - len(errors)
+
+    async def _search_one(self, query: str) -> list[SearchResult]:
+        # Each search counts against the provider's quota, checked just before it is sent: a
+        # topic refused by the quota is skipped like one the provider failed.
+        await self._quota.admit_search()
+        return await self._provider.search(query, count=self._results_per_query)
 
     def _sources(self, results: list[SearchResult], pages: dict[str, Page]) -> list[dict[str, str]]:
         sources: list[dict[str, str]] = []

@@ -1,5 +1,8 @@
-"""The Brave Search adapter against the loopback stand-in (tests/fakes/brave.py), its rate bucket
-on an injected clock, and the in-memory twin.
+"""The Brave Search adapter against the loopback stand-in (tests/fakes/brave.py), its hold after
+Brave's 429 on an injected clock, and the in-memory twin.
+
+The gateway-wide searches-per-second limit is not the adapter's (the web-search service applies
+it through ``nilai.limits``), so it is tested with that service and the limiters, not here.
 
 Failures Brave cannot be made to produce on loopback on demand (a read timeout, a body over the
 cap, a 401) go through ``httpx.MockTransport``. No test waits on the wall clock.
@@ -7,7 +10,6 @@ cap, a 401) go through ``httpx.MockTransport``. No test waits on the wall clock.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -25,7 +27,6 @@ from nilai.context.search.provider import (
     UNAVAILABLE_CODE,
     BraveSearch,
     MemorySearch,
-    RequestRateBucket,
     SearchProvider,
     SearchRateLimited,
     SearchResult,
@@ -42,23 +43,13 @@ SECRET_URL = "https://secret.example.org/zorblax-page"
 
 
 class FakeClock:
-    """Monotonic seconds that move only when a test (or ``sleep``) moves them."""
+    """Monotonic seconds that move only when a test moves them."""
 
     def __init__(self) -> None:
         self.now = 1000.0
-        self.slept: list[float] = []
 
     def __call__(self) -> float:
         return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        """Record the wait and pass that much time at once."""
-        self.slept.append(seconds)
-        self.now += seconds
-
-    async def record_only(self, seconds: float) -> None:
-        """Record the wait without passing time (waiters pile up as if concurrent)."""
-        self.slept.append(seconds)
 
 
 @pytest.fixture(scope="module")
@@ -93,20 +84,9 @@ def make_brave(
     clock: FakeClock,
     *,
     api_key: str = DEFAULT_API_KEY,
-    rps: int = 100,
-    max_wait_s: float = 1.0,
     timeout_s: float = 5.0,
 ) -> BraveSearch:
-    return BraveSearch(
-        http,
-        base_url=base_url,
-        api_key=api_key,
-        timeout_s=timeout_s,
-        rps=rps,
-        max_wait_s=max_wait_s,
-        clock=clock,
-        sleep=clock.sleep,
-    )
+    return BraveSearch(http, base_url=base_url, api_key=api_key, timeout_s=timeout_s, clock=clock)
 
 
 @pytest.fixture
@@ -408,7 +388,7 @@ async def test_brave_429_without_retry_after_reads_the_exhausted_window(
     assert raised.value.headers["x-should-retry"] == "false"
 
 
-async def test_after_brave_429_the_bucket_holds_searches_without_asking_brave(
+async def test_after_brave_429_brave_search_holds_searches_without_asking_brave(
     search: BraveSearch, brave: BraveState, clock: FakeClock
 ) -> None:
     brave.fail = {"status": 429, "code": "RATE_LIMITED", "retry_after": 5}
@@ -419,99 +399,49 @@ async def test_after_brave_429_the_bucket_holds_searches_without_asking_brave(
 
     with pytest.raises(SearchRateLimited) as raised:
         await search.search(QUERY, count=3)
+    assert raised.value.code == RATE_LIMITED_CODE
     assert raised.value.headers["Retry-After"] == "5"
     assert len(brave.queries) == 1
 
-    clock.now += 5
+    clock.now += 3.5  # the remaining hold, rounded up
+    with pytest.raises(SearchRateLimited) as raised:
+        await search.search(QUERY, count=3)
+    assert raised.value.headers["Retry-After"] == "2"
+    assert len(brave.queries) == 1
+
+    clock.now += 1.5
     assert len(await search.search(QUERY, count=3)) == 3
     assert len(brave.queries) == 2
 
 
-# --- the requests-per-second bucket ------------------------------------------------------------
-
-
-async def test_bucket_gives_a_burst_then_waits_briefly_then_refuses(clock: FakeClock) -> None:
-    bucket = RequestRateBucket(2, max_wait_s=1.0, clock=clock, sleep=clock.record_only)
-
-    await bucket.acquire()
-    await bucket.acquire()
-    assert clock.slept == []  # the burst of 2
-
-    await bucket.acquire()
-    await bucket.acquire()
-    assert clock.slept == [0.5, 1.0]  # queued behind each other, within the bound
-
-    with pytest.raises(SearchRateLimited) as raised:
-        await bucket.acquire()  # would wait 1.5 s
-    assert raised.value.headers["Retry-After"] == "2"
-    assert raised.value.headers["X-RateLimit-Limit"] == "2"
-    assert raised.value.decision.limit is not None
-    assert raised.value.decision.limit.kind == "web_search_provider"
-
-    clock.now += 10  # refills, but never beyond the burst
-    await bucket.acquire()
-    await bucket.acquire()
-    await bucket.acquire()
-    assert clock.slept == [0.5, 1.0, 0.5]
-
-
-async def test_bucket_with_no_wait_allowed_refuses_at_once(clock: FakeClock) -> None:
-    bucket = RequestRateBucket(1, max_wait_s=0.0, clock=clock, sleep=clock.record_only)
-    await bucket.acquire()
-    with pytest.raises(SearchRateLimited) as raised:
-        await bucket.acquire()
-    assert raised.value.headers["Retry-After"] == "1"
-    clock.now += 1
-    await bucket.acquire()
-
-
-async def test_a_cancelled_waiter_gives_its_token_back(clock: FakeClock) -> None:
-    gate = asyncio.Event()
-
-    async def blocked_sleep(seconds: float) -> None:
-        clock.slept.append(seconds)
-        await gate.wait()
-
-    bucket = RequestRateBucket(1, max_wait_s=1.0, clock=clock, sleep=blocked_sleep)
-    await bucket.acquire()
-    waiter = asyncio.create_task(bucket.acquire())
-    await asyncio.sleep(0)
-    assert clock.slept == [1.0]
-    waiter.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiter
-
-    gate.set()
-    await bucket.acquire()  # would be refused (a 2 s wait) had the token stayed taken
-    assert clock.slept == [1.0, 1.0]
-
-
-def test_bucket_refuses_a_rate_below_one() -> None:
-    with pytest.raises(ValueError, match="at least 1"):
-        RequestRateBucket(0)
-
-
-async def test_brave_search_refuses_beyond_its_bucket_without_asking_brave(
-    http: httpx.AsyncClient, brave_server: ServerThread, brave: BraveState, clock: FakeClock
+async def test_the_hold_after_brave_quota_429_lasts_at_most_max_hold_s(
+    search: BraveSearch, brave: BraveState, clock: FakeClock
 ) -> None:
-    search = make_brave(http, brave_server.url, clock, rps=1, max_wait_s=0.0)
-    brave.default_results = three_results()
-
-    await search.search(QUERY, count=3)
+    brave.fail = {"status": 429, "code": "QUOTA_LIMITED", "retry_after": 1419704}
     with pytest.raises(SearchRateLimited) as raised:
         await search.search(QUERY, count=3)
+    assert raised.value.headers["Retry-After"] == "1419704"  # Brave's wait, told as it is
+    brave.fail = None
+    brave.default_results = three_results()
 
-    assert raised.value.code == RATE_LIMITED_CODE
+    clock.now += MAX_HOLD_S - 1
+    with pytest.raises(SearchRateLimited) as raised:
+        await search.search(QUERY, count=3)
+    assert raised.value.headers["Retry-After"] == "1"
     assert len(brave.queries) == 1
+
+    clock.now += 1
+    assert len(await search.search(QUERY, count=3)) == 3
+    assert len(brave.queries) == 2
 
 
 def test_an_empty_key_or_unknown_safesearch_is_refused_at_start(
     http: httpx.AsyncClient,
 ) -> None:
     with pytest.raises(ValueError, match="key is empty"):
-        BraveSearch(http, base_url="http://x", api_key=" ", timeout_s=1, rps=1)
+        BraveSearch(http, base_url="http://x", api_key=" ", timeout_s=1)
     with pytest.raises(ValueError, match="safesearch"):
-        BraveSearch(http, base_url="http://x", api_key="k", timeout_s=1, rps=1, safesearch="maybe")
+        BraveSearch(http, base_url="http://x", api_key="k", timeout_s=1, safesearch="maybe")
 
 
 # --- privacy -----------------------------------------------------------------------------------
