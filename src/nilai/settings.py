@@ -146,6 +146,21 @@ class NilaiSettings(BaseSettings):
     nildb_prompt_cache_s: float = Field(default=60.0, ge=0, le=3600)
     nildb_max_prompt_bytes: int = Field(default=4096, ge=1, le=1024 * 1024)
 
+    # web search (off unless web_search_api_key is set; docs/API.md "Web search")
+    web_search_api_key: SecretStr | None = None
+    web_search_base_url: str = "https://api.search.brave.com"
+    web_search_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    web_search_safesearch: Literal["off", "moderate", "strict"] = "moderate"
+    web_search_results_per_query: int = Field(default=3, ge=1, le=20)
+    web_search_max_topics: int = Field(default=3, ge=1, le=3)
+    web_search_planner_max_tokens: int = Field(default=256, ge=16, le=4096)
+    web_search_planner_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    web_search_page_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    web_search_deadline_s: float = Field(default=8.0, gt=0, le=120)
+    web_search_max_page_bytes: int = Field(default=2 * 1024 * 1024, ge=1024, le=16 * 1024 * 1024)
+    web_search_max_source_chars: int = Field(default=4000, ge=100, le=100_000)
+    web_search_allow_networks: CommaList = Field(default_factory=list)
+
     # storage: accounts, keys, query logs
     database_url: SecretStr | None = None
     db_auto_migrate: bool = True
@@ -250,6 +265,7 @@ class NilaiSettings(BaseSettings):
         "nuc_root_issuers",
         "upstream_urls",
         "nildb_nodes",
+        "web_search_allow_networks",
         "cors_origins",
         "metrics_allow",
         "forwarded_allow_ips",
@@ -283,6 +299,25 @@ class NilaiSettings(BaseSettings):
         if value is not None and not UUID.fullmatch(value):
             raise ValueError("nildb_collection must be a collection id (a UUID)")
         return value.lower() if value else value
+
+    @field_validator("web_search_base_url")
+    @classmethod
+    def _check_search_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"has {_scheme_of(value)}; it must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("web_search_allow_networks")
+    @classmethod
+    def _check_search_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(
+                    f"web_search_allow_networks: {item!r} is not an IP address or network"
+                ) from exc
+        return value
 
     @field_validator("attestation_url")
     @classmethod
@@ -390,6 +425,13 @@ class NilaiSettings(BaseSettings):
         if self.nildb_collection is None:
             missing.append("NILAI_NILDB_COLLECTION")
         return missing
+
+    @property
+    def web_search_enabled(self) -> bool:
+        """Whether ``web_search: true`` is served (a search provider key is configured)."""
+        return self.web_search_api_key is not None and bool(
+            self.web_search_api_key.get_secret_value().strip()
+        )
 
     @property
     def db_url(self) -> str:

@@ -17,6 +17,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from nilai.attestation.factory import close_attestation_provider, make_attestation_provider
 from nilai.auth.strategies import make_authenticator
+from nilai.context.search.setup import make_web_search
 from nilai.context.setup import make_private_prompts
 from nilai.crypto.keys import Signer, load_or_create_key
 from nilai.discovery.announcer import Announcer
@@ -190,6 +191,7 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
         )
         stack.push_async_callback(upstream.aclose)
         private_prompts = make_private_prompts(settings, http)
+        web_search = make_web_search(settings, http, admission, stack)
         chat = ChatService(
             upstream,
             snapshot,
@@ -202,6 +204,7 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             first_byte_timeout_s=settings.stream_first_byte_timeout_s,
             idle_timeout_s=settings.stream_idle_timeout_s,
             prompts=private_prompts.vault,
+            web_search=web_search,
         )
         # Start-up objects (modules, settings, clients) live as long as the process: moving them
         # out of the collector's reach keeps full collections short under load.

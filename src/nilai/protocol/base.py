@@ -24,6 +24,13 @@ def json_object(value: object) -> dict[str, object] | None:
     return None
 
 
+def json_count(value: object) -> int:
+    """``value`` if it is a non-negative JSON integer (a token count), else 0."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return 0
+
+
 def inline_json_schema(model: type[BaseModel]) -> dict[str, object]:
     """The model's JSON schema with its ``$defs`` inlined, to embed in an OpenAPI document."""
     schema = model.model_json_schema()

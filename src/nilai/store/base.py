@@ -59,6 +59,8 @@ class QueryLog:
     multimodal: bool = False
     prompt_document: bool = False
     """A private prompt from nilDB was put first (which one, or what it said, is never kept)."""
+    searches: int = 0
+    """Searches a web search made at the provider (its queries and results are never kept)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     String,
     false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -79,6 +80,7 @@ class QueryLogRow(Base):
     nilrag: Mapped[bool] = mapped_column(Boolean)
     multimodal: Mapped[bool] = mapped_column(Boolean)
     prompt_document: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    searches: Mapped[int] = mapped_column(Integer, server_default=text("0"))
 
 
 class UsageTotalRow(Base):

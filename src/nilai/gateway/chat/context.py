@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from nilai.auth.base import Principal
 from nilai.errors import NilaiError, RateLimited
 from nilai.limits.base import Limit
-from nilai.protocol.base import json_object
+from nilai.protocol.base import json_count, json_object
 from nilai.store.base import QueryLog
 
 CLIENT_CLOSED = 499
@@ -34,6 +34,9 @@ class RequestContext:
     nilrag: bool = False
     multimodal: bool = False
     prompt_document: bool = False
+    searches: int = 0
+    planner_prompt_tokens: int = 0
+    planner_completion_tokens: int = 0
     endpoint: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -50,15 +53,40 @@ class RequestContext:
         return cls(request_id, principal, hashlib.sha256(raw_body).hexdigest())
 
     def record_usage(self, usage: object) -> None:
-        """Take token counts from an OpenAI ``usage`` object, if it is one."""
+        """Take token counts from an OpenAI ``usage`` object, if it is one.
+
+        The counts are the answer's as the client sees them: with the planner's tokens in
+        (``add_planner_tokens``).
+        """
         counts = json_object(usage)
         if counts is None:
             return
-        prompt = counts.get("prompt_tokens")
-        completion = counts.get("completion_tokens")
-        self.prompt_tokens = prompt if isinstance(prompt, int) else 0
-        self.completion_tokens = completion if isinstance(completion, int) else 0
+        self.prompt_tokens = json_count(counts.get("prompt_tokens"))
+        self.completion_tokens = json_count(counts.get("completion_tokens"))
         self.usage_reported = True
+
+    def count_planner(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Count the web search planner's tokens (made before the answer) in this request's."""
+        self.planner_prompt_tokens = prompt_tokens
+        self.planner_completion_tokens = completion_tokens
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+
+    def add_planner_tokens(self, usage: object) -> bool:
+        """Add the planner's tokens to a model server's ``usage`` object in place.
+
+        The client pays for the planner call, so the ``usage`` it gets (and the query log)
+        counts it: ``prompt_tokens``, ``completion_tokens`` and ``total_tokens`` each include
+        it. True if ``usage`` was changed.
+        """
+        counts = json_object(usage)
+        prompt, completion = self.planner_prompt_tokens, self.planner_completion_tokens
+        if counts is None or not (prompt or completion):
+            return False
+        counts["prompt_tokens"] = json_count(counts.get("prompt_tokens")) + prompt
+        counts["completion_tokens"] = json_count(counts.get("completion_tokens")) + completion
+        counts["total_tokens"] = json_count(counts.get("total_tokens")) + prompt + completion
+        return True
 
     def count_chunk(self) -> None:
         """A content chunk arrived; counts as a token when the server reports no usage."""
@@ -103,4 +131,5 @@ class RequestContext:
             nilrag=self.nilrag,
             multimodal=self.multimodal,
             prompt_document=self.prompt_document,
+            searches=self.searches,
         )

@@ -15,6 +15,7 @@ connection pool are neither: they say nothing about whether the server works.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from nilai.context.search.service import PlannerAnswer
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.errors import (
     InvalidRequest,
@@ -31,7 +33,7 @@ from nilai.errors import (
     UpstreamUnavailable,
 )
 from nilai.outages import OutageLog
-from nilai.protocol.base import json_object
+from nilai.protocol.base import json_count, json_object
 from nilai.upstream.client import (
     ConnectFailed,
     ConnectionBroken,
@@ -185,3 +187,59 @@ def parse_completion(body: bytes) -> dict[str, Any]:
     if data is None or not isinstance(data.get("choices"), list):
         raise UpstreamProtocolError("The model server sent an unexpected response.")
     return data
+
+
+class PlannerCall:
+    """The web search planner's model call: one bounded, non-streaming request to ``model``.
+
+    It goes to the request's own model through the same dispatcher (server choice, failover,
+    ejection) while the request holds its model slot. Its failures are ``NilaiError``s, which
+    make the search fall back to the user's message rather than fail the request.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, model: str) -> None:
+        self._dispatcher = dispatcher
+        self._model = model
+
+    async def complete(
+        self, messages: list[dict[str, str]], *, max_tokens: int, timeout_s: float
+    ) -> PlannerAnswer:
+        """The model's answer to ``messages`` and the tokens it used.
+
+        Raises:
+            UpstreamTimeout: No answer within ``timeout_s``.
+            NilaiError: The model server could not be reached or failed.
+        """
+        payload = orjson.dumps(
+            {
+                "model": self._model,
+                "messages": messages,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": False,
+            }
+        )
+        try:
+            async with asyncio.timeout(timeout_s):
+                answer = await self._dispatcher.send(self._model, payload, stream=False)
+                response = await answer.ok()
+                try:
+                    body = parse_completion(await read_body(response))
+                finally:
+                    await response.aclose()
+        except TimeoutError as exc:
+            raise UpstreamTimeout("The web search planner did not answer in time.") from exc
+        usage = json_object(body.get("usage")) or {}
+        return PlannerAnswer(
+            _first_message_text(body),
+            prompt_tokens=json_count(usage.get("prompt_tokens")),
+            completion_tokens=json_count(usage.get("completion_tokens")),
+        )
+
+
+def _first_message_text(body: dict[str, Any]) -> str:
+    choices: list[object] = body["choices"]  # parse_completion checked it is a list
+    first = json_object(choices[0]) if choices else None
+    message = json_object(first.get("message")) if first else None
+    content = message.get("content") if message else None
+    return content if isinstance(content, str) else ""

@@ -13,21 +13,24 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from nilai.auth.nuc_policies import check_request_policies
 from nilai.context.prompts import PromptsOff, PromptVault
+from nilai.context.search import setup as search_setup
+from nilai.context.search.service import SearchOutcome, WebSearch
 from nilai.context.setup import NOT_CONFIGURED
 from nilai.crypto.keys import Signer
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.errors import (
+    ContextUnavailable,
     NilaiError,
     ShuttingDown,
     UpstreamTimeout,
     rate_limit_headers,
 )
 from nilai.gateway.chat.context import RequestContext
-from nilai.gateway.chat.dispatch import Dispatcher, parse_completion, read_body
+from nilai.gateway.chat.dispatch import Dispatcher, PlannerCall, parse_completion, read_body
 from nilai.gateway.chat.signing import StreamSigner, sign_completion
 from nilai.gateway.chat.stream import (
     ChatStream,
@@ -39,7 +42,6 @@ from nilai.gateway.chat.stream import (
 from nilai.gateway.chat.validate import (
     ValidatedChat,
     ignored_fields_headers,
-    upstream_payload,
     validate_chat,
 )
 from nilai.gateway.drain import Drain
@@ -70,9 +72,11 @@ class ChatService:
         first_byte_timeout_s: float = 60.0,
         idle_timeout_s: float = 60.0,
         prompts: PromptVault | None = None,
+        web_search: WebSearch | None = None,
     ) -> None:
         self._snapshot = snapshot
         self._prompts: PromptVault = prompts or PromptsOff(NOT_CONFIGURED)
+        self._web_search = web_search
         self._dispatcher = Dispatcher(upstream, snapshot)
         self._signer = signer
         self._usage = usage
@@ -98,10 +102,16 @@ class ChatService:
         ctx.multimodal = request.has_image()
         check_request_policies(ctx.principal, request)
         try:
-            return validate_chat(request, self._snapshot)
+            chat = validate_chat(request, self._snapshot)
+            if request.web_search and self._web_search is None:
+                raise ContextUnavailable(
+                    f"Web search is not available on this gateway ({search_setup.NOT_CONFIGURED}).",
+                    code="web_search_not_configured",
+                )
         except NilaiError:
             await self._admission.admit(ctx.principal, web_search=request.web_search)
             raise
+        return chat
 
     async def _with_private_prompt(self, chat: ValidatedChat, ctx: RequestContext) -> ValidatedChat:
         """``chat`` with the system prompt the caller's token names in nilDB put first.
@@ -114,7 +124,32 @@ class ChatService:
             return chat
         prompt = await self._prompts.reveal(document)
         ctx.prompt_document = True
-        return replace(chat, payload=upstream_payload(chat.request, system_prompt=prompt))
+        return chat.with_system_context(prompt)
+
+    async def _with_web_search(
+        self, chat: ValidatedChat, ctx: RequestContext
+    ) -> tuple[ValidatedChat, SearchOutcome | None]:
+        """``chat`` with the web sources for its last question put first, and the search.
+
+        Called once the request is admitted (and within the request timeout, holding the
+        model slot the planner's call uses). The planner sees the client's messages only: a
+        private prompt must never reach the search provider inside a query. Its tokens are
+        the client's (``usage``); the queries, results and pages are never logged or stored.
+        """
+        if not chat.request.web_search or self._web_search is None:
+            return chat, None
+        planner = PlannerCall(self._dispatcher, chat.model)
+        outcome = await self._web_search.run(chat.request.messages, planner)
+        ctx.searches = outcome.searches
+        ctx.count_planner(outcome.planner_prompt_tokens, outcome.planner_completion_tokens)
+        return chat.with_system_context(outcome.message["content"]), outcome
+
+    async def _with_context(
+        self, chat: ValidatedChat, ctx: RequestContext
+    ) -> tuple[ValidatedChat, SearchOutcome | None]:
+        """The context stages, in order: the private prompt, then the web search."""
+        chat = await self._with_private_prompt(chat, ctx)
+        return await self._with_web_search(chat, ctx)
 
     def _admit(
         self, chat: ValidatedChat, ctx: RequestContext
@@ -162,10 +197,13 @@ class ChatService:
         try:
             chat = await self._check(request, ctx)
             async with self._admit(chat, ctx) as decision:
-                chat = await self._with_private_prompt(chat, ctx)
+                chat, search = await self._with_context(chat, ctx)
                 body = parse_completion(await self._send(chat, ctx, read_body))
+            ctx.add_planner_tokens(body.get("usage"))
             ctx.record_usage(body.get("usage"))
-            signed = sign_completion(body, self._signer, ctx.request_sha256)
+            signed = sign_completion(
+                body, self._signer, ctx.request_sha256, added=_signed_additions(search)
+            )
             return ChatResult(signed, self._headers(chat, decision))
         except BaseException as exc:
             ctx.fail(exc)
@@ -187,7 +225,7 @@ class ChatService:
         try:
             chat = await self._check(request, ctx)
             decision = await upstream.enter_async_context(self._admit(chat, ctx))
-            chat = await self._with_private_prompt(chat, ctx)
+            chat, search = await self._with_context(chat, ctx)
             response = await self._send(chat, ctx, _headers_only)
             upstream.push_async_callback(response.aclose)
         except BaseException as exc:
@@ -200,7 +238,7 @@ class ChatService:
         streams.inc()
         resources.callback(streams.dec)
         deadline = ReadDeadline(self._first_byte_timeout_s, self._idle_timeout_s, self._drain)
-        signer = StreamSigner(self._signer, ctx.request_sha256)
+        signer = StreamSigner(self._signer, ctx.request_sha256, added=_signed_additions(search))
         forwarder = ChunkForwarder(signer, ctx, chat.request)
         events = relay_events(
             read_batches(response.iter_chunks(), deadline, self._drain),
@@ -242,6 +280,11 @@ class ChatService:
             ctx.completion_tokens,
             "-" if ctx.first_token_s is None else f"{ctx.first_token_s * 1000:.1f}",
         )
+
+
+def _signed_additions(search: SearchOutcome | None) -> dict[str, object]:
+    """What the gateway adds inside the signed answer: a web search's ``sources``."""
+    return {} if search is None else {"sources": search.sources}
 
 
 async def _headers_only(response: UpstreamResponse) -> UpstreamResponse:

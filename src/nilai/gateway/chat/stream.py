@@ -220,6 +220,11 @@ class StreamRecord(Protocol):
         """Token usage the model reported (running totals, or the final figures)."""
         ...
 
+    def add_planner_tokens(self, usage: object) -> bool:
+        """Add the gateway's own model calls for this request (a web search's planner) to a
+        ``usage`` object in place; True if it changed."""
+        ...
+
     def count_chunk(self) -> None:
         """One chunk with content was relayed."""
         ...
@@ -359,6 +364,8 @@ class ChunkForwarder:
         self._record.mark_first_token()
         usage = chunk.get("usage")
         if usage:
+            # The client's usage counts the planner's tokens too (and so does the query log).
+            changed = self._record.add_planner_tokens(usage) or changed
             self._record.record_usage(usage)
         if not chunk.get("choices"):
             if usage is not None and self._include_usage:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import orjson
 
@@ -28,11 +28,23 @@ class ValidatedChat:
     request: ChatCompletionRequest
     card: ModelCard
     payload: bytes
+    system_context: tuple[str, ...] = ()
+    """What the gateway adds ahead of the client's messages (a private prompt, web sources)."""
 
     @property
     def model(self) -> str:
         """The model id."""
         return self.card.id
+
+    def with_system_context(self, text: str) -> ValidatedChat:
+        """This chat with ``text`` added to the system message the gateway puts first.
+
+        One system message holds every addition, in the order added: chat templates that take
+        only a leading system message still see them all. The request is left as sent.
+        """
+        context = (*self.system_context, text)
+        payload = upstream_payload(self.request, system_prompt="\n\n".join(context))
+        return replace(self, system_context=context, payload=payload)
 
 
 def validate_chat(request: ChatCompletionRequest, snapshot: DiscoverySnapshot) -> ValidatedChat:
@@ -71,10 +83,6 @@ def _check_capabilities(request: ChatCompletionRequest, card: ModelCard) -> None
         raise ValidationFailed(
             f"{param} is {wanted}, above the model's limit of {limit} tokens.", param=param
         )
-    if request.web_search:
-        raise InvalidRequest(
-            "web_search is not available on this gateway.", param="web_search", code="not_supported"
-        )
     if request.nilrag:
         raise InvalidRequest(
             "nilrag is not available on this gateway.", param="nilrag", code="not_supported"
@@ -84,8 +92,9 @@ def _check_capabilities(request: ChatCompletionRequest, card: ModelCard) -> None
 def upstream_payload(request: ChatCompletionRequest, *, system_prompt: str | None = None) -> bytes:
     """The JSON sent upstream: only fields the client set, known to OpenAI or vLLM.
 
-    A ``system_prompt`` (a private prompt from nilDB) becomes the first message, ahead of the
-    client's own system message; the request itself is left as the client sent it.
+    A ``system_prompt`` (the gateway's additions: a private prompt from nilDB, web search
+    sources) becomes the first message, ahead of the client's own system message; the request
+    itself is left as the client sent it.
 
     Streams always ask the model server for usage, so every stream can be accounted; the
     relay forwards the usage chunk only to clients that asked for it.

@@ -194,13 +194,19 @@ def test_max_tokens_unbounded_when_model_length_unknown():
     assert _validate(_req(max_tokens=10**9), ModelCard(id="m")).model == "m"
 
 
-def test_web_search_is_not_supported():
-    with pytest.raises(InvalidRequest) as info:
-        _validate(_req(web_search=True))
-    assert info.value.status == 400
-    assert info.value.code == "not_supported"
-    assert info.value.param == "web_search"
-    assert _validate(_req(web_search=False)).model == "m"
+def test_web_search_passes_validation_and_never_reaches_the_model_server():
+    chat = _validate(_req(web_search=True))
+    assert "web_search" not in orjson.loads(chat.payload)
+
+
+def test_system_context_is_one_leading_system_message_in_the_order_added():
+    request = _req(messages=[{"role": "system", "content": "mine"}, {"role": "user", "content": "q"}])
+    chat = _validate(request).with_system_context("private").with_system_context("sources")
+    messages = orjson.loads(chat.payload)["messages"]
+    assert messages[0] == {"role": "system", "content": "private\n\nsources"}
+    assert messages[1:] == [{"role": "system", "content": "mine"}, {"role": "user", "content": "q"}]
+    assert chat.system_context == ("private", "sources")
+    assert len(chat.request.messages) == 2  # the request itself is left as sent
 
 
 def test_nilrag_is_not_supported():
