@@ -221,8 +221,7 @@ class StreamRecord(Protocol):
         ...
 
     def add_planner_tokens(self, usage: object) -> bool:
-        """Add the gateway's own model calls for this request (a web search's planner) to a
-        ``usage`` object in place; True if it changed."""
+        """Add the planner's tokens (a web search's model call) to ``usage``; True if changed."""
         ...
 
     def count_chunk(self) -> None:

@@ -200,7 +200,9 @@ def test_web_search_passes_validation_and_never_reaches_the_model_server():
 
 
 def test_system_context_is_one_leading_system_message_in_the_order_added():
-    request = _req(messages=[{"role": "system", "content": "mine"}, {"role": "user", "content": "q"}])
+    request = _req(
+        messages=[{"role": "system", "content": "mine"}, {"role": "user", "content": "q"}]
+    )
     chat = _validate(request).with_system_context("private").with_system_context("sources")
     messages = orjson.loads(chat.payload)["messages"]
     assert messages[0] == {"role": "system", "content": "private\n\nsources"}
