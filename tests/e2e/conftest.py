@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import FakeHandle, GatewayHandle
 from tests.fakes.nildb import FakeNildbCluster, start_cluster
 from tests.support.replicas import start_replica  # noqa: F401 - a fixture for e2e tests
+from tests.support.websearch import SearchWorld, start_search_world
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -62,3 +63,20 @@ def cluster() -> Iterator[FakeNildbCluster]:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="module")
+def search_world() -> Iterator[SearchWorld]:
+    """Brave, result pages and a forbidden address on loopback (tests/support/websearch.py)."""
+    world = start_search_world()
+    try:
+        yield world
+    finally:
+        world.stop()
+
+
+@pytest.fixture
+def web(search_world: SearchWorld) -> SearchWorld:
+    """``search_world``, with what the last test set up or recorded forgotten."""
+    search_world.reset()
+    return search_world

@@ -3,7 +3,12 @@
 Deterministic text (``"<name> says: w0 w1 w2 ..."``), a per-token delay, and faults chosen over
 ``POST /_control``: ``http_500``, ``malformed_json``, ``drop_mid_stream``, ``slow_first_byte``,
 ``error_event``, ``no_final_chunk``. ``GET /_control/stats`` tells what it saw, including
-streams the client abandoned (``cancelled``).
+streams the client abandoned (``cancelled``) and the usage of every answer it finished
+(``usages``, so a test can sum what the gateway should bill).
+
+A web search's planner call (its first message is the planner's instructions, which start with
+``PLANNER_PREFIX``) is answered with ``planner_reply`` when set (else the usual words), after
+``planner_delay_s``; ``planner_requests`` counts those calls.
 
 Run alone: ``python -m tests.fakes.fake_openai_server --port 9001 --model fake-model``.
 """
@@ -39,6 +44,9 @@ class FakeConfig:
     """How long ``GET /v1/models`` takes to answer (counted in the stats when it arrives)."""
     fault: str = "none"
     max_model_len: int = 4096
+    planner_reply: str | None = None
+    """The planner call's answer (e.g. a JSON plan); None: the usual words."""
+    planner_delay_s: float = 0.0
 
 
 @dataclass
@@ -48,7 +56,11 @@ class FakeStats:
     cancelled: int = 0
     streams_started: int = 0
     model_list_requests: int = 0
+    planner_requests: int = 0
     last_body: dict[str, Any] | None = None
+    """The last request that was not a planner call."""
+    usages: list[dict[str, int]] = field(default_factory=list[dict[str, int]])
+    """The final usage of every answer finished, planner calls included, in order."""
 
 
 class FakeState:
@@ -58,6 +70,16 @@ class FakeState:
 
     def words(self) -> list[str]:
         return [f"{self.config.name} says:", *(f" w{i}" for i in range(self.config.tokens))]
+
+
+PLANNER_PREFIX = "You decide what to search the web for"
+
+
+def _is_planner_call(body: dict[str, Any]) -> bool:
+    messages = body.get("messages") or []
+    first = messages[0] if messages else {}
+    content = first.get("content") if isinstance(first, dict) else None
+    return isinstance(content, str) and content.startswith(PLANNER_PREFIX)
 
 
 def _usage(body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
@@ -103,6 +125,8 @@ def create_fake_app(config: FakeConfig | None = None) -> Starlette:
     async def chat(request: Request) -> Response:
         body = await request.json()
         state.stats.requests += 1
+        if _is_planner_call(body) and not body.get("stream"):
+            return await _plan(state, body)
         state.stats.last_body = body
         fault = state.config.fault
         if fault == "http_500":
@@ -119,6 +143,7 @@ def create_fake_app(config: FakeConfig | None = None) -> Starlette:
             return StreamingResponse(_stream(state, body), media_type="text/event-stream")
         words = state.words()
         state.stats.completed += 1
+        state.stats.usages.append(_usage(body, len(words)))
         return JSONResponse(
             {
                 "id": "chatcmpl-fake",
@@ -148,6 +173,32 @@ def create_fake_app(config: FakeConfig | None = None) -> Starlette:
     )
     app.state.fake = state
     return app
+
+
+async def _plan(state: FakeState, body: dict[str, Any]) -> Response:
+    state.stats.planner_requests += 1
+    config = state.config
+    if config.planner_delay_s:
+        await asyncio.sleep(config.planner_delay_s)
+    text = config.planner_reply if config.planner_reply is not None else "".join(state.words())
+    usage = _usage(body, len(text.split()))
+    state.stats.usages.append(usage)
+    return JSONResponse(
+        {
+            "id": "chatcmpl-plan",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": usage,
+        }
+    )
 
 
 async def _hold_until(moment: float) -> None:
@@ -194,6 +245,7 @@ async def _stream(state: FakeState, body: dict[str, Any]) -> AsyncIterator[bytes
             finished = True
             return
         yield _chunk(body, {}, "stop", len(words))
+        state.stats.usages.append(_usage(body, len(words)))
         options = body.get("stream_options") or {}
         if options.get("include_usage"):
             usage = {

@@ -18,10 +18,11 @@ import httpx
 import uvicorn
 
 
-def bind_loopback(port: int = 0) -> socket.socket:
+def bind_loopback(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
+    """A listening socket on a loopback address (Linux routes all of 127.0.0.0/8 to lo)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
+    sock.bind((host, port))
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
@@ -34,13 +35,17 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """uvicorn serving ``app`` on 127.0.0.1:``port`` (0 picks one) until ``stop()``."""
+    """uvicorn serving ``app`` on ``host``:``port`` (0 picks one) until ``stop()``.
 
-    def __init__(self, app: Any, port: int = 0) -> None:
+    ``host`` is a loopback address: 127.0.0.1, or another of 127.0.0.0/8 for a server the
+    gateway must treat as a different (e.g. forbidden) address.
+    """
+
+    def __init__(self, app: Any, port: int = 0, *, host: str = "127.0.0.1") -> None:
         self.app = app
-        self._sock = bind_loopback(port)
+        self._sock = bind_loopback(port, host)
         self.port: int = self._sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         # As `nilai api` with NILAI_FORWARDED_ALLOW_IPS unset: X-Forwarded-For is not believed.
         config = uvicorn.Config(
             app,
