@@ -5,7 +5,8 @@ import pytest
 from nilai.context.search.pages import MemoryPageFetcher
 from nilai.context.search.provider import MemorySearch, SearchResult
 from nilai.context.search.service import PlannerAnswer, SearchOutcome, WebSearch
-from nilai.errors import ContextUnavailable, UpstreamTimeout, ValidationFailed
+from nilai.errors import ContextUnavailable, RateLimited, UpstreamTimeout, ValidationFailed
+from nilai.limits.base import Decision, Limit
 from nilai.protocol.chat import ChatMessage
 
 MESSAGES = [ChatMessage.model_validate({"role": "user", "content": "What happened in Paris?"})]
@@ -90,6 +91,7 @@ async def test_one_failed_search_is_skipped_and_all_failed_is_the_providers_erro
     search = WebSearch(half, MemoryPageFetcher(pages={NEWS.url: "text"}))
     outcome = await search.run(MESSAGES, Planner(PlannerAnswer(PLAN)))
     assert outcome.sources == [{"source": NEWS.url, "content": "text"}]
+    assert outcome.searches == 1  # the query log counts the searches the provider answered
 
     down = MemorySearch()
     down.failure = ContextUnavailable("down", code="web_search_unavailable")
@@ -113,3 +115,39 @@ async def test_sources_are_cut_to_their_limit():
     )
     outcome = await search.run(MESSAGES, Planner(PlannerAnswer(PLAN)))
     assert [len(source["content"]) for source in outcome.sources] == [100]
+
+
+class Quota:
+    """The provider's quota: ``left`` searches, then ``RateLimited``; counts what it was asked."""
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+        self.asked = 0
+
+    async def admit_search(self) -> object:
+        self.asked += 1
+        if self.left <= 0:
+            limit = Limit("{search}:second", "web searches per second", 1, 1)
+            raise RateLimited(Decision(False, limit, 0, 1))
+        self.left -= 1
+        return None
+
+
+async def test_each_search_is_counted_against_the_quota_and_a_refused_one_is_skipped():
+    quota = Quota(left=1)
+    provider = MemorySearch({"Paris news": [NEWS], "Paris weather": [WEATHER]})
+    search = WebSearch(provider, MemoryPageFetcher(pages={NEWS.url: "t"}), quota=quota)
+    outcome = await search.run(MESSAGES, Planner(PlannerAnswer(PLAN)))
+    assert quota.asked == 2
+    assert len(provider.searches) == 1  # the refused search never reached the provider
+    assert outcome.searches == 1
+    assert len(outcome.sources) == 1
+
+
+async def test_a_quota_refusing_every_search_is_429_and_the_provider_is_not_asked():
+    provider = MemorySearch({"Paris news": [NEWS]})
+    search = WebSearch(provider, MemoryPageFetcher(), quota=Quota(left=0))
+    with pytest.raises(RateLimited) as refused:
+        await search.run(MESSAGES, Planner(PlannerAnswer(PLAN)))
+    assert refused.value.headers["Retry-After"] == "1"
+    assert provider.searches == []
