@@ -125,8 +125,18 @@ class WebSearch:
         self._pages_deadline_s = pages_deadline_s
         self._max_source_chars = max_source_chars
 
-    async def run(self, messages: Sequence[ChatMessage], planner: ModelCall) -> SearchOutcome:
+    async def run(
+        self,
+        messages: Sequence[ChatMessage],
+        planner: ModelCall,
+        *,
+        max_total_chars: int | None = None,
+    ) -> SearchOutcome:
         """Search the web for the conversation's last question.
+
+        ``max_total_chars`` bounds the sources' text together (the model's context is finite):
+        sources past it are left out, the one that reaches it is cut. The client gets exactly
+        the sources the model saw.
 
         Raises:
             ValidationFailed: There is no user text to search for.
@@ -150,7 +160,7 @@ class WebSearch:
             page.url: page
             for page in await self._pages.fetch_all(urls, deadline_s=self._pages_deadline_s)
         }
-        sources = self._sources(results, pages)
+        sources = self._sources(results, pages, max_total_chars)
         return SearchOutcome(
             sources=sources,
             message=_sources_message(sources),
@@ -195,18 +205,25 @@ class WebSearch:
         await self._quota.admit_search()
         return await self._provider.search(query, count=self._results_per_query)
 
-    def _sources(self, results: list[SearchResult], pages: dict[str, Page]) -> list[dict[str, str]]:
+    def _sources(
+        self, results: list[SearchResult], pages: dict[str, Page], max_total_chars: int | None
+    ) -> list[dict[str, str]]:
         sources: list[dict[str, str]] = []
         seen: set[str] = set()
+        left = max_total_chars if max_total_chars is not None else float("inf")
         for result in results:
+            if left <= 0:
+                break
             url = normalise_url(result.url)
             if url in seen:
                 continue
             seen.add(url)
             page = pages.get(url)
             text = page.text if page is not None and page.ok else result.snippet
+            text = text[: int(min(self._max_source_chars, left))]
             if text:
-                sources.append({"source": result.url, "content": text[: self._max_source_chars]})
+                sources.append({"source": result.url, "content": text})
+                left -= len(text)
         return sources
 
 

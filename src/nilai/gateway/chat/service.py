@@ -54,6 +54,10 @@ from nilai.usage.sink import UsageSink
 
 logger = logging.getLogger(__name__)
 
+SOURCE_CHARS_PER_CONTEXT_TOKEN = 1.5
+"""Web sources may fill about half of the room the model's context leaves the prompt, at a
+conservative 3 characters per token: the client's messages and the answer need the rest."""
+
 
 class ChatService:
     """Serves chat completions: one instance per process, shared by all requests."""
@@ -139,7 +143,11 @@ class ChatService:
         if not chat.request.web_search or self._web_search is None:
             return chat, None
         planner = PlannerCall(self._dispatcher, chat.model)
-        outcome = await self._web_search.run(chat.request.messages, planner)
+        budget = None
+        if (context := chat.card.max_model_len) is not None:
+            room = context - (chat.request.requested_max_tokens or 0)
+            budget = max(0, int(room * SOURCE_CHARS_PER_CONTEXT_TOKEN))
+        outcome = await self._web_search.run(chat.request.messages, planner, max_total_chars=budget)
         ctx.searches = outcome.searches
         ctx.count_planner(outcome.planner_prompt_tokens, outcome.planner_completion_tokens)
         return chat.with_system_context(outcome.message["content"]), outcome
@@ -270,7 +278,7 @@ class ChatService:
             ).observe(ctx.upstream_s)
         logger.info(
             "chat model=%s endpoint=%s stream=%s status=%d error=%s prompt_tokens=%d "
-            "completion_tokens=%d ttft_ms=%s",
+            "completion_tokens=%d searches=%d ttft_ms=%s",
             ctx.model,
             ctx.endpoint,
             ctx.streamed,
@@ -278,6 +286,7 @@ class ChatService:
             ctx.error_kind or "-",
             ctx.prompt_tokens,
             ctx.completion_tokens,
+            ctx.searches,
             "-" if ctx.first_token_s is None else f"{ctx.first_token_s * 1000:.1f}",
         )
 

@@ -151,3 +151,15 @@ async def test_a_quota_refusing_every_search_is_429_and_the_provider_is_not_aske
         await search.run(MESSAGES, Planner(PlannerAnswer(PLAN)))
     assert refused.value.headers["Retry-After"] == "1"
     assert provider.searches == []
+
+
+async def test_the_sources_together_fit_the_budget_and_the_client_gets_what_the_model_saw():
+    provider = MemorySearch({"Paris news": [NEWS], "Paris weather": [WEATHER]})
+    pages = MemoryPageFetcher(pages={NEWS.url: "n" * 80, WEATHER.url: "w" * 80})
+    search = WebSearch(provider, pages)
+    outcome = await search.run(MESSAGES, Planner(PlannerAnswer(PLAN)), max_total_chars=100)
+    assert [len(source["content"]) for source in outcome.sources] == [80, 20]
+    assert outcome.message["content"].endswith("w" * 20)
+    none = await search.run(MESSAGES, Planner(PlannerAnswer(PLAN)), max_total_chars=0)
+    assert none.sources == []
+    assert none.message["content"].endswith("(no results)")
