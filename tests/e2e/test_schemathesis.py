@@ -137,7 +137,8 @@ def with_known_model(case: Any) -> Any:
 
 
 def without_unsupported_extras(case: Any) -> Any:
-    """Drop the extras this gateway answers 501 to (valid cases stay valid without them)."""
+    """Drop the extras this gateway refuses (nilrag) or is not configured for (web search, 503):
+    valid cases stay valid without them."""
     if isinstance(case.body, dict):
         case.body.pop("web_search", None)
         case.body.pop("nilrag", None)
@@ -182,7 +183,7 @@ def has_unhashable_part_type(body: object) -> bool:
 
 
 def asks_for_an_unsupported_extra(body: object) -> bool:
-    """See ``test_unsupported_extras_are_not_server_errors``."""
+    """See ``test_unsupported_extras_are_not_server_errors`` and the web search one below it."""
     if not isinstance(body, dict):
         return False
     nilrag = body.get("nilrag")
@@ -358,13 +359,19 @@ def test_content_part_type_that_is_not_a_string_is_a_client_error(gateway_url, p
     assert_client_error(chat(gateway_url, {"model": model, "messages": messages}))
 
 
-@pytest.mark.parametrize(
-    "extra", [{"web_search": True}, {"nilrag": {"nodes": []}}], ids=["web_search", "nilrag"]
-)
-def test_unsupported_extras_are_not_server_errors(gateway_url, extra):
-    response = chat(gateway_url, {"model": KNOWN_MODEL, "messages": MESSAGES, **extra})
+def test_unsupported_extras_are_not_server_errors(gateway_url):
+    body = {"model": KNOWN_MODEL, "messages": MESSAGES, "nilrag": {"nodes": []}}
+    response = chat(gateway_url, body)
     assert_client_error(response)
     assert response.json()["error"]["code"] == "not_supported"
+
+
+def test_web_search_on_a_gateway_without_a_search_key_is_503_naming_the_setting(gateway_url):
+    response = chat(gateway_url, {"model": KNOWN_MODEL, "messages": MESSAGES, "web_search": True})
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "web_search_not_configured"
+    assert "NILAI_WEB_SEARCH_API_KEY" in error["message"]
 
 
 def test_known_bug_filters_match_the_pinned_inputs():
