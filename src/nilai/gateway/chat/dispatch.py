@@ -200,6 +200,9 @@ class PlannerCall:
     def __init__(self, dispatcher: Dispatcher, model: str) -> None:
         self._dispatcher = dispatcher
         self._model = model
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        """What the calls made so far used: the client's to pay, even if the search fails."""
 
     async def complete(
         self, messages: list[dict[str, str]], *, max_tokens: int, timeout_s: float
@@ -230,11 +233,14 @@ class PlannerCall:
         except TimeoutError as exc:
             raise UpstreamTimeout("The web search planner did not answer in time.") from exc
         usage = json_object(body.get("usage")) or {}
-        return PlannerAnswer(
+        answer = PlannerAnswer(
             _first_message_text(body),
             prompt_tokens=json_count(usage.get("prompt_tokens")),
             completion_tokens=json_count(usage.get("completion_tokens")),
         )
+        self.prompt_tokens += answer.prompt_tokens
+        self.completion_tokens += answer.completion_tokens
+        return answer
 
 
 def _first_message_text(body: dict[str, Any]) -> str:

@@ -135,10 +135,12 @@ class ChatService:
     ) -> tuple[ValidatedChat, SearchOutcome | None]:
         """``chat`` with the web sources for its last question put first, and the search.
 
-        Called once the request is admitted (and within the request timeout, holding the
-        model slot the planner's call uses). The planner sees the client's messages only: a
-        private prompt must never reach the search provider inside a query. Its tokens are
-        the client's (``usage``); the queries, results and pages are never logged or stored.
+        Called once the request is admitted, holding the model slot the planner's call uses;
+        the search has its own time limits (planner, searches, pages), and the request timeout
+        then applies to the answer. The planner sees the client's messages only: a private
+        prompt must never reach the search provider inside a query. The planner's tokens are
+        the client's (``usage``), counted even when the search then fails; the queries, results
+        and pages are never logged or stored.
         """
         if not chat.request.web_search or self._web_search is None:
             return chat, None
@@ -147,9 +149,13 @@ class ChatService:
         if (context := chat.card.max_model_len) is not None:
             room = context - (chat.request.requested_max_tokens or 0)
             budget = max(0, int(room * SOURCE_CHARS_PER_CONTEXT_TOKEN))
-        outcome = await self._web_search.run(chat.request.messages, planner, max_total_chars=budget)
+        try:
+            outcome = await self._web_search.run(
+                chat.request.messages, planner, max_total_chars=budget
+            )
+        finally:
+            ctx.count_planner(planner.prompt_tokens, planner.completion_tokens)
         ctx.searches = outcome.searches
-        ctx.count_planner(outcome.planner_prompt_tokens, outcome.planner_completion_tokens)
         return chat.with_system_context(outcome.message["content"]), outcome
 
     async def _with_context(

@@ -279,3 +279,14 @@ async def test_a_request_without_web_search_searches_nothing(world: World):
     assert body["usage"] == ANSWER_USAGE
     assert world.provider.searches == []
     assert world.server.planner_calls == []
+
+
+async def test_a_search_that_fails_still_accounts_the_planners_tokens(world: World):
+    world.provider.failure = ContextUnavailable("down", code="web_search_unavailable")
+    request, ctx, _ = _begin({"model": "m", "messages": [USER], "web_search": True})
+    with pytest.raises(ContextUnavailable):
+        await world.service.complete(request, ctx)
+    assert world.server.answers == []
+    (log,) = world.sink.logs
+    assert (log.status_code, log.searches) == (503, 0)
+    assert (log.prompt_tokens, log.completion_tokens) == (40, 12)
