@@ -118,6 +118,10 @@ def create_web_app(state: WebState) -> Starlette:
             while state.huge_bytes_sent < HUGE_BYTES:
                 state.huge_bytes_sent += len(HUGE_CHUNK)
                 yield HUGE_CHUNK
+                # Once the client has hung up, uvicorn drops each chunk without awaiting
+                # anything: without this, the loop would run to 20 MB before Starlette's
+                # disconnect listener got a turn to stop it, and the count would mean nothing.
+                await asyncio.sleep(0)
             yield b"</article></body></html>"
 
         return StreamingResponse(body(), media_type="text/html")
