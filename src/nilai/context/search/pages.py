@@ -36,13 +36,15 @@ are refused), keeps only HTML, XHTML and plain text, gives
 each fetch ``per_fetch_timeout_s`` and the whole call ``deadline_s``: what has not finished by
 then is cancelled and reported failed, so a slow page never delays the answer.
 
-**Text extraction** (trafilatura, 12-121 ms of CPU per page) runs in the fetcher's own small
-``ThreadPoolExecutor``, not on the event loop and not in the loop's default executor: the
-default executor also runs ``getaddrinfo``, which must not queue behind extractions, and a
-dedicated pool bounds the number of extraction threads even when fetches are cancelled at the
-deadline (``asyncio.to_thread`` under a semaphore would release the semaphore on cancellation
-while the thread runs on). trafilatura is imported on first extraction only, so a gateway
-without the ``nilai[websearch]`` extra imports this module fine.
+**Text extraction** (trafilatura, 12-121 ms of CPU per page, most of it Python) runs in worker
+*processes* in production (``process_pool``): in threads it would hold the interpreter lock the
+event loop needs, and every stream the gateway relays would stall behind it. The pool is the
+fetcher's own (not the loop's default executor, which also runs ``getaddrinfo``) and bounds the
+extraction work even when fetches are cancelled at the deadline: a cancelled fetch stops
+waiting, its extraction finishes in its worker and is dropped. A pool whose worker died (a page
+that crashed the parser, the OOM killer) is replaced on the next extraction. Tests use threads
+(the default), which take any callable. trafilatura is imported on first extraction only, so a
+gateway without the ``nilai[websearch]`` extra imports this module fine.
 
 Nothing of a page (its text, its body, its URL's query) is ever logged; failures are reported
 on the ``Page`` as a short kind (``PageError``), never with content.
@@ -53,11 +55,13 @@ from __future__ import annotations
 import asyncio
 import http.cookiejar
 import ipaddress
+import multiprocessing
 import re
 import socket
 import zlib
 from collections.abc import Awaitable, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from enum import StrEnum
 from http import HTTPStatus
@@ -305,6 +309,19 @@ def extract_with_trafilatura(html: str) -> str:
     return text if isinstance(text, str) else ""
 
 
+def thread_pool(workers: int) -> Executor:
+    """Extraction in threads: for tests and for extractors that are not module-level functions."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nilai-extract")
+
+
+def process_pool(workers: int) -> Executor:
+    """Extraction in worker processes, so that it never holds the event loop's interpreter lock.
+
+    Started fresh (``spawn``): never a fork of a process with threads and open sockets.
+    """
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 class _Failed(Exception):
     def __init__(self, kind: PageError, status_code: int | None = None) -> None:
         super().__init__(kind.value)
@@ -334,6 +351,7 @@ class HttpPageFetcher:
         concurrency: int = 4,
         extract: Callable[[str], str] | None = None,
         extract_workers: int = 2,
+        extractors: Callable[[int], Executor] | None = None,
         max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
     ) -> None:
         """Fetch with ``http`` (HTTP/1.1, ``trust_env=False``) what ``policy`` allows.
@@ -345,8 +363,11 @@ class HttpPageFetcher:
             per_fetch_timeout_s: One page, all its hops and its body.
             max_redirects: Redirects followed per page; one more fails the page.
             concurrency: Pages fetched at once per ``fetch_all`` call.
-            extract: HTML to text; trafilatura if unset.
-            extract_workers: Threads extracting text at once, for all calls together.
+            extract: HTML to text; trafilatura if unset. With ``process_pool``, a module-level
+                function (it is sent to the workers by name).
+            extract_workers: Extractions at once, for all calls together.
+            extractors: Makes the pool that runs ``extract`` (given ``extract_workers``):
+                ``process_pool`` in production; threads if unset.
             max_text_chars: Extracted text kept per page.
         """
         self._http = http
@@ -357,12 +378,20 @@ class HttpPageFetcher:
         self._concurrency = concurrency
         self._extract = extract or extract_with_trafilatura
         self._max_text_chars = max_text_chars
-        self._extractors = ThreadPoolExecutor(
-            max_workers=extract_workers, thread_name_prefix="nilai-extract"
-        )
+        self._workers = extract_workers
+        self._make_pool = extractors or thread_pool
+        self._extractors = self._make_pool(extract_workers)
+
+    def warm_up(self) -> None:
+        """Start the extraction workers now, in the background, not on a user's first page.
+
+        Each imports the extractor (trafilatura) as it starts; nothing here waits for them.
+        """
+        for _ in range(self._workers):
+            self._extractors.submit(self._extract, "<html><body><p>warm-up</p></body></html>")
 
     def close(self) -> None:
-        """Stop the extraction threads (queued extractions are dropped)."""
+        """Stop the extraction workers (queued extractions are dropped)."""
         self._extractors.shutdown(wait=False, cancel_futures=True)
 
     async def fetch_all(self, urls: list[str], *, deadline_s: float) -> list[Page]:
@@ -479,8 +508,15 @@ class HttpPageFetcher:
         if body.media_type == "text/plain":
             return document[: self._max_text_chars]
         loop = asyncio.get_running_loop()
+        pool = self._extractors
         try:
-            text = await loop.run_in_executor(self._extractors, self._extract, document)
+            text = await loop.run_in_executor(pool, self._extract, document)
+        except BrokenProcessPool:
+            # A worker died (this page may have crashed it): later pages get a fresh pool.
+            if self._extractors is pool:
+                self._extractors = self._make_pool(self._workers)
+                pool.shutdown(wait=False, cancel_futures=True)
+            raise _Failed(PageError.EXTRACTION) from None
         except Exception:  # noqa: BLE001 - a page the extractor chokes on is just not used
             raise _Failed(PageError.EXTRACTION) from None
         return text[: self._max_text_chars]

@@ -7,7 +7,7 @@ from contextlib import AsyncExitStack
 
 import httpx
 
-from nilai.context.search.pages import AddressPolicy, HttpPageFetcher, page_client
+from nilai.context.search.pages import AddressPolicy, HttpPageFetcher, page_client, process_pool
 from nilai.context.search.provider import BraveSearch
 from nilai.context.search.service import SearchQuota, WebSearch
 from nilai.settings import NilaiSettings
@@ -56,7 +56,9 @@ def make_web_search(
         AddressPolicy(allow=settings.web_search_allow_networks),
         max_bytes=settings.web_search_max_page_bytes,
         per_fetch_timeout_s=settings.web_search_page_timeout_s,
+        extractors=process_pool,
     )
+    pages.warm_up()
     stack.callback(pages.close)
     return WebSearch(
         provider,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -26,6 +27,7 @@ from nilai.context.search.pages import (
     Refused,
     normalise_url,
     page_client,
+    process_pool,
 )
 from tests.fakes.web import ARTICLE_TEXT, PLAIN_TEXT, WebState, create_web_app
 from tests.support.servers import ServerThread, wait_until_async
@@ -581,3 +583,44 @@ async def test_the_memory_twin_answers_from_its_pages_and_records_calls():
         ("https://b.example/", "", PageError.HTTP_STATUS),
     ]
     assert twin.calls == [["https://A.example/x#top", "https://b.example/", "https://a.example/x"]]
+
+
+# --- extraction in worker processes (production) ---------------------------------------------
+
+
+def pid_of_extractor(html: str) -> str:
+    """An extractor that says which process ran it (module-level: sent to workers by name)."""
+    return f"pid {os.getpid()}"
+
+
+def die_on_crash_marker(html: str) -> str:
+    """An extractor whose worker dies on the page holding the crash marker."""
+    if "Marrowby" in html:
+        os._exit(1)  # as a parser crash or the OOM killer would end it
+    return f"pid {os.getpid()}"
+
+
+async def test_production_extraction_runs_in_worker_processes(web, http):
+    server, _ = web
+    fetcher = fetcher_for(http, extractors=process_pool)
+    fetcher.warm_up()
+    [article] = await fetcher.fetch_all([f"{server.url}/article"], deadline_s=60)
+    assert ARTICLE_TEXT in article.text  # trafilatura, in a worker
+    fetcher.close()
+    other = fetcher_for(http, extractors=process_pool, extract=pid_of_extractor)
+    [page] = await other.fetch_all([f"{server.url}/chain/0"], deadline_s=60)
+    assert page.text.startswith("pid ")
+    assert page.text != f"pid {os.getpid()}"
+    other.close()
+
+
+async def test_a_dead_extraction_worker_fails_its_page_and_a_fresh_pool_serves_the_next(web, http):
+    server, _ = web
+    fetcher = fetcher_for(http, extractors=process_pool, extract=die_on_crash_marker)
+    [crashed] = await fetcher.fetch_all([f"{server.url}/article"], deadline_s=60)
+    assert crashed.error is PageError.EXTRACTION
+    # An HTML page without the marker is extracted again, by a worker of a fresh pool.
+    [served] = await fetcher.fetch_all([f"{server.url}/secret"], deadline_s=60)
+    assert served.ok, served.error
+    assert served.text.startswith("pid ")
+    fetcher.close()
