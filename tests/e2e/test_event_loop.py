@@ -16,10 +16,19 @@ The second test adds private prompts (issue 17) to the mix: chats whose NUC name
 document, stored by nilai-py in stand-in nilDB nodes, and ``GET /v1/delegation`` calls. The
 prompt cache is off there, so every such chat reads all nodes and reveals the shares (the
 costly path: a NUC signed per node, then blindfold's combine).
+
+The third adds web searches (issue 18): chats with ``web_search: true`` against the loopback
+Brave and pages stand-ins. Each plans with the model server, searches, fetches a real HTML
+article and a 2 MiB page (the fetcher's cap on a 20 MB one), and extracts their text with
+trafilatura in the fetcher's worker threads, so the loop shares its GIL with that work. The
+gateway's default 2 MiB page cap is kept on purpose: extracting one such page on the loop takes
+longer than the threshold (~75 ms in debug mode), so extraction moved onto the loop fails the
+test (checked by patching it there once).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,8 +52,10 @@ from tests.e2e.test_private_prompts import (
     store_with_nilai_py,
 )
 from tests.fakes.nildb import start_cluster
+from tests.fakes.web import ARTICLE_TEXT, HUGE_CHUNK
 from tests.support.nuc import did_of
 from tests.support.servers import free_port, stop_process, wait_until
+from tests.support.websearch import SearchWorld
 
 pytestmark = pytest.mark.e2e
 
@@ -52,6 +63,20 @@ SLOW_CALLBACK_S = 0.05
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGES = [{"role": "user", "content": "hello there"}]
 HEADERS = {"Authorization": f"Bearer {TEST_API_KEY}"}
+SEARCH_QUERY = "marrowby lighthouse storm"
+SEARCH_PLAN = json.dumps({"topics": [{"topic": "the storm", "query": SEARCH_QUERY}]})
+HUGE_TEXT = HUGE_CHUNK.decode()[3:40]
+"""The start of the 20 MB page's paragraphs: in its source only when its text was extracted."""
+
+
+def settings_env(settings: dict[str, Any]) -> dict[str, str]:
+    """``NilaiSettings`` fields as the ``NILAI_*`` environment a gateway process reads."""
+    return {
+        f"NILAI_{name.upper()}": ",".join(cast("list[str]", value))
+        if isinstance(value, list)
+        else str(value)
+        for name, value in settings.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -153,12 +178,7 @@ def test_no_slow_callbacks_with_prompt_documents_in_the_traffic(
     try:
         builder = new_builder(cluster)
         # The settings test_private_prompts.py gives NilaiSettings, as the subprocess's env.
-        nildb_env = {
-            f"NILAI_{name.upper()}": ",".join(cast("list[str]", value))
-            if isinstance(value, list)
-            else str(value)
-            for name, value in builder.settings(cluster).items()
-        }
+        nildb_env = settings_env(builder.settings(cluster))
         with (
             debug_gateway(
                 tmp_path,
@@ -215,4 +235,88 @@ def test_no_slow_callbacks_with_prompt_documents_in_the_traffic(
     # No prompt cache: every document chat read the document from every node.
     documents = sum(kind == "document" for kind, _ in jobs)
     assert [a - b for a, b in zip(after, before, strict=True)] >= [documents] * len(before)
+    assert gateway.slow_steps()[warm:] == []
+
+
+def search_chat(client: httpx.Client, url: str, *, stream: bool) -> tuple[int, list[str]]:
+    """POST a ``web_search: true`` chat; its status and the contents of its signed sources.
+
+    A stream's sources are on its last (signed) chunk.
+    """
+    body = {"model": "fake-model", "messages": MESSAGES, "stream": stream, "web_search": True}
+    target = f"{url}/v1/chat/completions"
+    if not stream:
+        answer = client.post(target, json=body, headers=HEADERS)
+        if answer.status_code != 200:
+            return answer.status_code, []
+        signed: dict[str, Any] = answer.json()
+    else:
+        with client.stream("POST", target, json=body, headers=HEADERS) as r:
+            if r.status_code != 200:
+                return r.status_code, []
+            events = [line.removeprefix("data: ") for line in r.iter_lines() if line]
+        assert events[-1] == "[DONE]", events[-1:]
+        signed = json.loads(events[-2])
+    return 200, [source["content"] for source in signed.get("sources", [])]
+
+
+def test_no_slow_callbacks_with_web_searches_in_the_traffic(
+    start_fake: Callable[..., FakeHandle], web: SearchWorld, tmp_path: Path
+):
+    fake = start_fake(tokens=32, planner_reply=SEARCH_PLAN)
+    web.answer(SEARCH_QUERY, "/article", "/huge")
+    search_env = settings_env(
+        web.gateway_settings(
+            # Limits high, not off, so that admission runs for every search as in production.
+            web_search_rps=100_000,
+            web_search_rate_limit_minute=100_000,
+            web_search_rate_limit_hour=100_000,
+            web_search_rate_limit_day=100_000,
+        )
+    )
+    with (
+        debug_gateway(tmp_path, fake.url, **search_env) as gateway,
+        httpx.Client(timeout=30) as client,
+    ):
+        url = gateway.url
+
+        def send(job: tuple[str, bool]) -> tuple[int, list[str]]:
+            kind, stream = job
+            if kind == "search":
+                # The stand-in's 20 MB page is 20 MB over the server's life, not per request
+                # (each fetch takes ~3 MB of it before the gateway hangs up at its 2 MiB cap):
+                # refill it, so that every search gets a full page to extract.
+                web.web.huge_bytes_sent = 0
+                return search_chat(client, url, stream=stream)
+            return chat(client, url, stream=stream), []
+
+        # Warm-up: first-use imports (trafilatura, in an extraction thread) and connections.
+        for stream in (False, True):
+            assert send(("api_key", stream)) == (200, [])
+            status, sources = send(("search", stream))
+            assert status == 200
+            assert len(sources) == 2, sources
+        warm = len(gateway.slow_steps())
+        planned = fake.state.stats.planner_requests
+
+        kinds = [("api_key", False), ("search", False), ("api_key", True), ("search", True)]
+        jobs = [job for _ in range(4) for job in kinds]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(send, jobs))
+        assert client.get(f"{url}/metrics").status_code == 200
+        assert client.get(f"{url}/readyz").status_code == 200
+    statuses = [status for status, _ in results]
+    assert statuses == [200] * len(jobs), list(zip(jobs, statuses, strict=True))
+    # Every search really ran: planned, searched, both pages fetched and their text extracted
+    # (a page that failed would be left as its search snippet).
+    searches = [
+        sources for (kind, _), (_, sources) in zip(jobs, results, strict=True) if kind == "search"
+    ]
+    assert len(searches) == 8
+    for sources in searches:
+        assert len(sources) == 2, sources
+        assert ARTICLE_TEXT in sources[0]
+        assert HUGE_TEXT in sources[1]
+    assert fake.state.stats.planner_requests - planned == len(searches)
+    assert web.web.paths().count("/huge") == len(searches) + 2
     assert gateway.slow_steps()[warm:] == []
