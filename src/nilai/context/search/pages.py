@@ -55,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import http.cookiejar
 import ipaddress
+import logging
 import multiprocessing
 import re
 import socket
@@ -68,6 +69,8 @@ from http import HTTPStatus
 from typing import Protocol
 
 import httpx
+
+logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 DEFAULT_MAX_BYTES = 2 * MIB
@@ -317,9 +320,19 @@ def thread_pool(workers: int) -> Executor:
 def process_pool(workers: int) -> Executor:
     """Extraction in worker processes, so that it never holds the event loop's interpreter lock.
 
-    Started fresh (``spawn``): never a fork of a process with threads and open sockets.
+    Started fresh (``spawn``): never a fork of a process with threads and open sockets. Where
+    processes cannot be had (no working ``sem_open``, as in some sandboxes), threads, said once.
     """
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        context = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    except (OSError, ImportError, NotImplementedError) as exc:
+        logger.warning(
+            "web search: text extraction runs in threads, not processes (%s); under load it "
+            "slows the event loop",
+            type(exc).__name__,
+        )
+        return thread_pool(workers)
 
 
 class _Failed(Exception):

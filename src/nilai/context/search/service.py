@@ -143,16 +143,16 @@ class WebSearch:
             NilaiError: Every search failed (the provider's error: 503, or 429 for its quota).
         """
         conversation = list(messages)
+        query = fallback_query(conversation)
+        if query is None:  # refused before the planner's call, which would be wasted
+            raise ValidationFailed(
+                "web_search needs a user message with text to search for.",
+                param="messages",
+                code="invalid_value",
+            )
         answer = await self._plan(conversation, planner)
         topics = parse_plan(answer.text, max_topics=self._max_topics) if answer else []
         if not topics:
-            query = fallback_query(conversation)
-            if query is None:
-                raise ValidationFailed(
-                    "web_search needs a user message with text to search for.",
-                    param="messages",
-                    code="invalid_value",
-                )
             topics = [SearchTopic(query, query)]
         results, searches = await self._search(topics)
         urls = list(dict.fromkeys(normalise_url(result.url) for result in results))

@@ -14,10 +14,12 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
+from nilai.context.search import pages as pages_module
 from nilai.context.search.pages import (
     DEFAULT_MAX_BYTES,
     AddressPolicy,
@@ -624,3 +626,17 @@ async def test_a_dead_extraction_worker_fails_its_page_and_a_fresh_pool_serves_t
     assert served.ok, served.error
     assert served.text.startswith("pid ")
     fetcher.close()
+
+
+def test_without_working_processes_extraction_falls_back_to_threads(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    def no_semaphores(*args: object, **kwargs: object) -> None:
+        raise NotImplementedError("This platform lacks a functioning sem_open implementation")
+
+    monkeypatch.setattr(pages_module, "ProcessPoolExecutor", no_semaphores)
+    with caplog.at_level(logging.WARNING, logger="nilai.context.search.pages"):
+        pool = process_pool(1)
+    assert isinstance(pool, ThreadPoolExecutor)
+    assert "runs in threads, not processes (NotImplementedError)" in caplog.text
+    pool.shutdown()

@@ -102,9 +102,11 @@ async def test_one_failed_search_is_skipped_and_all_failed_is_the_providers_erro
 async def test_a_conversation_without_user_text_is_refused():
     search, _, _ = world()
     system_only = [ChatMessage.model_validate({"role": "system", "content": "be brief"})]
+    planner = Planner(PlannerAnswer(PLAN))
     with pytest.raises(ValidationFailed) as refused:
-        await search.run(system_only, Planner(PlannerAnswer("no plan")))
+        await search.run(system_only, planner)
     assert refused.value.param == "messages"
+    assert planner.calls == []  # refused before the planner's call
 
 
 async def test_sources_are_cut_to_their_limit():
