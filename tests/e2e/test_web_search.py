@@ -475,7 +475,7 @@ def test_brave_down_gives_503_web_search_unavailable(
 # --- the query log and a client that hangs up ----------------------------------------------------
 
 
-def test_the_query_log_counts_the_searches_made(
+def test_the_query_log_and_metrics_count_the_searches_made(
     web: SearchWorld, start_fake: FakeStarter, start_gateway: GatewayStarter
 ):
     web.answer("lighthouse", "/article")
@@ -487,6 +487,8 @@ def test_the_query_log_counts_the_searches_made(
     assert logged(gateway, 1) == [(True, 2, 200)]
     assert post_chat(gateway, chat_body(web_search=False)).status_code == 200
     assert logged(gateway, 2)[1] == (False, 0, 200)
+    metrics = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    assert f'nilai_web_searches_total{{model="{MODEL}"}} 2.0' in metrics
 
 
 def test_a_client_that_hangs_up_during_planning_cancels_the_search(

@@ -73,6 +73,12 @@ class Metrics:
             "nilai_tokens", "Tokens by model and kind (prompt, completion).",
             ["model", "kind"], registry=r,
         )  # fmt: skip
+        self.web_searches = Counter(
+            "nilai_web_searches",
+            "Searches the web search provider answered (what its plan bills), by model.",
+            ["model"],
+            registry=r,
+        )
         self.rate_limited = Counter(
             "nilai_rate_limit_rejections",
             "Requests refused by a limit, by limit kind.",
@@ -120,6 +126,7 @@ class Metrics:
         completion_tokens: int,
         error_kind: str | None,
         limit: Limit | None,
+        searches: int = 0,
     ) -> None:
         """Record one finished chat request (``model`` already bounded by the caller)."""
         kind = "stream" if stream else "plain"
@@ -130,6 +137,8 @@ class Metrics:
             self.tokens.labels(model, "prompt").inc(prompt_tokens)
         if completion_tokens:
             self.tokens.labels(model, "completion").inc(completion_tokens)
+        if searches:
+            self.web_searches.labels(model).inc(searches)
         if limit is not None:
             self.rate_limited.labels(limit_kind(limit)).inc()
         if error_kind in _UPSTREAM_ERRORS:

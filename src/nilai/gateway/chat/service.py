@@ -277,6 +277,7 @@ class ChatService:
             completion_tokens=ctx.completion_tokens,
             error_kind=ctx.error_kind,
             limit=ctx.refused_by,
+            searches=ctx.searches,
         )
         if ctx.upstream_s is not None:
             self._metrics.upstream_duration.labels(
