@@ -61,7 +61,7 @@ import re
 import socket
 import zlib
 from collections.abc import Awaitable, Callable, Iterable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -394,6 +394,9 @@ class HttpPageFetcher:
         self._workers = extract_workers
         self._make_pool = extractors or thread_pool
         self._extractors = self._make_pool(extract_workers)
+        self._pool_worked = False
+        """Whether the current pool has finished an extraction: one that breaks before ever
+        working is not replaced by another of its kind (see ``_pool_broke``)."""
 
     def warm_up(self) -> None:
         """Start the extraction workers now, in the background, not on a user's first page.
@@ -401,7 +404,14 @@ class HttpPageFetcher:
         Each imports the extractor (trafilatura) as it starts; nothing here waits for them.
         """
         for _ in range(self._workers):
-            self._extractors.submit(self._extract, "<html><body><p>warm-up</p></body></html>")
+            warm = self._extractors.submit(
+                self._extract, "<html><body><p>warm-up</p></body></html>"
+            )
+            warm.add_done_callback(self._note_worked)
+
+    def _note_worked(self, future: Future[str]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._pool_worked = True
 
     def close(self) -> None:
         """Stop the extraction workers (queued extractions are dropped)."""
@@ -516,6 +526,24 @@ class HttpPageFetcher:
             bytes(body[: self._max_bytes]), truncated, media_type, response.charset_encoding
         )
 
+    def _pool_broke(self, pool: Executor) -> None:
+        """Replace a pool whose worker died (this page may have crashed it).
+
+        A pool that broke before finishing a single extraction has workers that die as they
+        start (e.g. an embedding script without the ``if __name__ == "__main__"`` guard that
+        ``spawn`` needs): its like would break again, so threads take over, said once.
+        """
+        if self._pool_worked:
+            self._extractors = self._make_pool(self._workers)
+        else:
+            logger.warning(
+                "web search: the text extraction workers die as they start; extraction runs in "
+                "threads from now on, which slows the event loop under load"
+            )
+            self._extractors = thread_pool(self._workers)
+        self._pool_worked = False
+        pool.shutdown(wait=False, cancel_futures=True)
+
     async def _text(self, body: _Body) -> str:
         document = _decode(body)
         if body.media_type == "text/plain":
@@ -525,13 +553,13 @@ class HttpPageFetcher:
         try:
             text = await loop.run_in_executor(pool, self._extract, document)
         except BrokenProcessPool:
-            # A worker died (this page may have crashed it): later pages get a fresh pool.
             if self._extractors is pool:
-                self._extractors = self._make_pool(self._workers)
-                pool.shutdown(wait=False, cancel_futures=True)
+                self._pool_broke(pool)
             raise _Failed(PageError.EXTRACTION) from None
         except Exception:  # noqa: BLE001 - a page the extractor chokes on is just not used
             raise _Failed(PageError.EXTRACTION) from None
+        if self._extractors is pool:
+            self._pool_worked = True
         return text[: self._max_text_chars]
 
 

@@ -602,6 +602,13 @@ def die_on_crash_marker(html: str) -> str:
     return f"pid {os.getpid()}"
 
 
+def die_unless_in_the_test_process(html: str) -> str:
+    """An extractor whose worker processes die at once; in the test process it answers."""
+    if str(os.getpid()) != os.environ["NILAI_TEST_PARENT_PID"]:
+        os._exit(1)  # as a worker re-running an unguarded main script would end
+    return "extracted in the test process"
+
+
 async def test_production_extraction_runs_in_worker_processes(web, http):
     server, _ = web
     fetcher = fetcher_for(http, extractors=process_pool)
@@ -619,12 +626,29 @@ async def test_production_extraction_runs_in_worker_processes(web, http):
 async def test_a_dead_extraction_worker_fails_its_page_and_a_fresh_pool_serves_the_next(web, http):
     server, _ = web
     fetcher = fetcher_for(http, extractors=process_pool, extract=die_on_crash_marker)
+    [before] = await fetcher.fetch_all([f"{server.url}/secret"], deadline_s=60)
     [crashed] = await fetcher.fetch_all([f"{server.url}/article"], deadline_s=60)
     assert crashed.error is PageError.EXTRACTION
     # An HTML page without the marker is extracted again, by a worker of a fresh pool.
-    [served] = await fetcher.fetch_all([f"{server.url}/secret"], deadline_s=60)
-    assert served.ok, served.error
-    assert served.text.startswith("pid ")
+    [after] = await fetcher.fetch_all([f"{server.url}/secret"], deadline_s=60)
+    assert after.ok, after.error
+    assert after.text.startswith("pid ")
+    assert len({before.text, after.text, f"pid {os.getpid()}"}) == 3  # two workers, not us
+    fetcher.close()
+
+
+async def test_workers_that_die_as_they_start_give_way_to_threads(
+    web, http, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    server, _ = web
+    monkeypatch.setenv("NILAI_TEST_PARENT_PID", str(os.getpid()))
+    fetcher = fetcher_for(http, extractors=process_pool, extract=die_unless_in_the_test_process)
+    with caplog.at_level(logging.WARNING, logger="nilai.context.search.pages"):
+        [first] = await fetcher.fetch_all([f"{server.url}/article"], deadline_s=60)
+        [second] = await fetcher.fetch_all([f"{server.url}/article"], deadline_s=60)
+    assert first.error is PageError.EXTRACTION
+    assert second.text == "extracted in the test process"
+    assert caplog.text.count("die as they start") == 1
     fetcher.close()
 
 
