@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self, cast
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -307,18 +314,6 @@ class NilaiSettings(BaseSettings):
             raise ValueError(f"has {_scheme_of(value)}; it must start with http:// or https://")
         return value.rstrip("/")
 
-    @field_validator("web_search_allow_networks")
-    @classmethod
-    def _check_search_networks(cls, value: list[str]) -> list[str]:
-        for item in value:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError as exc:
-                raise ValueError(
-                    f"web_search_allow_networks: {item!r} is not an IP address or network"
-                ) from exc
-        return value
-
     @field_validator("attestation_url")
     @classmethod
     def _check_attestation_url(cls, value: str | None) -> str | None:
@@ -334,15 +329,15 @@ class NilaiSettings(BaseSettings):
                 raise ValueError("api_key_hashes must be hex SHA-256 digests (64 characters)")
         return [digest.lower() for digest in value]
 
-    @field_validator("metrics_allow")
+    @field_validator("metrics_allow", "web_search_allow_networks")
     @classmethod
-    def _check_networks(cls, value: list[str]) -> list[str]:
+    def _check_networks(cls, value: list[str], info: ValidationInfo) -> list[str]:
         for item in value:
             try:
                 ipaddress.ip_network(item, strict=False)
             except ValueError as exc:
                 raise ValueError(
-                    f"metrics_allow: {item!r} is not an IP address or network"
+                    f"{info.field_name}: {item!r} is not an IP address or network"
                 ) from exc
         return value
 

@@ -45,3 +45,14 @@ def stored_key(account: Account) -> tuple[ApiKey, str]:
         revoked_at=None,
     )
     return record, made.value
+
+
+class ListSink:
+    """A usage sink that collects query logs in a list instead of writing them."""
+
+    def __init__(self) -> None:
+        self.logs: list[Any] = []
+
+    def put(self, log: Any) -> None:
+        """Keep ``log``."""
+        self.logs.append(log)

@@ -26,6 +26,7 @@ from nilai.protocol.chat import ChatCompletionRequest
 from nilai.protocol.models import ModelCard
 from nilai.upstream.client import HttpxUpstream
 from nilai.upstream.sse import DONE, frame
+from tests.support.records import ListSink
 
 REQUEST = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}'
 USAGE = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
@@ -331,16 +332,6 @@ async def _service_stream(
         await stream.aclose()
         assert len(sink.logs) == 1
     return out, ctx, seen
-
-
-class ListSink:
-    """Collects query logs instead of writing them."""
-
-    def __init__(self) -> None:
-        self.logs: list[Any] = []
-
-    def put(self, log: Any) -> None:
-        self.logs.append(log)
 
 
 def _sse_response(events: list[bytes]) -> Callable[[httpx.Request], httpx.Response]:

@@ -36,6 +36,7 @@ from nilai.protocol.chat import ChatCompletionRequest
 from nilai.protocol.models import ModelCard
 from nilai.upstream.client import HttpxUpstream
 from nilai.upstream.sse import DONE, frame
+from tests.support.records import ListSink
 
 PLAN = {"topics": [{"topic": "t1", "query": "lighthouse"}, {"topic": "t2", "query": "otters"}]}
 PLANNER_USAGE = {"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52}
@@ -108,16 +109,6 @@ def _chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
         "model": "m",
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
-
-
-class ListSink:
-    """Collects query logs instead of writing them."""
-
-    def __init__(self) -> None:
-        self.logs: list[Any] = []
-
-    def put(self, log: Any) -> None:
-        self.logs.append(log)
 
 
 @dataclass
