@@ -6,8 +6,8 @@ for a relay that costs the model server's time anyway, but not for work the gate
 the client's behalf first (a web search: a planner call, searches that count against the
 provider's quota, page fetches). ``cancelled_on_disconnect`` reads the request's ASGI
 ``receive`` (whose body has been read, so the next message is the disconnect) and cancels the
-block when it comes, through ``asyncio.timeout``, which handles a disconnect racing the block's
-own end.
+block when it comes, through ``asyncio.timeout`` (a disconnect that lands as the block ends
+counts as one: the caller must be ready for ``ClientGone`` until the block's exit is done).
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ import contextlib
 from collections.abc import AsyncGenerator
 
 from starlette.types import Receive
-
-CLIENT_CLOSED_REQUEST = 499
-"""The status recorded (and sent, to nobody) for a request whose client went away."""
 
 
 class ClientGone(Exception):

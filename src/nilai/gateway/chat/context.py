@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 from nilai.auth.base import Principal
 from nilai.errors import NilaiError, RateLimited
+from nilai.gateway.disconnect import ClientGone
 from nilai.limits.base import Limit
 from nilai.protocol.base import json_count, json_object
 from nilai.store.base import QueryLog
@@ -104,7 +105,7 @@ class RequestContext:
             self.refused_by = error.decision.limit
         if isinstance(error, NilaiError):
             self.status, self.error_kind = error.status, type(error).__name__
-        elif isinstance(error, (GeneratorExit, asyncio.CancelledError)):
+        elif isinstance(error, (GeneratorExit, asyncio.CancelledError, ClientGone)):
             self.status, self.error_kind = CLIENT_CLOSED, "ClientDisconnected"
         else:
             self.status, self.error_kind = 500, "InternalError"

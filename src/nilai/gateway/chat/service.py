@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
+from starlette.types import Receive
+
 from nilai.auth.nuc_policies import check_request_policies
 from nilai.context.prompts import PromptsOff, PromptVault
 from nilai.context.search import setup as search_setup
@@ -44,6 +46,7 @@ from nilai.gateway.chat.validate import (
     ignored_fields_headers,
     validate_chat,
 )
+from nilai.gateway.disconnect import cancelled_on_disconnect
 from nilai.gateway.drain import Drain
 from nilai.gateway.metrics import OTHER_MODEL, Metrics
 from nilai.limits.base import Decision
@@ -159,11 +162,20 @@ class ChatService:
         return chat.with_system_context(outcome.message["content"]), outcome
 
     async def _with_context(
-        self, chat: ValidatedChat, ctx: RequestContext
+        self, chat: ValidatedChat, ctx: RequestContext, receive: Receive | None
     ) -> tuple[ValidatedChat, SearchOutcome | None]:
-        """The context stages, in order: the private prompt, then the web search."""
+        """The context stages, in order: the private prompt, then the web search.
+
+        With the request's ``receive``, a client that disconnects during the web search
+        cancels it (``ClientGone``): planning, searches and page fetches are work done for it
+        alone. Inside the request's ``try``, so the request is accounted (499) and releases
+        what it holds however the cancellation lands.
+        """
         chat = await self._with_private_prompt(chat, ctx)
-        return await self._with_web_search(chat, ctx)
+        if receive is None or not chat.request.web_search:
+            return await self._with_web_search(chat, ctx)
+        async with cancelled_on_disconnect(receive):
+            return await self._with_web_search(chat, ctx)
 
     def _admit(
         self, chat: ValidatedChat, ctx: RequestContext
@@ -206,12 +218,18 @@ class ChatService:
         ctx.upstream_s = time.perf_counter() - sent
         return result
 
-    async def complete(self, request: ChatCompletionRequest, ctx: RequestContext) -> ChatResult:
-        """Run a non-streaming completion and return the signed body."""
+    async def complete(
+        self, request: ChatCompletionRequest, ctx: RequestContext, receive: Receive | None = None
+    ) -> ChatResult:
+        """Run a non-streaming completion and return the signed body.
+
+        ``receive`` (the request's ASGI receive, its body read) lets a disconnect stop the
+        context stages; see ``_with_context``.
+        """
         try:
             chat = await self._check(request, ctx)
             async with self._admit(chat, ctx) as decision:
-                chat, search = await self._with_context(chat, ctx)
+                chat, search = await self._with_context(chat, ctx, receive)
                 body = parse_completion(await self._send(chat, ctx, read_body))
             ctx.add_planner_tokens(body.get("usage"))
             ctx.record_usage(body.get("usage"))
@@ -225,8 +243,12 @@ class ChatService:
         finally:
             self.account(ctx)
 
-    async def stream(self, request: ChatCompletionRequest, ctx: RequestContext) -> ChatStream:
+    async def stream(
+        self, request: ChatCompletionRequest, ctx: RequestContext, receive: Receive | None = None
+    ) -> ChatStream:
         """Open the upstream stream (failing with a real status) and return the SSE events.
+
+        ``receive`` as for ``complete``.
 
         The model slot, the upstream response and the accounting belong to the returned
         ``ChatStream`` and end with its ``aclose``, whether or not the events were consumed.
@@ -239,7 +261,7 @@ class ChatService:
         try:
             chat = await self._check(request, ctx)
             decision = await upstream.enter_async_context(self._admit(chat, ctx))
-            chat, search = await self._with_context(chat, ctx)
+            chat, search = await self._with_context(chat, ctx, receive)
             response = await self._send(chat, ctx, _headers_only)
             upstream.push_async_callback(response.aclose)
         except BaseException as exc:

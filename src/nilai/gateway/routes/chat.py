@@ -6,12 +6,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from nilai.gateway.chat.context import RequestContext
+from nilai.gateway.chat.context import CLIENT_CLOSED, RequestContext
 from nilai.gateway.chat.parse import BodyLimits, check_content_type, parse_chat_request
 from nilai.gateway.chat.stream import ChatStreamResponse
 from nilai.gateway.deps import PrincipalDep, RequestIdDep, ServicesDep
-from nilai.gateway.disconnect import CLIENT_CLOSED_REQUEST, ClientGone, cancelled_on_disconnect
-from nilai.gateway.services import Services
+from nilai.gateway.disconnect import ClientGone
 from nilai.protocol.base import inline_json_schema
 from nilai.protocol.chat import ChatCompletionRequest
 from nilai.protocol.errors import error_responses
@@ -64,19 +63,12 @@ async def chat_completions(
         ctx.fail(exc)
         services.chat.account(ctx)
         raise
-    if body.web_search:
-        # A web search works for the client before the model answers (planning, searches,
-        # page fetches): a client that hangs up meanwhile stops it. The service accounts it.
-        try:
-            async with cancelled_on_disconnect(request.receive):
-                return await _answer(body, ctx, services)
-        except ClientGone:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return await _answer(body, ctx, services)
-
-
-async def _answer(body: ChatCompletionRequest, ctx: RequestContext, services: Services) -> Response:
-    if body.stream:
-        return ChatStreamResponse(await services.chat.stream(body, ctx))
-    result = await services.chat.complete(body, ctx)
+    try:
+        # ``receive``: a client that hangs up while the gateway works for it before the model
+        # answers (a web search) stops that work; the service accounts the request.
+        if body.stream:
+            return ChatStreamResponse(await services.chat.stream(body, ctx, request.receive))
+        result = await services.chat.complete(body, ctx, request.receive)
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)  # to nobody: accounted already
     return Response(result.body, media_type="application/json", headers=result.headers)

@@ -7,6 +7,7 @@ be checked exactly.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.types import Message
 
 from nilai.auth.base import Principal
 from nilai.context.search.pages import MemoryPageFetcher
@@ -28,6 +30,7 @@ from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.errors import ContextUnavailable
 from nilai.gateway.chat.context import RequestContext
 from nilai.gateway.chat.service import ChatService
+from nilai.gateway.disconnect import ClientGone
 from nilai.gateway.drain import Drain
 from nilai.gateway.metrics import Metrics
 from nilai.limits.memory import MemoryConcurrencyLimiter, MemoryRateLimiter
@@ -281,3 +284,31 @@ async def test_a_search_that_fails_still_accounts_the_planners_tokens(world: Wor
     (log,) = world.sink.logs
     assert (log.status_code, log.searches) == (503, 0)
     assert (log.prompt_tokens, log.completion_tokens) == (40, 12)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_disconnect_during_the_search_stops_it_and_is_accounted_499(
+    signer: Signer, server: ModelServer, stream: bool
+):
+    searching = asyncio.Event()
+
+    class Hanging(MemorySearch):
+        async def search(self, query: str, *, count: int) -> list[SearchResult]:
+            searching.set()
+            await asyncio.Event().wait()  # a provider that never answers
+            return []
+
+    async def receive() -> Message:
+        await searching.wait()
+        return {"type": "http.disconnect"}
+
+    async for world in _world(signer, server, Hanging()):
+        body = {"model": "m", "messages": [USER], "web_search": True, "stream": stream}
+        request, ctx, _ = _begin(body)
+        call = world.service.stream if stream else world.service.complete
+        with pytest.raises(ClientGone):
+            await call(request, ctx, receive)
+        assert world.server.answers == []
+        (log,) = world.sink.logs
+        assert (log.status_code, log.error_kind, log.searches) == (499, "ClientDisconnected", 0)
+        assert (log.prompt_tokens, log.completion_tokens) == (40, 12)  # the planner's call
