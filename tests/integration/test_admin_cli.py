@@ -170,6 +170,7 @@ async def _write_logs(url: str, account: str, tokens: list[tuple[int, int]]) -> 
 
 def test_db_upgrade_current_downgrade_and_upgrade_again(admin_db: AdminDatabase, cli):
     head = head_revision()
+    previous = f"{int(head) - 1:04d}"  # revisions are numbered 0001, 0002, ...
     assert ok(cli("db", "current")).strip() == "none"
     assert f"at revision {head} (was none)" in ok(cli("db", "upgrade"))
     assert ok(cli("db", "current")).strip() == head
@@ -178,8 +179,8 @@ def test_db_upgrade_current_downgrade_and_upgrade_again(admin_db: AdminDatabase,
     assert ok(cli("db", "current")).strip() == "none"
     assert_fails(cli("db", "downgrade", "-1"), 2, "cannot migrate")
     assert f"at revision {head} (was none)" in ok(cli("db", "upgrade", head))
-    assert f"at revision 0001 (was {head})" in ok(cli("db", "downgrade", "-1"))
-    assert f"at revision {head} (was 0001)" in ok(cli("db", "upgrade", "head"))
+    assert f"at revision {previous} (was {head})" in ok(cli("db", "downgrade", "-1"))
+    assert f"at revision {head} (was {previous})" in ok(cli("db", "upgrade", "head"))
     # the schema is usable again
     assert "created account" in ok(cli("accounts", "add", "after-migrations"))
 
