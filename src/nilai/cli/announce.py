@@ -11,6 +11,7 @@ from nilai.cli.common import fail, load_settings
 from nilai.discovery.announcer import Announcer, ModelOverrides
 from nilai.discovery.redis import RedisDiscovery
 from nilai.logging import configure_logging
+from nilai.protocol.models import RESPONSES_FEATURE
 from nilai.settings import NilaiSettings
 from nilai.state.redis import make_redis
 from nilai.upstream.http import make_http_client
@@ -39,6 +40,11 @@ def register(commands: Any) -> None:
         default=None,
         help="list the models as accepting images "
         "(default: as its /v1/models says; off if it is silent)",
+    )
+    parser.add_argument(
+        "--responses",
+        action="store_true",
+        help="list the models as served by the server's POST /v1/responses (vLLM serves it)",
     )
     parser.add_argument(
         "--max-model-len",
@@ -71,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         multimodal_support=args.multimodal,
         max_model_len=args.max_model_len,
         description=args.description,
+        features=(RESPONSES_FEATURE,) if args.responses else (),
     )
     asyncio.run(_announce(settings, str(args.url), args.ttl or settings.discovery_ttl_s, overrides))
     return 0

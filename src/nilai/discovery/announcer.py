@@ -38,10 +38,20 @@ class ModelOverrides:
     multimodal_support: bool | None = None
     max_model_len: int | None = None
     description: str | None = None
+    features: tuple[str, ...] = ()
+    """Added to the card's ``supported_features`` (e.g. ``responses``: OpenAI-compatible
+    servers do not list what they serve)."""
 
     def apply(self, card: ModelCard) -> ModelCard:
         """Return ``card`` with every override that is set."""
-        changes = {key: value for key, value in vars(self).items() if value is not None}
+        changes: dict[str, object] = {
+            key: value
+            for key, value in vars(self).items()
+            if value is not None and key != "features"
+        }
+        if self.features:
+            known = card.supported_features
+            changes["supported_features"] = [*known, *(f for f in self.features if f not in known)]
         return card.model_copy(update=changes)
 
 

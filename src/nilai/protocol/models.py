@@ -6,6 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+CHAT_COMPLETION_FEATURE = "chat_completion"
+RESPONSES_FEATURE = "responses"
+"""In ``supported_features``: the model server serves ``POST /v1/responses`` (vLLM does)."""
+
 
 class ModelCard(BaseModel):
     """One entry of ``GET /v1/models``."""
@@ -20,10 +24,15 @@ class ModelCard(BaseModel):
     author: str = ""
     license: str = ""
     source: str = ""
-    supported_features: list[str] = Field(default_factory=lambda: ["chat_completion"])
+    supported_features: list[str] = Field(default_factory=lambda: [CHAT_COMPLETION_FEATURE])
     tool_support: bool = False
     multimodal_support: bool = False
     max_model_len: int | None = None
+
+    @property
+    def responses_support(self) -> bool:
+        """Whether the model's servers serve the Responses API."""
+        return RESPONSES_FEATURE in self.supported_features
 
 
 class ModelList(BaseModel):

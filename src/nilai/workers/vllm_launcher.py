@@ -22,8 +22,9 @@ from http import HTTPStatus
 
 import httpx
 
-from nilai.discovery.announcer import Announcer
+from nilai.discovery.announcer import Announcer, ModelOverrides
 from nilai.discovery.redis import RedisDiscovery
+from nilai.protocol.models import RESPONSES_FEATURE
 from nilai.settings import NilaiSettings
 from nilai.state.redis import make_redis
 from nilai.upstream.http import make_http_client
@@ -306,7 +307,12 @@ def redis_announcer(settings: NilaiSettings, url: str) -> Announce:
         http = make_http_client(settings)
         try:
             discovery = RedisDiscovery(redis, settings.redis_prefix)
-            await Announcer(discovery, http, url, ttl_s=settings.discovery_ttl_s).run(stop)
+            # vLLM serves the Responses API but does not say so in /v1/models.
+            overrides = ModelOverrides(features=(RESPONSES_FEATURE,))
+            announcer = Announcer(
+                discovery, http, url, ttl_s=settings.discovery_ttl_s, overrides=overrides
+            )
+            await announcer.run(stop)
         finally:
             await http.aclose()
             await redis.aclose()

@@ -141,6 +141,16 @@ def test_unset_overrides_change_nothing():
     assert ModelOverrides(tool_support=False).apply(card).tool_support is False
 
 
+def test_features_are_added_once_to_what_the_server_lists():
+    card = ModelCard(id="m")
+    assert not card.responses_support
+    with_responses = ModelOverrides(features=("responses",)).apply(card)
+    assert with_responses.supported_features == ["chat_completion", "responses"]
+    assert with_responses.responses_support
+    again = ModelOverrides(features=("responses",)).apply(with_responses)
+    assert again.supported_features == ["chat_completion", "responses"]
+
+
 @pytest.mark.parametrize(
     "body",
     [
