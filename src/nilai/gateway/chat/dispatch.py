@@ -47,6 +47,8 @@ from nilai.upstream.client import (
 logger = logging.getLogger(__name__)
 
 MAX_UPSTREAM_MESSAGE = 500
+CHAT_PATH = "/v1/chat/completions"
+RESPONSES_PATH = "/v1/responses"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +83,10 @@ class Dispatcher:
             "every connection is busy; answering 503 with Retry-After, ejecting no model server",
         )
 
-    async def send(self, model: str, payload: bytes, *, stream: bool) -> Dispatched:
-        """Return the first answer (its body unread) and its server.
+    async def send(
+        self, model: str, payload: bytes, *, stream: bool, path: str = CHAT_PATH
+    ) -> Dispatched:
+        """Return the first answer (its body unread) and its server, POSTing to ``path``.
 
         Any status is returned: ``Dispatched.ok`` turns a failed one into an error, after the
         caller has noted which server answered.
@@ -94,7 +98,7 @@ class Dispatcher:
         """
         candidates = self._snapshot.candidates(model)
         for endpoint in candidates:
-            url = f"{endpoint.url}/v1/chat/completions"
+            url = f"{endpoint.url}{path}"
             accept = "text/event-stream" if stream else "application/json"
             started = time.monotonic()
             try:

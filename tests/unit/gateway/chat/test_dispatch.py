@@ -11,7 +11,7 @@ from nilai.discovery.base import EndpointRecord, endpoint_id
 from nilai.discovery.memory import MemoryDiscovery
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.errors import InvalidRequest, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
-from nilai.gateway.chat.dispatch import Dispatcher
+from nilai.gateway.chat.dispatch import RESPONSES_PATH, Dispatcher
 from nilai.protocol.models import ModelCard
 from nilai.upstream.client import HttpxUpstream, UpstreamResponse
 
@@ -197,3 +197,19 @@ async def test_a_full_connection_pool_is_logged_once_and_once_when_it_frees(
     assert lines[0].startswith("the upstream connection pool (NILAI_UPSTREAM_MAX_CONNECTIONS) ")
     assert "ejecting no model server" in lines[0]
     assert "available again" in lines[1]
+
+
+async def test_a_responses_request_goes_to_the_servers_responses_path(
+    dispatcher: Dispatcher, servers: ModelServers
+):
+    paths: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        return httpx.Response(200, json={"object": "response", "output": []})
+
+    servers.answers = {URL_A: answer, URL_B: answer}
+    sent = await dispatcher.send("m", PAYLOAD, stream=False, path=RESPONSES_PATH)
+    await sent.response.aclose()
+    await _send(dispatcher)  # chat, by default
+    assert paths == ["/v1/responses", "/v1/chat/completions"]
