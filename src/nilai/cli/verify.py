@@ -1,4 +1,8 @@
-"""``nilai verify``: check a saved answer (JSON body or recorded SSE stream)."""
+"""``nilai verify``: check a saved answer (JSON body or recorded SSE stream).
+
+Chat completions and Responses API answers are both accepted, streamed or not; the form is
+told from the file itself (``verify_any``).
+"""
 
 from __future__ import annotations
 
@@ -16,11 +20,14 @@ def register(commands: Any) -> None:
     """Add the ``verify`` subcommand."""
     # Any: argparse's subparsers action type is private.
     parser: argparse.ArgumentParser = commands.add_parser(
-        "verify", help="check the signature of a saved response or recorded stream"
+        "verify",
+        help="check the signature of a saved answer or recorded stream "
+        "(chat completions or Responses API)",
     )
     parser.add_argument(
         "file",
-        help="saved response body, or a stream's bytes exactly as received ('-' reads stdin)",
+        help="saved answer body (a chat completion or a Responses API response), or a "
+        "stream's bytes exactly as received ('-' reads stdin)",
     )
     key = parser.add_mutually_exclusive_group(required=True)
     key.add_argument("--public-key", help="the gateway's public key (base64)")

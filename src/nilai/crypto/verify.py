@@ -1,21 +1,25 @@
 """Check signed answers against the gateway's public key (DESIGN §3).
 
-Two forms are accepted: a non-streaming response body (one JSON object with ``signature``) and
-a recorded SSE stream (the raw bytes the gateway sent).
+Four forms are accepted, for the chat completions API and for the Responses API: a
+non-streaming body (one JSON object with ``signature``) and a recorded SSE stream (the raw bytes
+the gateway sent) of each.
 
 The verifier reads what a client reads. A stream is parsed exactly as the WHATWG
 specification of server-sent events says (lines end at CRLF, LF or CR; comments; the
 ``data``/``event``/``id``/``retry`` fields; multi-line data joined with LF; dispatch on a blank
 line), and the check fails unless the events a client would see are exactly the signed
-payloads, in order, then ``[DONE]``. Every payload must be a JSON object without duplicate keys,
-because JSON parsers disagree on which of two equal keys wins.
+payloads, in order, then ``[DONE]`` (a Responses API stream: typed events, each an ``event``
+line naming its data's ``type`` and one ``data`` line, ending with the signed
+``response.completed``, and no ``[DONE]``). Every payload must be a JSON object without
+duplicate keys, because JSON parsers disagree on which of two equal keys wins.
 
 Signatures are separated by purpose: every signed message starts with the domain tag of its
 kind (``SignatureDomain``), every payload must be the JSON object its mode expects
-(``chat.completion``, or ``chat.completion.chunk`` for each event of a stream), and the signed
-object must carry a 64-hex ``request_sha256``. So neither an attestation document nor an
-answer re-framed as a stream verifies as anything but what it was signed as. A signature
-string is accepted in one spelling only: canonical base64 of canonical, low-S DER.
+(``chat.completion``, or ``chat.completion.chunk`` for each event of a stream; ``response``
+for the Responses API), and the signed object must carry a 64-hex ``request_sha256``. So
+neither an attestation document nor an answer re-framed as a stream verifies as anything but
+what it was signed as. A signature string is accepted in one spelling only: canonical base64
+of canonical, low-S DER.
 """
 
 from __future__ import annotations
@@ -34,10 +38,14 @@ from nilai.crypto.canonical import canonical_json
 from nilai.crypto.domains import (
     CHAT_COMPLETION_CHUNK_OBJECT,
     CHAT_COMPLETION_OBJECT,
+    RESPONSE_COMPLETED,
+    RESPONSE_OBJECT,
     SignatureDomain,
 )
 
 DONE = "[DONE]"
+_RESPONSE_EVENT_PREFIX = "response."
+_ERROR_EVENT = "error"
 _BOM = "\ufeff"
 _UTF8_BOM = _BOM.encode()
 # CRLF first, so that a CR directly followed by LF is one line end, not two.
@@ -61,7 +69,8 @@ class Verified:
     """What a successful check established."""
 
     kind: str
-    """``response`` (a non-streaming answer) or ``stream``."""
+    """``response`` (a non-streaming chat answer), ``stream`` (a chat stream), ``responses``
+    (a non-streaming Responses API answer) or ``responses stream``."""
     request_sha256: str
     """The signed hash of the request body the answer is for (64 lowercase hex digits)."""
 
@@ -199,15 +208,129 @@ def check_signature(
         raise VerificationError("signature does not match the content and public key")
 
 
-def verify_any(raw: bytes, public_key_b64: str, request: bytes | None = None) -> Verified:
-    """Verify either form: a JSON object is a response, anything else is read as a stream.
+def verify_responses_object(
+    body: bytes, public_key_b64: str, request: bytes | None = None
+) -> Verified:
+    """Verify a saved non-streaming Responses API body: a signed ``response`` object.
 
-    A stream can start with a byte-order mark, a comment, a blank line or any field, so only
-    the one thing a response must start with (``{`` after optional whitespace) decides.
+    The signed message is ``SignatureDomain.RESPONSE`` + the canonical JSON of the object
+    without ``signature``.
+    """
+    obj = _load_object(body.removeprefix(_UTF8_BOM))
+    _check_object_kind(obj, RESPONSE_OBJECT)
+    message, signature = _split_signature(obj)
+    request_sha256 = _signed_request_sha256(message)
+    check_signature(
+        SignatureDomain.RESPONSE, _canonical(message), signature, _public_key(public_key_b64)
+    )
+    return _check_request(Verified("responses", request_sha256), request)
+
+
+def verify_responses_stream(
+    raw: bytes, public_key_b64: str, request: bytes | None = None
+) -> Verified:
+    r"""Verify a recorded Responses API stream: every event a client would see must be signed.
+
+    Each event is one ``event`` line and one ``data`` line, and the event's name equals its
+    data's ``type``, so that no event can be shown to a client under another name. The last
+    event is ``response.completed`` with ``request_sha256`` and ``signature`` at its top level.
+    The signed message is ``SignatureDomain.RESPONSE_STREAM`` +
+    ``b"".join(p + b"\n" for p in earlier) + canonical(last)`` over the events' data.
+    """
+    *earlier, last = responses_signed_payloads(raw)
+    for index, payload in enumerate(earlier, start=1):
+        obj = _load_object(payload, where=f"event {index}: ")
+        if obj.get("type") == RESPONSE_COMPLETED:
+            _fail(f"event {index} is {RESPONSE_COMPLETED} but not the last event")
+    where = f"event {len(earlier) + 1}: "
+    obj = _load_object(last, where=where)
+    if obj.get("type") != RESPONSE_COMPLETED:
+        _fail(f"{where}the last event is not {RESPONSE_COMPLETED}")
+    response: Any = obj.get("response")  # Any: checked just below
+    if not isinstance(response, dict):
+        _fail(f"{where}{RESPONSE_COMPLETED} holds no response object")
+    inner: dict[str, Any] = response  # pyright: ignore[reportUnknownVariableType]
+    if "object" in inner:
+        _check_object_kind(inner, RESPONSE_OBJECT, where)
+    message, signature = _split_signature(obj)
+    request_sha256 = _signed_request_sha256(message)
+    signed = b"".join(payload + b"\n" for payload in earlier) + _canonical(message)
+    check_signature(SignatureDomain.RESPONSE_STREAM, signed, signature, _public_key(public_key_b64))
+    return _check_request(Verified("responses stream", request_sha256), request)
+
+
+def verify_any(raw: bytes, public_key_b64: str, request: bytes | None = None) -> Verified:
+    """Verify any of the four forms, telling them apart by what a client would read.
+
+    A JSON object is a non-streaming answer: a Responses API one when its ``object`` is
+    ``response``, else a chat completion. Anything else is a stream: a Responses API stream
+    when its first event names a ``response.*`` type in an ``event`` field, else a chat
+    stream. A stream can start with a byte-order mark, a comment, a blank line or any field,
+    so only the one thing a body must start with (``{`` after optional whitespace) decides
+    the form; each verifier then checks every rule of its own kind, so the choice lets
+    nothing through.
     """
     if raw.removeprefix(_UTF8_BOM).lstrip(_JSON_WHITESPACE).startswith(b"{"):
+        if _load_object(raw.removeprefix(_UTF8_BOM)).get("object") == RESPONSE_OBJECT:
+            return verify_responses_object(raw, public_key_b64, request)
         return verify_response(raw, public_key_b64, request)
+    if _is_responses_stream(raw):
+        return verify_responses_stream(raw, public_key_b64, request)
     return verify_stream(raw, public_key_b64, request)
+
+
+def responses_signed_payloads(raw: bytes) -> list[bytes]:
+    """The data payloads of a Responses API stream, after checking that a client sees no other.
+
+    Lines are checked as for chat streams, except that ``event`` lines belong to the form.
+    Every event is one ``event`` line then one ``data`` line, the name equal to the data's
+    ``type`` and starting with ``response.``; an ``error`` event or a ``[DONE]`` fails; the
+    stream must end with a blank line, since a client drops an event it does not end.
+    """
+    text = _decode(raw)
+    lines = _LINE_END.split(text.removeprefix(_BOM))
+    _check_line_ends(text)
+    _check_lines(lines, after_bom=text.startswith(_BOM), allowed=_RESPONSES_STREAM_FIELDS)
+    # The empty string after the last line end is no blank line: "data: x\n" at the end of
+    # the input leaves its event undispatched, as the specification says.
+    stream = _parse_lines(lines[:-1] if lines[-1] == "" else lines)
+    if stream.unfinished is not None:
+        _fail(
+            "the stream ends inside an event with no blank line after it, which some "
+            "clients drop and others show"
+        )
+    if not stream.events:
+        _fail("the stream holds no events")
+    payloads: list[bytes] = []
+    for index, event in enumerate(stream.events, start=1):
+        if event.names != ("event", "data"):
+            _fail(
+                f"event {index} has the fields {', '.join(event.names)}; "
+                "a signed event has one event line, then one data line"
+            )
+        name, payload = event.fields[0][1], event.fields[1][1]
+        if name == _ERROR_EVENT or payload == DONE:
+            # The gateway signs no error event and sends no [DONE]: either one means the
+            # stream a client saw is not the signed answer.
+            _fail(f"event {index} is {payload if payload == DONE else 'an error event'}")
+        if not name.startswith(_RESPONSE_EVENT_PREFIX):
+            _fail(f"event {index} is named {name!r}, which is no Responses API event")
+        found = _load_object(payload.encode(), where=f"event {index}: ").get("type")
+        if found != name:
+            # Clients route an event by its name: a signed payload shown under another name
+            # would be read as something it was not signed as.
+            _fail(f"event {index} is named {name!r} but its data's type is {json.dumps(found)}")
+        payloads.append(payload.encode())
+    return payloads
+
+
+def _is_responses_stream(raw: bytes) -> bool:
+    stream = parse_sse(raw.decode("utf-8", errors="replace"))
+    first = stream.events[0] if stream.events else stream.unfinished
+    if first is None:
+        return False
+    name = first.event_type
+    return name is not None and name.startswith(_RESPONSE_EVENT_PREFIX)
 
 
 def signed_payloads(raw: bytes) -> list[bytes]:
@@ -220,7 +343,7 @@ def signed_payloads(raw: bytes) -> list[bytes]:
     text = _decode(raw)
     lines = _LINE_END.split(text.removeprefix(_BOM))
     _check_line_ends(text)
-    _check_lines(lines, after_bom=text.startswith(_BOM))
+    _check_lines(lines, after_bom=text.startswith(_BOM), allowed=_CHAT_STREAM_FIELDS)
     stream = _parse_lines(lines)
     events = list(stream.events)
     if stream.unfinished is not None:
@@ -283,8 +406,12 @@ def _check_line_ends(text: str) -> None:
         )
 
 
-def _check_lines(lines: list[str], *, after_bom: bool) -> None:
-    """Allow only what the gateway sends (data lines, blank lines) and comments (proxies)."""
+_CHAT_STREAM_FIELDS = frozenset({"data"})
+_RESPONSES_STREAM_FIELDS = frozenset({"event", "data"})
+
+
+def _check_lines(lines: list[str], *, after_bom: bool, allowed: frozenset[str]) -> None:
+    """Allow only what the gateway sends (``allowed`` fields, blank lines) and comments."""
     for number, line in enumerate(lines, start=1):
         if not line:
             continue
@@ -295,12 +422,13 @@ def _check_lines(lines: list[str], *, after_bom: bool) -> None:
                 _fail(f"line {number} is a comment holding a character some clients end lines at")
             continue
         name = line.partition(":")[0]
-        if name != "data":
+        if name not in allowed:
             # event/id/retry change how clients route an event; unknown names are read as
-            # data by lenient parsers. The gateway sends none of them.
-            _fail(f"line {number} has a field {name!r}; signed streams carry only data lines")
+            # data by lenient parsers. The gateway sends none but the form's own.
+            kinds = " and ".join(sorted(allowed))
+            _fail(f"line {number} has a field {name!r}; signed streams carry only {kinds} lines")
         if number == 1 and after_bom:
-            _fail("a byte-order mark precedes a data line; clients that keep the mark skip it")
+            _fail(f"a byte-order mark precedes a {name} line; clients that keep the mark skip it")
 
 
 def _decode(raw: bytes) -> str:

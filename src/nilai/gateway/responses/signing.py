@@ -1,0 +1,91 @@
+"""Signing Responses API answers as DESIGN §3 specifies, for whole objects and for streams."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from nilai.crypto.canonical import canonical_json
+from nilai.crypto.domains import RESPONSE_COMPLETED, RESPONSE_OBJECT, SignatureDomain
+from nilai.crypto.keys import Signer
+from nilai.errors import UpstreamProtocolError
+from nilai.gateway.chat.signing import claim_object, drop_gateway_fields
+from nilai.upstream.sse import one_line
+
+
+def sign_response(
+    body: dict[str, Any],
+    signer: Signer,
+    request_sha256: str,
+    *,
+    added: Mapping[str, object] | None = None,
+) -> bytes:
+    """Bind a Responses API object to the request, sign its canonical JSON, return the bytes.
+
+    ``added`` are fields the gateway puts in the signed object itself (``sources``).
+
+    Raises:
+        UpstreamProtocolError: The model server's answer says it is not a response.
+    """
+    claim_object(body, RESPONSE_OBJECT)
+    drop_gateway_fields(body)
+    body.update(added or {})
+    body["request_sha256"] = request_sha256
+    body["signature"] = signer.sign(SignatureDomain.RESPONSE, canonical_json(body))
+    return orjson.dumps(body)
+
+
+class ResponseStreamSigner:
+    r"""Hashes every event payload as it is sent, then signs ``response.completed`` over them.
+
+    The signed message is ``SignatureDomain.RESPONSE_STREAM``, then
+    ``b"".join(p + b"\\n" for p in earlier) + canonical(last)``, as for chat streams; a running
+    SHA-256 keeps the cost per event one hash update. The last payload carries
+    ``request_sha256`` and ``signature`` at its top level, next to ``type``; ``added`` (the
+    gateway's ``sources``) goes inside its ``response`` object, where the answer's data is.
+    """
+
+    def __init__(
+        self, signer: Signer, request_sha256: str, *, added: Mapping[str, object] | None = None
+    ) -> None:
+        self._signer = signer
+        self._request_sha256 = request_sha256
+        self._added = dict(added or {})
+        self._hash = hashlib.sha256(SignatureDomain.RESPONSE_STREAM)
+
+    def sent(self, payload: bytes) -> bytes:
+        """Account for an event's data payload that goes out unchanged; return it."""
+        self._hash.update(payload)
+        self._hash.update(b"\n")
+        return payload
+
+    def last(self, payload: dict[str, Any]) -> bytes:
+        """Sign the ``response.completed`` payload as the final event and return its data.
+
+        Raises:
+            UpstreamProtocolError: The payload is not a ``response.completed`` event with a
+                response object in it.
+        """
+        if payload.get("type") != RESPONSE_COMPLETED:
+            # Only the completed event ends a stream the verifier accepts; signing another
+            # would hand the client an answer that fails verification.
+            raise UpstreamProtocolError(
+                f"The model server's last stream event is not {RESPONSE_COMPLETED}."
+            )
+        response: Any = payload.get("response")  # Any: checked just below
+        if not isinstance(response, dict):
+            raise UpstreamProtocolError(
+                f"The model server's {RESPONSE_COMPLETED} event holds no response object."
+            )
+        inner: dict[str, Any] = response  # pyright: ignore[reportUnknownVariableType]
+        claim_object(inner, RESPONSE_OBJECT)
+        drop_gateway_fields(payload)
+        drop_gateway_fields(inner)
+        inner.update(self._added)
+        payload["request_sha256"] = self._request_sha256
+        self._hash.update(canonical_json(payload))
+        payload["signature"] = self._signer.sign_digest(self._hash.digest())
+        return one_line(orjson.dumps(payload))
