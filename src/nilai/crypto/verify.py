@@ -125,7 +125,16 @@ def parse_sse(text: str) -> SseStream:
     ``:`` is a comment; ``name:value`` loses one space after the colon, and a line without a
     colon is a field with an empty value; a blank line ends the event.
     """
-    return _parse_lines(_LINE_END.split(text.removeprefix(_BOM)))
+    return _parse_lines(_without_final_line_end(_LINE_END.split(text.removeprefix(_BOM))))
+
+
+def _without_final_line_end(lines: list[str]) -> list[str]:
+    r"""The lines, without the empty string that follows the input's last line end.
+
+    It is no blank line: ``data: x\n`` at the end of the input leaves its event undispatched,
+    as the specification says (and the openai SDK drops it), so it must not count as one.
+    """
+    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 def sse_payloads(raw: bytes) -> list[bytes]:
@@ -291,9 +300,7 @@ def responses_signed_payloads(raw: bytes) -> list[bytes]:
     lines = _LINE_END.split(text.removeprefix(_BOM))
     _check_line_ends(text)
     _check_lines(lines, after_bom=text.startswith(_BOM), allowed=_RESPONSES_STREAM_FIELDS)
-    # The empty string after the last line end is no blank line: "data: x\n" at the end of
-    # the input leaves its event undispatched, as the specification says.
-    stream = _parse_lines(lines[:-1] if lines[-1] == "" else lines)
+    stream = _parse_lines(_without_final_line_end(lines))
     if stream.unfinished is not None:
         _fail(
             "the stream ends inside an event with no blank line after it, which some "
@@ -344,7 +351,7 @@ def signed_payloads(raw: bytes) -> list[bytes]:
     lines = _LINE_END.split(text.removeprefix(_BOM))
     _check_line_ends(text)
     _check_lines(lines, after_bom=text.startswith(_BOM), allowed=_CHAT_STREAM_FIELDS)
-    stream = _parse_lines(lines)
+    stream = _parse_lines(_without_final_line_end(lines))
     events = list(stream.events)
     if stream.unfinished is not None:
         if stream.unfinished.fields != (("data", DONE),):

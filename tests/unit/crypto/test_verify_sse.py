@@ -414,3 +414,15 @@ def test_verify_any_names_the_field_of_a_stream_starting_with_another_field(
 def test_verify_any_reads_a_json_object_with_a_byte_order_mark_as_a_response(signer: Signer):
     raw = BOM + b" \n" + _response(signer)
     assert verify_any(raw, signer.public_key_b64, request=REQUEST).kind == "response"
+
+
+@pytest.mark.parametrize("end", [b"\n", b"\r\n", b"\r"])
+def test_a_last_event_without_its_blank_line_is_refused_as_the_sdk_drops_it(
+    signer: Signer, end: bytes
+):
+    payloads = _payloads(signer)
+    raw = _sse(payloads[:-1], eol=end, done=False) + b"data: " + payloads[-1] + end
+    seen = [data for _, data in _sdk_events(raw)]
+    assert len(seen) == len(payloads) - 1  # the openai SDK never shows the signed chunk
+    with pytest.raises(VerificationError, match="no blank line"):
+        verify_stream(raw, signer.public_key_b64)
