@@ -191,7 +191,7 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
         )
         stack.push_async_callback(upstream.aclose)
         private_prompts = make_private_prompts(settings, http)
-        web_search = make_web_search(settings, http, admission, stack)
+        web_search = await make_web_search(settings, http, admission, stack)
         chat = ChatService(
             upstream,
             snapshot,

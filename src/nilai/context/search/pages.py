@@ -61,7 +61,7 @@ import re
 import socket
 import zlib
 from collections.abc import Awaitable, Callable, Iterable
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -398,20 +398,30 @@ class HttpPageFetcher:
         """Whether the current pool has finished an extraction: one that breaks before ever
         working is not replaced by another of its kind (see ``_pool_broke``)."""
 
-    def warm_up(self) -> None:
-        """Start the extraction workers now, in the background, not on a user's first page.
+    async def warm_up(self, timeout_s: float = 60.0) -> None:
+        """Start the extraction workers and wait until each has extracted a page.
 
-        Each imports the extractor (trafilatura) as it starts; nothing here waits for them.
+        At start-up, so that the first user's pages are not extracted by workers still
+        importing trafilatura (a second or more of CPU each, which would miss a page deadline).
+        Workers that fail or take longer than ``timeout_s`` are left to the first pages: the
+        gateway starts anyway.
         """
-        for _ in range(self._workers):
-            warm = self._extractors.submit(
-                self._extract, "<html><body><p>warm-up</p></body></html>"
-            )
-            warm.add_done_callback(self._note_worked)
-
-    def _note_worked(self, future: Future[str]) -> None:
-        if not future.cancelled() and future.exception() is None:
+        loop = asyncio.get_running_loop()
+        page = "<html><body><p>warm-up</p></body></html>"
+        warming = [
+            loop.run_in_executor(self._extractors, self._extract, page)
+            for _ in range(self._workers)
+        ]
+        done, _ = await asyncio.wait(warming, timeout=timeout_s)
+        started = [task for task in done if not task.cancelled() and task.exception() is None]
+        if started:
             self._pool_worked = True
+        if len(started) < len(warming):
+            logger.warning(
+                "web search: the text extraction workers did not all start within %gs; "
+                "the first pages may fall back to their search snippets",
+                timeout_s,
+            )
 
     def close(self) -> None:
         """Stop the extraction workers (queued extractions are dropped)."""

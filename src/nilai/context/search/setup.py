@@ -16,7 +16,7 @@ from nilai.startup import StartupError
 NOT_CONFIGURED = "NILAI_WEB_SEARCH_API_KEY is not set"
 
 
-def make_web_search(
+async def make_web_search(
     settings: NilaiSettings,
     http: httpx.AsyncClient,
     quota: SearchQuota,
@@ -26,7 +26,8 @@ def make_web_search(
 
     Searches go through the gateway's shared client ``http``; pages are fetched with a client
     of their own (``page_client``: no cookies, no proxy, every connection pinned to a checked
-    address), closed with the extraction threads when ``stack`` closes.
+    address), closed with the extraction workers when ``stack`` closes. Returns once the
+    extraction workers have started.
 
     Raises:
         StartupError: The ``nilai[websearch]`` extra (trafilatura) is not installed.
@@ -58,8 +59,8 @@ def make_web_search(
         per_fetch_timeout_s=settings.web_search_page_timeout_s,
         extractors=process_pool,
     )
-    pages.warm_up()
     stack.callback(pages.close)
+    await pages.warm_up()
     return WebSearch(
         provider,
         pages,

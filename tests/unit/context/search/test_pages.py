@@ -612,7 +612,7 @@ def die_unless_in_the_test_process(html: str) -> str:
 async def test_production_extraction_runs_in_worker_processes(web, http):
     server, _ = web
     fetcher = fetcher_for(http, extractors=process_pool)
-    fetcher.warm_up()
+    await fetcher.warm_up()
     [article] = await fetcher.fetch_all([f"{server.url}/article"], deadline_s=60)
     assert ARTICLE_TEXT in article.text  # trafilatura, in a worker
     fetcher.close()
@@ -644,6 +644,8 @@ async def test_workers_that_die_as_they_start_give_way_to_threads(
     monkeypatch.setenv("NILAI_TEST_PARENT_PID", str(os.getpid()))
     fetcher = fetcher_for(http, extractors=process_pool, extract=die_unless_in_the_test_process)
     with caplog.at_level(logging.WARNING, logger="nilai.context.search.pages"):
+        await fetcher.warm_up(timeout_s=30)  # the workers die: said, and the pool never worked
+        assert "did not all start" in caplog.text
         [first] = await fetcher.fetch_all([f"{server.url}/article"], deadline_s=60)
         [second] = await fetcher.fetch_all([f"{server.url}/article"], deadline_s=60)
     assert first.error is PageError.EXTRACTION
