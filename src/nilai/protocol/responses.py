@@ -1,0 +1,165 @@
+"""Responses API requests as clients send them (OpenAI shape plus nilai's extras).
+
+``POST /v1/responses`` is relayed to model servers that serve it themselves (vLLM does). The
+gateway checks only what it relies on (the model id, bounds, the shape of ``input``) and keeps
+no conversation state: ``previous_response_id`` and ``store: true`` are refused. Every other
+field, known here or not, is passed to the model server as the client sent it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, cast
+
+import orjson
+from pydantic import Discriminator, Field, StrictBool, Tag
+
+from nilai.errors import InvalidRequest, ValidationFailed
+from nilai.protocol.base import OpenAIBaseModel
+from nilai.protocol.chat import ContentPart, ModelId
+
+InputRole = Literal["user", "assistant", "system", "developer"]
+
+NILAI_ONLY_FIELDS = frozenset({"web_search"})
+"""Fields nilai reads itself and never sends to the model server."""
+
+# Discriminator tags; they appear in error paths (``input.items.0.message.role``).
+_TEXT = "text"
+_ITEMS = "items"
+_MESSAGE = "message"
+_OTHER = "item"
+
+
+class InputMessage(OpenAIBaseModel):
+    """A message item of ``input``; other fields (``id``, ``status``) pass through."""
+
+    type: Literal["message"] = "message"
+    role: InputRole
+    content: str | list[ContentPart]
+
+
+class InputItem(OpenAIBaseModel):
+    """Any other item of ``input`` (``function_call_output``, ``reasoning``, ...), by type."""
+
+    type: str
+
+
+def _item_kind(value: object) -> str | None:
+    """Which model validates an ``input`` item: messages carry a role or say so in ``type``."""
+    if isinstance(value, dict):
+        item = cast(dict[str, object], value)
+        if "role" in item or item.get("type") == _MESSAGE:
+            return _MESSAGE
+        return _OTHER
+    if isinstance(value, InputMessage):
+        return _MESSAGE
+    if isinstance(value, InputItem):
+        return _OTHER
+    # Not an object: no tag, so pydantic reports the item itself as invalid.
+    return None
+
+
+ResponseInputItem = Annotated[
+    Annotated[InputMessage, Tag(_MESSAGE)] | Annotated[InputItem, Tag(_OTHER)],
+    Discriminator(
+        _item_kind,
+        custom_error_type="invalid_input_item",
+        custom_error_message="Each input item must be an object with a role or a type.",
+    ),
+]
+
+
+def _input_kind(value: object) -> str | None:
+    """Whether ``input`` is text or a list of items; anything else matches neither."""
+    if isinstance(value, str):
+        return _TEXT
+    if isinstance(value, list):
+        return _ITEMS
+    return None
+
+
+# Discriminated, so that a bad input reports one error under a readable path
+# (``input.items.0.message.role``) instead of one error per member of the union.
+ResponseInput = Annotated[
+    Annotated[str, Field(min_length=1), Tag(_TEXT)]
+    | Annotated[list[ResponseInputItem], Field(min_length=1), Tag(_ITEMS)],
+    Discriminator(
+        _input_kind,
+        custom_error_type="invalid_input",
+        custom_error_message="input must be a string or a list of input items.",
+    ),
+]
+
+
+class ResponsesRequest(OpenAIBaseModel):
+    """``POST /v1/responses`` body, with the bounds the gateway enforces.
+
+    Booleans are strict (JSON ``true`` or ``false`` only): ``"stream": "yes"`` is refused, not
+    read as a stream. Fields this model does not define are kept and sent upstream unchanged,
+    since the Responses API is relayed to model servers that implement it.
+    """
+
+    model: ModelId = Field(description="A model id from GET /v1/models.")
+    input: ResponseInput = Field(description="The prompt: text, or a list of input items.")
+    instructions: str | None = None
+    # Below 2**63: the bound keeps the value inside what the model server and orjson accept.
+    max_output_tokens: int | None = Field(default=None, ge=1, lt=2**63)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    stream: StrictBool = False
+    previous_response_id: str | None = None
+    store: StrictBool | None = None
+    # nilai extras
+    web_search: StrictBool = False
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """The output limit the client asked for, if any."""
+        return self.max_output_tokens
+
+    def refused_state_fields(self) -> None:
+        """Refuse the fields that need server-side state, which this gateway does not keep.
+
+        ``store: false`` (or no ``store``) is accepted: nothing is stored either way.
+
+        Raises:
+            InvalidRequest: ``previous_response_id`` is set, or ``store`` is true.
+        """
+        if self.previous_response_id is not None:
+            raise InvalidRequest(
+                "previous_response_id is not supported: the gateway keeps no server-side state. "
+                "Send the whole conversation in input instead.",
+                param="previous_response_id",
+                code="not_supported",
+            )
+        if self.store:
+            raise InvalidRequest(
+                "store: true is not supported: the gateway keeps no server-side state. "
+                "Omit store or set it to false.",
+                param="store",
+                code="not_supported",
+            )
+
+
+def upstream_payload(request: ResponsesRequest, *, instructions: str | None = None) -> bytes:
+    """The JSON sent to the model server: the fields the client set, less nilai's own.
+
+    ``instructions`` (the gateway's context: a private prompt, web search sources) comes first,
+    then the client's own instructions, separated by a blank line. Unknown fields pass through;
+    streams get nothing extra (the Responses stream ends with its usage anyway).
+
+    Raises:
+        ValidationFailed: the request holds an integer outside the 64-bit range.
+    """
+    data = request.model_dump(mode="json", exclude_unset=True, exclude=set(NILAI_ONLY_FIELDS))
+    data["model"] = request.model
+    if instructions is not None:
+        own = request.instructions
+        data["instructions"] = f"{instructions}\n\n{own}" if own else instructions
+    try:
+        return orjson.dumps(data)
+    except TypeError as exc:  # orjson refuses integers beyond 64 bits
+        raise ValidationFailed(
+            "The request holds a number outside the 64-bit integer range.", code="invalid_value"
+        ) from exc
