@@ -1,4 +1,4 @@
-"""The local worker's HTTP face: OpenAI's chat API over one engine, one generation at a time."""
+"""The local worker's HTTP face: OpenAI's chat and Responses APIs over one engine, one at a time."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from nilai.protocol.chat import ChatCompletionRequest
 from nilai.protocol.models import ModelCard, ModelList
 from nilai.upstream.sse import DONE, frame
 from nilai.workers.local.engine import Finished, SamplingParams
+from nilai.workers.local.responses import ResponseShaper, ResponsesRequest
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def create_worker_app(engine: Engine, *, owned_by: str = "nilai-local") -> FastA
         owned_by=owned_by,
         name=engine.model_id,
         max_model_len=engine.max_model_len,
+        supported_features=["chat_completion", "responses"],
     )
     app = FastAPI(title="nilai local worker")
     install_error_handlers(app)
@@ -113,22 +115,41 @@ def create_worker_app(engine: Engine, *, owned_by: str = "nilai-local") -> FastA
     async def models() -> ModelList:  # pyright: ignore[reportUnusedFunction]
         return ModelList(data=[card])
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatCompletionRequest, request: Request) -> Response:  # pyright: ignore[reportUnusedFunction]
-        job = _job(engine, body)
-        completion = _Completion(engine.model_id, body, len(job.prompt))
+    async def answer(
+        request: Request, job: _Job, shaper: _Completion | ResponseShaper, stream: bool
+    ) -> Response:
         cancelled = threading.Event()
-        if body.stream:
-            events = completion.stream(generations.run(job, cancelled))
+        if stream:
+            events = shaper.stream(generations.run(job, cancelled))
             return StreamingResponse(events, media_type="text/event-stream")
         watcher = asyncio.create_task(_watch_disconnect(request, cancelled))
         try:
             return Response(
-                await completion.whole(generations.run(job, cancelled)),
+                await shaper.whole(generations.run(job, cancelled)),
                 media_type="application/json",
             )
         finally:
             watcher.cancel()
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:  # pyright: ignore[reportUnusedFunction]
+        job = _job(engine, body)
+        return await answer(
+            request, job, _Completion(engine.model_id, body, len(job.prompt)), body.stream
+        )
+
+    @app.post("/v1/responses", response_model=None)
+    async def responses(body: ResponsesRequest, request: Request) -> Response:  # pyright: ignore[reportUnusedFunction]
+        job = _prepare(
+            engine,
+            body.chat_messages(),
+            wanted=body.max_output_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            params=("input", "max_output_tokens"),
+        )
+        shaper = ResponseShaper(engine.model_id, body, len(job.prompt))
+        return await answer(request, job, shaper, body.stream)
 
     app.state.generations = generations
     return app
@@ -150,25 +171,48 @@ def _job(engine: Engine, body: ChatCompletionRequest) -> _Job:
     if body.web_search or body.nilrag:
         raise NotSupported("This worker offers plain chat only.")
     messages = [message.model_dump(exclude_none=True) for message in body.messages]
-    prompt = engine.encode_chat(messages)
-    room = engine.max_model_len - len(prompt)
-    wanted = body.requested_max_tokens
-    if room < 1 or (wanted is not None and wanted > room):
-        raise InvalidRequest(
-            f"The prompt has {len(prompt)} tokens; with max_tokens={wanted} it exceeds the "
-            f"model's context of {engine.max_model_len} tokens.",
-            param="messages" if room < 1 else "max_tokens",
-            code="context_length_exceeded",
-        )
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    params = SamplingParams(
-        max_tokens=wanted or min(DEFAULT_MAX_TOKENS, room),
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
+    return _prepare(
+        engine,
+        messages,
+        wanted=body.requested_max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
         stop=stop,
         seed=body.seed,
     )
-    return _Job(prompt, params)
+
+
+def _prepare(
+    engine: Engine,
+    messages: list[dict[str, Any]],
+    *,
+    wanted: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    stop: tuple[str, ...] = (),
+    seed: int | None = None,
+    params: tuple[str, str] = ("messages", "max_tokens"),
+) -> _Job:
+    """Encode the conversation and check it fits; ``params`` name the prompt and limit fields."""
+    prompt = engine.encode_chat(messages)
+    room = engine.max_model_len - len(prompt)
+    prompt_param, limit_param = params
+    if room < 1 or (wanted is not None and wanted > room):
+        raise InvalidRequest(
+            f"The prompt has {len(prompt)} tokens; with {limit_param}={wanted} it exceeds the "
+            f"model's context of {engine.max_model_len} tokens.",
+            param=prompt_param if room < 1 else limit_param,
+            code="context_length_exceeded",
+        )
+    sampling = SamplingParams(
+        max_tokens=wanted or min(DEFAULT_MAX_TOKENS, room),
+        temperature=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        stop=stop,
+        seed=seed,
+    )
+    return _Job(prompt, sampling)
 
 
 class _Completion:
