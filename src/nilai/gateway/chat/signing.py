@@ -74,29 +74,46 @@ def claim_object(obj: dict[str, Any], kind: str) -> bool:
     return True
 
 
-class StreamSigner:
-    r"""Hashes every payload as it is sent, then signs the last chunk over all of them.
+class SignedSequence:
+    r"""The running signature every signed stream is made of (DESIGN §3), whatever its API.
 
     The signed message is the stream's domain tag, then
     ``b"".join(p + b"\\n" for p in earlier) + canonical(last)``; keeping a running SHA-256
-    instead of the payloads makes the cost per chunk one hash update. Every payload must be a
-    ``chat.completion.chunk`` (``claim_object``): the caller checks the ones it sends as is.
-    ``added`` are fields the gateway puts on the last chunk, inside what is signed (``sources``).
+    instead of the payloads makes the cost per payload one hash update.
     """
 
-    def __init__(
-        self, signer: Signer, request_sha256: str, *, added: Mapping[str, object] | None = None
-    ) -> None:
+    def __init__(self, signer: Signer, request_sha256: str, domain: SignatureDomain) -> None:
         self._signer = signer
         self._request_sha256 = request_sha256
-        self._added = dict(added or {})
-        self._hash = hashlib.sha256(SignatureDomain.CHAT_COMPLETION_CHUNK)
+        self._hash = hashlib.sha256(domain)
 
     def sent(self, payload: bytes) -> bytes:
         """Account for a payload that goes out unchanged; return it."""
         self._hash.update(payload)
         self._hash.update(b"\n")
         return payload
+
+    def seal(self, last: dict[str, Any]) -> bytes:
+        """Bind ``last`` to the request, sign it after every earlier payload, return its bytes."""
+        last["request_sha256"] = self._request_sha256
+        self._hash.update(canonical_json(last))
+        last["signature"] = self._signer.sign_digest(self._hash.digest())
+        return one_line(orjson.dumps(last))
+
+
+class StreamSigner(SignedSequence):
+    """Signs a chat stream: every payload a ``chat.completion.chunk``, the last one signed.
+
+    Every payload must be a ``chat.completion.chunk`` (``claim_object``): the caller checks the
+    ones it sends as is. ``added`` are fields the gateway puts on the last chunk, inside what
+    is signed (``sources``).
+    """
+
+    def __init__(
+        self, signer: Signer, request_sha256: str, *, added: Mapping[str, object] | None = None
+    ) -> None:
+        super().__init__(signer, request_sha256, SignatureDomain.CHAT_COMPLETION_CHUNK)
+        self._added = dict(added or {})
 
     def last(self, chunk: dict[str, Any]) -> bytes:
         """Sign ``chunk`` as the final event and return its payload.
@@ -107,7 +124,4 @@ class StreamSigner:
         claim_object(chunk, CHAT_COMPLETION_CHUNK_OBJECT)
         drop_gateway_fields(chunk)
         chunk.update(self._added)
-        chunk["request_sha256"] = self._request_sha256
-        self._hash.update(canonical_json(chunk))
-        chunk["signature"] = self._signer.sign_digest(self._hash.digest())
-        return one_line(orjson.dumps(chunk))
+        return self.seal(chunk)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,8 +11,7 @@ from nilai.crypto.canonical import canonical_json
 from nilai.crypto.domains import RESPONSE_COMPLETED, RESPONSE_OBJECT, SignatureDomain
 from nilai.crypto.keys import Signer
 from nilai.errors import UpstreamProtocolError
-from nilai.gateway.chat.signing import claim_object, drop_gateway_fields
-from nilai.upstream.sse import one_line
+from nilai.gateway.chat.signing import SignedSequence, claim_object, drop_gateway_fields
 
 
 def sign_response(
@@ -38,29 +36,20 @@ def sign_response(
     return orjson.dumps(body)
 
 
-class ResponseStreamSigner:
-    r"""Hashes every event payload as it is sent, then signs ``response.completed`` over them.
+class ResponseStreamSigner(SignedSequence):
+    """Signs a Responses API stream: ``response.completed`` over every earlier event's data.
 
-    The signed message is ``SignatureDomain.RESPONSE_STREAM``, then
-    ``b"".join(p + b"\\n" for p in earlier) + canonical(last)``, as for chat streams; a running
-    SHA-256 keeps the cost per event one hash update. The last payload carries
-    ``request_sha256`` and ``signature`` at its top level, next to ``type``; ``added`` (the
-    gateway's ``sources``) goes inside its ``response`` object, where the answer's data is.
+    As for chat streams (``SignedSequence``), in the ``RESPONSE_STREAM`` domain. The last
+    payload carries ``request_sha256`` and ``signature`` at its top level, next to ``type``;
+    ``added`` (the gateway's ``sources``) goes inside its ``response`` object, where the
+    answer's data is.
     """
 
     def __init__(
         self, signer: Signer, request_sha256: str, *, added: Mapping[str, object] | None = None
     ) -> None:
-        self._signer = signer
-        self._request_sha256 = request_sha256
+        super().__init__(signer, request_sha256, SignatureDomain.RESPONSE_STREAM)
         self._added = dict(added or {})
-        self._hash = hashlib.sha256(SignatureDomain.RESPONSE_STREAM)
-
-    def sent(self, payload: bytes) -> bytes:
-        """Account for an event's data payload that goes out unchanged; return it."""
-        self._hash.update(payload)
-        self._hash.update(b"\n")
-        return payload
 
     def last(self, payload: dict[str, Any]) -> bytes:
         """Sign the ``response.completed`` payload as the final event and return its data.
@@ -85,7 +74,4 @@ class ResponseStreamSigner:
         drop_gateway_fields(payload)
         drop_gateway_fields(inner)
         inner.update(self._added)
-        payload["request_sha256"] = self._request_sha256
-        self._hash.update(canonical_json(payload))
-        payload["signature"] = self._signer.sign_digest(self._hash.digest())
-        return one_line(orjson.dumps(payload))
+        return self.seal(payload)
