@@ -14,11 +14,11 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import orjson
-from pydantic import Field, StrictBool
 
 from nilai.errors import InternalError, InvalidRequest
-from nilai.protocol.base import OpenAIBaseModel, json_object
-from nilai.protocol.chat import IMAGE_PARTS, ModelId
+from nilai.protocol.base import json_object
+from nilai.protocol.chat import IMAGE_PARTS
+from nilai.protocol.responses import InputItem, InputMessage, ResponsesRequest
 from nilai.upstream.sse import one_line
 from nilai.workers.local.engine import Finished
 
@@ -27,110 +27,70 @@ logger = logging.getLogger(__name__)
 NOT_SUPPORTED = "not_supported"
 # Text parts a message may carry: a client's own text, and earlier answers sent back as history.
 TEXT_PARTS = ("input_text", "output_text", "text")
-ROLES = ("system", "developer", "user", "assistant")
 
 
-class InputPart(OpenAIBaseModel):
-    """One part of an input message's content; only text parts can be served."""
+def chat_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The conversation as chat messages for the engine, instructions first.
 
-    type: str
-    text: str | None = None
-
-
-class InputItem(OpenAIBaseModel):
-    """One item of ``input``: a message (``type`` may be left out), or something refused."""
-
-    type: str = "message"
-    role: str | None = None
-    content: str | list[InputPart] | None = None
-
-
-class ResponsesRequest(OpenAIBaseModel):
-    """``POST /v1/responses`` body, with the same bounds as the chat route's."""
-
-    model: ModelId = Field(description="A model id from GET /v1/models.")
-    input: str | list[InputItem]
-    instructions: str | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=5)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    stream: StrictBool = False
-    store: StrictBool | None = None
-    background: StrictBool | None = None
-    previous_response_id: str | None = None
-    conversation: str | dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    text: dict[str, Any] | None = None
-    metadata: dict[str, str] | None = None
-    user: str | None = None
-
-    def chat_messages(self) -> list[dict[str, Any]]:
-        """The conversation as chat messages for the engine, instructions first.
-
-        Raises ``InvalidRequest`` (400) for what this worker cannot serve: tools, stored or
-        background responses, images and non-message items.
-        """
-        self._refuse_unsupported()
-        messages: list[dict[str, Any]] = []
-        if self.instructions is not None:
-            messages.append({"role": "system", "content": self.instructions})
-        if isinstance(self.input, str):
-            messages.append({"role": "user", "content": self.input})
-            return messages
-        for index, item in enumerate(self.input):
-            messages.append(_message(item, f"input.{index}"))
-        if not messages:
-            raise InvalidRequest("The input holds no messages.", param="input")
+    The request is parsed as the gateway parses it (``nilai.protocol.responses``); this worker
+    then refuses (400 ``not_supported``) what it cannot serve: tools, stored, chained or
+    background responses, structured output, images and items that are not messages.
+    """
+    _refuse_unsupported(body)
+    messages: list[dict[str, Any]] = []
+    if body.instructions is not None:
+        messages.append({"role": "system", "content": body.instructions})
+    if isinstance(body.input, str):
+        messages.append({"role": "user", "content": body.input})
         return messages
+    for index, item in enumerate(body.input):
+        messages.append(_message(item, f"input.{index}"))
+    return messages
 
-    def _refuse_unsupported(self) -> None:
-        if self.tools:
-            raise InvalidRequest(
-                "This worker does not support tools.", param="tools", code=NOT_SUPPORTED
-            )
-        refused = (
-            ("previous_response_id", self.previous_response_id is not None),
-            ("conversation", self.conversation is not None),
-            ("store", self.store is True),
-            ("background", self.background is True),
+
+def _refuse_unsupported(body: ResponsesRequest) -> None:
+    if body.tools:
+        raise InvalidRequest(
+            "This worker does not support tools.", param="tools", code=NOT_SUPPORTED
         )
-        for param, asked in refused:
-            if asked:
-                raise InvalidRequest(
-                    f"This worker keeps no responses: {param} is not supported.",
-                    param=param,
-                    code=NOT_SUPPORTED,
-                )
-        text_format = json_object((self.text or {}).get("format")) or {}
-        if text_format.get("type", "text") != "text":
+    extra = body.model_extra or {}
+    refused = (
+        ("previous_response_id", body.previous_response_id is not None),
+        ("conversation", extra.get("conversation") is not None),
+        ("store", body.store is True),
+        ("background", extra.get("background") is True),
+    )
+    for param, asked in refused:
+        if asked:
             raise InvalidRequest(
-                "This worker answers in plain text only.", param="text.format", code=NOT_SUPPORTED
+                f"This worker keeps no responses: {param} is not supported.",
+                param=param,
+                code=NOT_SUPPORTED,
             )
+    text_format = json_object((json_object(extra.get("text")) or {}).get("format")) or {}
+    if text_format.get("type", "text") != "text":
+        raise InvalidRequest(
+            "This worker answers in plain text only.", param="text.format", code=NOT_SUPPORTED
+        )
 
 
-def _message(item: InputItem, param: str) -> dict[str, Any]:
-    if item.type != "message":
+def _message(item: InputMessage | InputItem, param: str) -> dict[str, Any]:
+    if not isinstance(item, InputMessage):
         raise InvalidRequest(
             f"This worker accepts message items only, not {item.type!r}.",
             param=f"{param}.type",
             code=NOT_SUPPORTED,
         )
-    if item.role not in ROLES:
-        raise InvalidRequest(
-            f"A message's role must be one of {', '.join(ROLES)}.", param=f"{param}.role"
-        )
-    if item.content is None:
-        raise InvalidRequest("A message needs content.", param=f"{param}.content")
     if isinstance(item.content, str):
         return {"role": item.role, "content": item.content}
     texts: list[str] = []
     for part in item.content:
-        if part.type in IMAGE_PARTS or part.type not in TEXT_PARTS or part.text is None:
+        text = (part.model_extra or {}).get("text")
+        if part.type in IMAGE_PARTS or part.type not in TEXT_PARTS or not isinstance(text, str):
             raise InvalidRequest(
                 "This worker accepts text input only.", param=f"{param}.content", code=NOT_SUPPORTED
             )
-        texts.append(part.text)
+        texts.append(text)
     # The engine's chat templates expect plain strings; text parts are read as one text.
     return {"role": item.role, "content": "".join(texts)}
 
@@ -186,7 +146,7 @@ class ResponseShaper:
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
             "instructions": body.instructions,
             "max_output_tokens": body.max_output_tokens,
-            "metadata": body.metadata or {},
+            "metadata": (body.model_extra or {}).get("metadata") or {},
             "model": self.model,
             "output": output,
             "parallel_tool_calls": True,
@@ -200,7 +160,7 @@ class ResponseShaper:
             "top_p": 1.0 if body.top_p is None else body.top_p,
             "truncation": "disabled",
             "usage": None if finished is None else self._usage(finished),
-            "user": body.user,
+            "user": (body.model_extra or {}).get("user"),
         }
 
     def _final(self, text: str, finished: Finished) -> dict[str, Any]:

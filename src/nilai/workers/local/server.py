@@ -21,9 +21,10 @@ from nilai.errors import InternalError, InvalidRequest, NotSupported, to_error_b
 from nilai.http_errors import install_error_handlers
 from nilai.protocol.chat import ChatCompletionRequest
 from nilai.protocol.models import ModelCard, ModelList
+from nilai.protocol.responses import ResponsesRequest
 from nilai.upstream.sse import DONE, frame
 from nilai.workers.local.engine import Finished, SamplingParams
-from nilai.workers.local.responses import ResponseShaper, ResponsesRequest
+from nilai.workers.local.responses import ResponseShaper, chat_messages
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def create_worker_app(engine: Engine, *, owned_by: str = "nilai-local") -> FastA
     async def responses(body: ResponsesRequest, request: Request) -> Response:  # pyright: ignore[reportUnusedFunction]
         job = _prepare(
             engine,
-            body.chat_messages(),
+            chat_messages(body),
             wanted=body.max_output_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
