@@ -11,7 +11,7 @@ import importlib
 import inspect
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +53,18 @@ class Finished:
 
     finish_reason: FinishReason
     completion_tokens: int
+
+
+async def collect(output: AsyncIterator[str | Finished]) -> tuple[str, Finished]:
+    """A whole generation: its text, and how it finished."""
+    pieces: list[str] = []
+    finished = Finished("stop", 0)
+    async for item in output:
+        if isinstance(item, Finished):
+            finished = item
+        else:
+            pieces.append(item)
+    return "".join(pieces), finished
 
 
 class ModelNotFoundError(Exception):

@@ -20,7 +20,7 @@ from nilai.protocol.base import json_object
 from nilai.protocol.chat import IMAGE_PARTS
 from nilai.protocol.responses import InputItem, InputMessage, ResponsesRequest
 from nilai.upstream.sse import one_line
-from nilai.workers.local.engine import Finished
+from nilai.workers.local.engine import Finished, collect
 
 logger = logging.getLogger(__name__)
 
@@ -169,14 +169,8 @@ class ResponseShaper:
 
     async def whole(self, output: AsyncIterator[str | Finished]) -> bytes:
         """Collect the whole answer into one response object."""
-        pieces: list[str] = []
-        finished = Finished("stop", 0)
-        async for item in output:
-            if isinstance(item, Finished):
-                finished = item
-            else:
-                pieces.append(item)
-        return orjson.dumps(self._final("".join(pieces), finished))
+        text, finished = await collect(output)
+        return orjson.dumps(self._final(text, finished))
 
     def _event(self, kind: str, payload: dict[str, Any]) -> bytes:
         framed = event(kind, {**payload, "sequence_number": self.sequence})

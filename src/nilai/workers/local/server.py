@@ -23,7 +23,7 @@ from nilai.protocol.chat import ChatCompletionRequest
 from nilai.protocol.models import ModelCard, ModelList
 from nilai.protocol.responses import ResponsesRequest
 from nilai.upstream.sse import DONE, frame
-from nilai.workers.local.engine import Finished, SamplingParams
+from nilai.workers.local.engine import Finished, SamplingParams, collect
 from nilai.workers.local.responses import ResponseShaper, chat_messages
 
 logger = logging.getLogger(__name__)
@@ -243,14 +243,8 @@ class _Completion:
 
     async def whole(self, output: AsyncIterator[str | Finished]) -> bytes:
         """Collect the whole answer into one completion body."""
-        pieces: list[str] = []
-        finished = Finished("stop", 0)
-        async for item in output:
-            if isinstance(item, Finished):
-                finished = item
-            else:
-                pieces.append(item)
-        message = {"role": "assistant", "content": "".join(pieces)}
+        text, finished = await collect(output)
+        message = {"role": "assistant", "content": text}
         body = self._envelope("chat.completion")
         body["choices"] = [{"index": 0, "message": message, "finish_reason": _reason(finished)}]
         body["usage"] = self._usage(finished)

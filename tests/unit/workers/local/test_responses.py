@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -37,25 +37,6 @@ STREAM_END = [
     "response.output_item.done",
     "response.completed",
 ]
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-def app(engine: FakeEngine) -> Iterator[FastAPI]:
-    app = create_worker_app(engine)
-    yield app
-    app.state.generations.close()
-
-
-@pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://w") as client:
-        yield client
 
 
 def request(content: Any = "hi", **extra: Any) -> dict[str, Any]:

@@ -6,13 +6,12 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-from fastapi import FastAPI
 
 from nilai.workers.local.engine import Finished, SamplingParams
 from nilai.workers.local.server import DEFAULT_MAX_TOKENS, create_worker_app
@@ -123,25 +122,6 @@ def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]
     assert isinstance(error["message"], str)
     assert error["message"]
     return error
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-def app(engine: FakeEngine) -> Iterator[FastAPI]:
-    app = create_worker_app(engine)
-    yield app
-    app.state.generations.close()
-
-
-@pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://w") as client:
-        yield client
 
 
 async def completion(client: httpx.AsyncClient, **extra: Any) -> httpx.Response:
