@@ -13,8 +13,9 @@ A web search's planner call (its first message is the planner's instructions, wh
 ``POST /v1/responses`` answers in vLLM's Responses API shapes: one output message with the same
 words (or, with ``tools`` in the request and ``responses_function_call`` set, a call of the
 first tool), or with ``stream`` the typed events ``response.created`` ... ``response.completed``.
-``responses_support`` off makes that route answer 404 and ``/v1/models`` stop announcing
-``"responses"`` in each model's ``supported_features``.
+Only with ``responses_support`` on (off by default, as the gateway does not route the
+Responses API yet) does that route exist and ``/v1/models`` announce ``"responses"`` in each
+model's ``supported_features``; off, it answers 404.
 
 Run alone: ``python -m tests.fakes.fake_openai_server --port 9001 --model fake-model``.
 """
@@ -53,7 +54,7 @@ class FakeConfig:
     planner_reply: str | None = None
     """The planner call's answer (e.g. a JSON plan); None: the usual words."""
     planner_delay_s: float = 0.0
-    responses_support: bool = True
+    responses_support: bool = False
     """Whether ``POST /v1/responses`` exists and ``/v1/models`` announces it."""
     responses_function_call: bool = False
     """Answer a Responses request that has ``tools`` with a call of the first tool."""

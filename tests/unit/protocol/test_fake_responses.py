@@ -24,6 +24,7 @@ MESSAGE_EVENTS = [
 async def _post(
     body: dict[str, Any], path: str = "/v1/responses", **config: Any
 ) -> tuple[httpx.Response, FakeState]:
+    config.setdefault("responses_support", True)
     app = create_fake_app(FakeConfig(name="alpha", tokens=3, **config))
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://fake") as client:
@@ -32,6 +33,7 @@ async def _post(
 
 
 async def _get(path: str, **config: Any) -> httpx.Response:
+    config.setdefault("responses_support", True)
     app = create_fake_app(FakeConfig(**config))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://fake") as client:
