@@ -46,11 +46,35 @@ def sign_completion(
     Raises:
         UpstreamProtocolError: The model server's answer says it is not a chat completion.
     """
-    claim_object(body, CHAT_COMPLETION_OBJECT)
+    return sign_object(
+        body,
+        signer,
+        request_sha256,
+        kind=CHAT_COMPLETION_OBJECT,
+        domain=SignatureDomain.CHAT_COMPLETION,
+        added=added,
+    )
+
+
+def sign_object(
+    body: dict[str, Any],
+    signer: Signer,
+    request_sha256: str,
+    *,
+    kind: str,
+    domain: SignatureDomain,
+    added: Mapping[str, object] | None = None,
+) -> bytes:
+    """Sign a whole answer of any API: ``body`` claimed as ``kind``, in ``domain``.
+
+    Raises:
+        UpstreamProtocolError: ``body`` says it is another kind.
+    """
+    claim_object(body, kind)
     drop_gateway_fields(body)
     body.update(added or {})
     body["request_sha256"] = request_sha256
-    body["signature"] = signer.sign(SignatureDomain.CHAT_COMPLETION, canonical_json(body))
+    body["signature"] = signer.sign(domain, canonical_json(body))
     return orjson.dumps(body)
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
-
-from nilai.crypto.canonical import canonical_json
 from nilai.crypto.domains import RESPONSE_COMPLETED, RESPONSE_OBJECT, SignatureDomain
 from nilai.crypto.keys import Signer
 from nilai.errors import UpstreamProtocolError
-from nilai.gateway.chat.signing import SignedSequence, claim_object, drop_gateway_fields
+from nilai.gateway.chat.signing import (
+    SignedSequence,
+    claim_object,
+    drop_gateway_fields,
+    sign_object,
+)
 
 
 def sign_response(
@@ -28,12 +30,14 @@ def sign_response(
     Raises:
         UpstreamProtocolError: The model server's answer says it is not a response.
     """
-    claim_object(body, RESPONSE_OBJECT)
-    drop_gateway_fields(body)
-    body.update(added or {})
-    body["request_sha256"] = request_sha256
-    body["signature"] = signer.sign(SignatureDomain.RESPONSE, canonical_json(body))
-    return orjson.dumps(body)
+    return sign_object(
+        body,
+        signer,
+        request_sha256,
+        kind=RESPONSE_OBJECT,
+        domain=SignatureDomain.RESPONSE,
+        added=added,
+    )
 
 
 class ResponseStreamSigner(SignedSequence):
