@@ -45,6 +45,7 @@ from nuc.validate import PolicyTreeProperties  # pyright: ignore[reportMissingTy
 from nilai.auth.base import Principal
 from nilai.errors import AuthenticationFailed
 from nilai.protocol.chat import ChatCompletionRequest
+from nilai.protocol.responses import ResponsesRequest
 
 MAX_POLICIES = 10
 """Policies per delegation, and the widest ``and``/``or``/``anyOf`` (the ``nuc`` defaults)."""
@@ -141,9 +142,14 @@ def compile_policies(
     return tuple(compiled)
 
 
-def request_document(request: ChatCompletionRequest) -> dict[str, Value]:
-    """The values ``$.req.<field>`` selects, read from the parsed request."""
+def request_document(request: ChatCompletionRequest | ResponsesRequest) -> dict[str, Value]:
+    """The values ``$.req.<field>`` selects, read from the parsed request.
+
+    A Responses API request has the same fields under the same names: ``max_tokens`` is its
+    ``max_output_tokens``, and it never asks for nilRAG.
+    """
     max_tokens = request.requested_max_tokens
+    nilrag = isinstance(request, ChatCompletionRequest) and bool(request.nilrag)
     return {
         "model": request.model,
         "stream": request.stream,
@@ -153,12 +159,14 @@ def request_document(request: ChatCompletionRequest) -> dict[str, Value]:
         "top_p": request.top_p,
         "tools": bool(request.tools),
         "web_search": request.web_search,
-        "nilrag": bool(request.nilrag),
+        "nilrag": nilrag,
         "multimodal": request.has_image(),
     }
 
 
-def check_request_policies(principal: Principal, request: ChatCompletionRequest) -> None:
+def check_request_policies(
+    principal: Principal, request: ChatCompletionRequest | ResponsesRequest
+) -> None:
     """Refuse ``request`` (401) unless it meets every policy of the caller's delegations."""
     if not principal.request_policies:
         return

@@ -268,12 +268,21 @@ class DiscoverySnapshot:
         since = self._vanished.get(model)
         return since is not None and time.monotonic() - since < self._grace_s
 
-    def candidates(self, model: str) -> list[EndpointRecord]:
-        """Healthy servers for ``model``, starting with the next one in turn."""
+    def candidates(self, model: str, *, feature: str | None = None) -> list[EndpointRecord]:
+        """Healthy servers for ``model``, starting with the next one in turn.
+
+        With ``feature``, only the servers whose announcement of ``model`` lists it in
+        ``supported_features`` (a fleet may mix servers that serve the Responses API and
+        servers that do not).
+        """
         route = self._routes.get(model)
         if route is None:
             return []
-        healthy = [entry.record for entry in route.endpoints if entry.healthy]
+        healthy = [
+            entry.record
+            for entry in route.endpoints
+            if entry.healthy and (feature is None or _announces(entry.record, model, feature))
+        ]
         if not healthy:
             return []
         start = next(route.turn) % len(healthy)
@@ -354,3 +363,8 @@ class DiscoverySnapshot:
             health.ejected_until = 0.0
             health.unreachable = False
             logger.info("model server %s reachable again", entry.record.id)
+
+
+def _announces(record: EndpointRecord, model: str, feature: str) -> bool:
+    """Whether ``record`` announces ``feature`` for ``model``."""
+    return any(card.id == model and feature in card.supported_features for card in record.models)

@@ -46,7 +46,9 @@ class Metrics:
             "nilai_http_requests_in_flight", "HTTP requests being served.", registry=r
         )
         self.streams_in_flight = Gauge(
-            "nilai_chat_streams_in_flight", "Chat completion streams open.", registry=r
+            "nilai_chat_streams_in_flight",
+            "Answer streams open (chat completions and the Responses API).",
+            registry=r,
         )
         self.chat_duration = Histogram(
             "nilai_chat_duration_seconds",
@@ -58,6 +60,20 @@ class Metrics:
         self.chat_ttft = Histogram(
             "nilai_chat_time_to_first_token_seconds",
             "Time to the first streamed chunk, by model.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.responses_duration = Histogram(
+            "nilai_responses_duration_seconds",
+            "Responses API requests, whole request, by model, stream and status.",
+            ["model", "stream", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.responses_ttft = Histogram(
+            "nilai_responses_time_to_first_token_seconds",
+            "Responses API streams: time to the first output delta, by model.",
             ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
@@ -87,7 +103,7 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "nilai_upstream_errors",
-            "Chat requests failed by the model server, by kind.",
+            "Model requests (chat and Responses) failed by the model server, by kind.",
             ["kind"],
             registry=r,
         )
@@ -117,6 +133,7 @@ class Metrics:
     def observe_chat(
         self,
         *,
+        api: str = "chat",
         model: str,
         stream: bool,
         status: int,
@@ -128,11 +145,17 @@ class Metrics:
         limit: Limit | None,
         searches: int = 0,
     ) -> None:
-        """Record one finished chat request (``model`` already bounded by the caller)."""
+        """Record one finished model request (``model`` already bounded by the caller).
+
+        Durations and time to first token per API (``chat``, ``responses``); tokens, searches,
+        limits and upstream errors count every API's requests together.
+        """
         kind = "stream" if stream else "plain"
-        self.chat_duration.labels(model, kind, str(status)).observe(duration_s)
+        responses = api == "responses"
+        duration = self.responses_duration if responses else self.chat_duration
+        duration.labels(model, kind, str(status)).observe(duration_s)
         if ttft_s is not None:
-            self.chat_ttft.labels(model).observe(ttft_s)
+            (self.responses_ttft if responses else self.chat_ttft).labels(model).observe(ttft_s)
         if prompt_tokens:
             self.tokens.labels(model, "prompt").inc(prompt_tokens)
         if completion_tokens:

@@ -2,7 +2,8 @@
 
 ``POST /v1/responses`` is relayed to model servers that serve it themselves (vLLM does). The
 gateway checks only what it relies on (the model id, bounds, the shape of ``input``) and keeps
-no conversation state: ``previous_response_id`` and ``store: true`` are refused. Every other
+no conversation state: ``previous_response_id``, ``conversation``, ``store: true`` and
+``background: true`` are refused, and the model server is told ``store: false``. Every other
 field, known here or not, is passed to the model server as the client sent it.
 """
 
@@ -15,12 +16,15 @@ from pydantic import Discriminator, Field, StrictBool, Tag
 
 from nilai.errors import InvalidRequest, ValidationFailed
 from nilai.protocol.base import OpenAIBaseModel
-from nilai.protocol.chat import ContentPart, ModelId
+from nilai.protocol.chat import IMAGE_PARTS, ChatMessage, ContentPart, ModelId
 
 InputRole = Literal["user", "assistant", "system", "developer"]
 
 NILAI_ONLY_FIELDS = frozenset({"web_search"})
 """Fields nilai reads itself and never sends to the model server."""
+
+TEXT_PARTS = ("input_text", "output_text", "text")
+"""Content parts that hold text: a client's own, and earlier answers sent back as history."""
 
 # Discriminator tags; they appear in error paths (``input.items.0.message.role``).
 _TEXT = "text"
@@ -35,6 +39,24 @@ class InputMessage(OpenAIBaseModel):
     type: Literal["message"] = "message"
     role: InputRole
     content: str | list[ContentPart]
+
+    def text(self) -> str:
+        """The message's text: its string content, or its text parts joined (images left out)."""
+        if isinstance(self.content, str):
+            return self.content
+        texts = [
+            text
+            for part in self.content
+            if part.type in TEXT_PARTS
+            and isinstance(text := (part.model_extra or {}).get("text"), str)
+        ]
+        return "\n".join(texts)
+
+    def has_image(self) -> bool:
+        """Whether the content carries an image part."""
+        if isinstance(self.content, str):
+            return False
+        return any(part.type in IMAGE_PARTS for part in self.content)
 
 
 class InputItem(OpenAIBaseModel):
@@ -124,7 +146,8 @@ class ResponsesRequest(OpenAIBaseModel):
         ``store: false`` (or no ``store``) is accepted: nothing is stored either way.
 
         Raises:
-            InvalidRequest: ``previous_response_id`` is set, or ``store`` is true.
+            InvalidRequest: ``previous_response_id`` or ``conversation`` is set, or ``store``
+                or ``background`` is true.
         """
         if self.previous_response_id is not None:
             raise InvalidRequest(
@@ -133,13 +156,46 @@ class ResponsesRequest(OpenAIBaseModel):
                 param="previous_response_id",
                 code="not_supported",
             )
-        if self.store:
+        extra = self.model_extra or {}
+        if extra.get("conversation") is not None:
             raise InvalidRequest(
-                "store: true is not supported: the gateway keeps no server-side state. "
-                "Omit store or set it to false.",
-                param="store",
+                "conversation is not supported: the gateway keeps no server-side state. "
+                "Send the whole conversation in input instead.",
+                param="conversation",
                 code="not_supported",
             )
+        for flag in ("store", "background"):
+            if getattr(self, flag, None) is True or extra.get(flag) is True:
+                raise InvalidRequest(
+                    f"{flag}: true is not supported: the gateway keeps no server-side state. "
+                    f"Omit {flag} or set it to false.",
+                    param=flag,
+                    code="not_supported",
+                )
+
+    def has_image(self) -> bool:
+        """Whether any input message carries an image part."""
+        if isinstance(self.input, str):
+            return False
+        return any(isinstance(item, InputMessage) and item.has_image() for item in self.input)
+
+    def conversation(self) -> list[ChatMessage]:
+        """The client's instructions and messages as chat messages of text (for web search).
+
+        Items that are not messages (function calls, their outputs, reasoning) are left out;
+        ``developer`` instructions count as the system's.
+        """
+        messages: list[ChatMessage] = []
+        if self.instructions:
+            messages.append(ChatMessage(role="system", content=self.instructions))
+        if isinstance(self.input, str):
+            return [*messages, ChatMessage(role="user", content=self.input)]
+        messages.extend(
+            ChatMessage(role=item.role, content=item.text())
+            for item in self.input
+            if isinstance(item, InputMessage)
+        )
+        return messages
 
 
 def upstream_payload(request: ResponsesRequest, *, instructions: str | None = None) -> bytes:
@@ -147,13 +203,15 @@ def upstream_payload(request: ResponsesRequest, *, instructions: str | None = No
 
     ``instructions`` (the gateway's context: a private prompt, web search sources) comes first,
     then the client's own instructions, separated by a blank line. Unknown fields pass through;
-    streams get nothing extra (the Responses stream ends with its usage anyway).
+    streams get nothing extra (the Responses stream ends with its usage anyway). ``store`` is
+    always false: a model server that can keep responses (vLLM can) must not keep these.
 
     Raises:
         ValidationFailed: the request holds an integer outside the 64-bit range.
     """
     data = request.model_dump(mode="json", exclude_unset=True, exclude=set(NILAI_ONLY_FIELDS))
     data["model"] = request.model
+    data["store"] = False
     if instructions is not None:
         own = request.instructions
         data["instructions"] = f"{instructions}\n\n{own}" if own else instructions

@@ -171,7 +171,7 @@ def test_store_false_or_absent_is_accepted():
 
 
 def test_upstream_payload_sends_only_set_fields():
-    assert _sent(_req()) == {"model": "m", "input": "hi"}
+    assert _sent(_req()) == {"model": "m", "input": "hi", "store": False}
     sent = _sent(_req(model=" m ", temperature=0.5, max_output_tokens=9, stream=True))
     assert sent == {
         "model": "m",
@@ -179,6 +179,7 @@ def test_upstream_payload_sends_only_set_fields():
         "temperature": 0.5,
         "max_output_tokens": 9,
         "stream": True,
+        "store": False,
     }
 
 

@@ -18,6 +18,14 @@ from nilai.store.base import QueryLog
 
 CLIENT_CLOSED = 499
 
+CHAT_API = "chat"
+RESPONSES_API = "responses"
+
+CHAT_USAGE = ("prompt_tokens", "completion_tokens")
+"""The names a chat completion's ``usage`` gives its prompt and completion token counts."""
+RESPONSES_USAGE = ("input_tokens", "output_tokens")
+"""The names a Responses API object's ``usage`` gives them."""
+
 
 @dataclass(slots=True)
 class RequestContext:
@@ -26,6 +34,10 @@ class RequestContext:
     request_id: str
     principal: Principal
     request_sha256: str
+    api: str = CHAT_API
+    """Which API the request came through (``chat``, ``responses``): logs and metrics."""
+    usage_names: tuple[str, str] = CHAT_USAGE
+    """The names of the prompt and completion token counts in the API's ``usage`` objects."""
     started: float = field(default_factory=time.perf_counter)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     model: str = ""
@@ -49,12 +61,16 @@ class RequestContext:
     refused_by: Limit | None = None
 
     @classmethod
-    def begin(cls, request_id: str, principal: Principal, raw_body: bytes) -> RequestContext:
-        """Start the context for a request whose body is ``raw_body``."""
-        return cls(request_id, principal, hashlib.sha256(raw_body).hexdigest())
+    def begin(
+        cls, request_id: str, principal: Principal, raw_body: bytes, *, api: str = CHAT_API
+    ) -> RequestContext:
+        """Start the context for a request to ``api`` whose body is ``raw_body``."""
+        usage_names = RESPONSES_USAGE if api == RESPONSES_API else CHAT_USAGE
+        sha256 = hashlib.sha256(raw_body).hexdigest()
+        return cls(request_id, principal, sha256, api=api, usage_names=usage_names)
 
     def record_usage(self, usage: object) -> None:
-        """Take token counts from an OpenAI ``usage`` object, if it is one.
+        """Take token counts from an OpenAI ``usage`` object of the request's API, if it is one.
 
         The counts are the answer's as the client sees them: with the planner's tokens in
         (``add_planner_tokens``).
@@ -62,8 +78,9 @@ class RequestContext:
         counts = json_object(usage)
         if counts is None:
             return
-        self.prompt_tokens = json_count(counts.get("prompt_tokens"))
-        self.completion_tokens = json_count(counts.get("completion_tokens"))
+        prompt, completion = self.usage_names
+        self.prompt_tokens = json_count(counts.get(prompt))
+        self.completion_tokens = json_count(counts.get(completion))
         self.usage_reported = True
 
     def count_planner(self, prompt_tokens: int, completion_tokens: int) -> None:
@@ -78,14 +95,16 @@ class RequestContext:
 
         The client pays for the planner call, so the ``usage`` it gets (and the query log)
         counts it: ``prompt_tokens``, ``completion_tokens`` and ``total_tokens`` each include
-        it. True if ``usage`` was changed.
+        it (under the API's names: ``input_tokens`` and ``output_tokens`` for the Responses
+        API). True if ``usage`` was changed.
         """
         counts = json_object(usage)
         prompt, completion = self.planner_prompt_tokens, self.planner_completion_tokens
         if counts is None or not (prompt or completion):
             return False
-        counts["prompt_tokens"] = json_count(counts.get("prompt_tokens")) + prompt
-        counts["completion_tokens"] = json_count(counts.get("completion_tokens")) + completion
+        prompt_name, completion_name = self.usage_names
+        counts[prompt_name] = json_count(counts.get(prompt_name)) + prompt
+        counts[completion_name] = json_count(counts.get(completion_name)) + completion
         counts["total_tokens"] = json_count(counts.get("total_tokens")) + prompt + completion
         return True
 

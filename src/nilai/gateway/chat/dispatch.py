@@ -84,9 +84,17 @@ class Dispatcher:
         )
 
     async def send(
-        self, model: str, payload: bytes, *, stream: bool, path: str = CHAT_PATH
+        self,
+        model: str,
+        payload: bytes,
+        *,
+        stream: bool,
+        path: str = CHAT_PATH,
+        feature: str | None = None,
     ) -> Dispatched:
         """Return the first answer (its body unread) and its server, POSTing to ``path``.
+
+        With ``feature``, only servers that announce it for ``model`` are tried.
 
         Any status is returned: ``Dispatched.ok`` turns a failed one into an error, after the
         caller has noted which server answered.
@@ -96,7 +104,7 @@ class Dispatcher:
             UpstreamTimeout: The server did not answer in time.
             UpstreamProtocolError: The connection broke.
         """
-        candidates = self._snapshot.candidates(model)
+        candidates = self._snapshot.candidates(model, feature=feature)
         for endpoint in candidates:
             url = f"{endpoint.url}{path}"
             accept = "text/event-stream" if stream else "application/json"

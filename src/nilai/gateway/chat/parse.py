@@ -1,14 +1,15 @@
-"""From request bytes to a ``ChatCompletionRequest``, at a cost the settings bound.
+"""From request bytes to a typed request (chat, Responses), at a cost the settings bound.
 
 Parsing is the one step whose cost the client chooses: pydantic spends about a microsecond per
 JSON item, holding the GIL (and so the event loop) throughout, and 10 MB of tiny messages is
 320,000 of them. Before a body is parsed, its shape is measured without building anything:
 the items it holds (array elements plus object members, at any depth) and the elements of its
-top-level ``messages``. The count stops at the first limit passed, so refusing a body costs no
-more than the limits allow, however big it is. Bodies large enough for that count to matter are
-measured in a worker thread (one at a time): the count is Python code, which yields the GIL
-every few milliseconds, so the loop keeps serving. The parse itself stays on the loop, since
-pydantic would hold the GIL in any thread; what it costs is bounded by the item limit.
+top-level ``messages`` (``input`` for the Responses API). The count stops at the first limit
+passed, so refusing a body costs no more than the limits allow, however big it is. Bodies large
+enough for that count to matter are measured in a worker thread (one at a time): the count is
+Python code, which yields the GIL every few milliseconds, so the loop keeps serving. The parse
+itself stays on the loop, since pydantic would hold the GIL in any thread; what it costs is
+bounded by the item limit.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import json.decoder
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from nilai.errors import (
     NilaiError,
@@ -31,6 +32,7 @@ from nilai.errors import (
 )
 from nilai.http_errors import validation_error
 from nilai.protocol.chat import ChatCompletionRequest
+from nilai.protocol.responses import ResponsesRequest
 
 JSON_MEDIA_TYPE = "application/json"
 
@@ -58,10 +60,13 @@ _scanstring = cast(
 
 @dataclass(frozen=True, slots=True)
 class BodyLimits:
-    """What one chat request body may hold."""
+    """What one request body may hold."""
 
     max_messages: int
+    """Elements of the top-level ``list_member`` array."""
     max_json_items: int
+    list_member: str = "messages"
+    """The member holding the conversation: ``messages`` (chat), ``input`` (Responses)."""
 
 
 def check_content_type(value: str | None) -> None:
@@ -83,6 +88,29 @@ def check_content_type(value: str | None) -> None:
 
 async def parse_chat_request(raw: bytes, limits: BodyLimits) -> ChatCompletionRequest:
     """Check the body's shape against ``limits``, then parse it; raise a 4xx ``NilaiError``."""
+    limits = replace(limits, list_member="messages")
+    request = await parse_request(raw, limits, ChatCompletionRequest)
+    if len(request.messages) > limits.max_messages:
+        # Only a body the measure could not read as JSON gets here with too many messages.
+        raise _too_many_messages(limits)
+    return request
+
+
+async def parse_responses_request(raw: bytes, limits: BodyLimits) -> ResponsesRequest:
+    """As ``parse_chat_request``, for a Responses API body: ``input`` holds the conversation."""
+    limits = replace(limits, list_member="input")
+    request = await parse_request(raw, limits, ResponsesRequest)
+    if isinstance(request.input, list) and len(request.input) > limits.max_messages:
+        raise _too_many_messages(limits)
+    return request
+
+
+async def parse_request[R: BaseModel](raw: bytes, limits: BodyLimits, model: type[R]) -> R:
+    """Check the body's shape against ``limits``, then parse it as ``model``.
+
+    Raises:
+        NilaiError: A 4xx: too big (413), too many conversation items or invalid (422).
+    """
     if len(raw) <= INLINE_MEASURE_BYTES:
         overflow = body_overflow(raw, limits)
     else:
@@ -91,13 +119,9 @@ async def parse_chat_request(raw: bytes, limits: BodyLimits) -> ChatCompletionRe
     if overflow is not None:
         raise overflow
     try:
-        request = ChatCompletionRequest.model_validate_json(raw)
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         raise validation_error(exc.errors(include_url=False, include_input=False)) from None
-    if len(request.messages) > limits.max_messages:
-        # Only a body the measure could not read as JSON gets here with too many messages.
-        raise _too_many_messages(limits)
-    return request
 
 
 def body_overflow(raw: bytes, limits: BodyLimits) -> NilaiError | None:
@@ -139,12 +163,15 @@ def _may_pass(raw: bytes, limit: int) -> bool:
 def measure(text: str, limits: BodyLimits) -> str | None:  # noqa: PLR0912 - one tight loop
     """Which limit the JSON document ``text`` passes, ``"messages"`` or ``"items"``, or ``None``.
 
+    ``"messages"`` is the limit on the elements of the top-level ``limits.list_member`` array.
+
     Walks the structure token by token without building it: strings are skipped whole, so
     commas or brackets inside them count for nothing, and a key is compared once unescaped.
     Returns ``None`` also when the text is not JSON.
     """
     # One loop with local variables: this runs once per token of a hostile body.
     max_messages, max_items = limits.max_messages, limits.max_json_items
+    list_member = limits.list_member
     search = _TOKEN.search
     scan = _scanstring
     depth = items = 0
@@ -186,7 +213,7 @@ def measure(text: str, limits: BodyLimits) -> str | None:  # noqa: PLR0912 - one
                         return "items"
                 if depth == _TOP:
                     root_is_object = char == "{"
-                elif depth == _MEMBER and char == "[" and root_is_object and member == "messages":
+                elif depth == _MEMBER and char == "[" and root_is_object and member == list_member:
                     messages = 0 if _next_char(text, position) == "]" else 1
             else:  # a closing bracket
                 if depth == _MEMBER:
@@ -210,8 +237,10 @@ def _next_char(text: str, position: int) -> str:
 
 
 def _too_many_messages(limits: BodyLimits) -> ValidationFailed:
+    member = limits.list_member
+    what = "messages" if member == "messages" else "items"
     return ValidationFailed(
-        f"messages: at most {limits.max_messages} messages are accepted in one request.",
-        param="messages",
+        f"{member}: at most {limits.max_messages} {what} are accepted in one request.",
+        param=member,
         code="invalid_value",
     )

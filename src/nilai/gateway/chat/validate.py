@@ -9,6 +9,7 @@ import orjson
 
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.errors import InvalidRequest, NotFound, UpstreamUnavailable, ValidationFailed
+from nilai.gateway.pipeline import ModelRequest
 from nilai.protocol.chat import NILAI_ONLY_FIELDS, ChatCompletionRequest
 from nilai.protocol.models import ModelCard
 
@@ -36,6 +37,18 @@ class ValidatedChat:
         """The model id."""
         return self.card.id
 
+    @property
+    def model_request(self) -> ModelRequest:
+        """What the pipeline's shared stages need to know of this request."""
+        request = self.request
+        return ModelRequest(
+            card=self.card,
+            payload=self.payload,
+            stream=request.stream,
+            web_search=request.web_search,
+            requested_max_tokens=request.requested_max_tokens,
+        )
+
     def with_system_context(self, text: str) -> ValidatedChat:
         """This chat with ``text`` added to the system message the gateway puts first.
 
@@ -48,27 +61,44 @@ class ValidatedChat:
 
 
 def validate_chat(request: ChatCompletionRequest, snapshot: DiscoverySnapshot) -> ValidatedChat:
-    """Check ``request`` against the model it names, or raise a ``NilaiError``.
-
-    An unknown model is 404; one served until moments ago is 503 with ``Retry-After``.
-    """
-    card = snapshot.card(request.model)
-    if card is None:
-        if snapshot.vanished_recently(request.model):
-            # Served moments ago: its server is restarting or announcing itself again.
-            raise UpstreamUnavailable(
-                f"The model '{request.model}' is temporarily unavailable (its model servers "
-                "are not announced right now); retry shortly.",
-                headers={"Retry-After": str(MODEL_RETRY_AFTER_S)},
-            )
-        raise NotFound(
-            f"The model '{request.model}' does not exist or is not being served; "
-            "GET /v1/models lists the available models.",
-            param="model",
-            code="model_not_found",
-        )
+    """Check ``request`` against the model it names, or raise a ``NilaiError``."""
+    card = served_model(request.model, snapshot)
     _check_capabilities(request, card)
     return ValidatedChat(request, card, upstream_payload(request))
+
+
+def served_model(model: str, snapshot: DiscoverySnapshot) -> ModelCard:
+    """The card of ``model``, which some model server announces, or raise a ``NilaiError``.
+
+    Raises:
+        NotFound: No model server serves ``model`` (404).
+        UpstreamUnavailable: It was served until moments ago (503 with ``Retry-After``).
+    """
+    card = snapshot.card(model)
+    if card is not None:
+        return card
+    if snapshot.vanished_recently(model):
+        # Served moments ago: its server is restarting or announcing itself again.
+        raise UpstreamUnavailable(
+            f"The model '{model}' is temporarily unavailable (its model servers "
+            "are not announced right now); retry shortly.",
+            headers={"Retry-After": str(MODEL_RETRY_AFTER_S)},
+        )
+    raise NotFound(
+        f"The model '{model}' does not exist or is not being served; "
+        "GET /v1/models lists the available models.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def check_output_limit(card: ModelCard, wanted: int | None, param: str) -> None:
+    """Refuse an output limit above the model's context length (422 naming ``param``)."""
+    limit = card.max_model_len
+    if limit is not None and wanted is not None and wanted > limit:
+        raise ValidationFailed(
+            f"{param} is {wanted}, above the model's limit of {limit} tokens.", param=param
+        )
 
 
 def _check_capabilities(request: ChatCompletionRequest, card: ModelCard) -> None:
@@ -76,13 +106,8 @@ def _check_capabilities(request: ChatCompletionRequest, card: ModelCard) -> None
         raise InvalidRequest(f"The model '{card.id}' does not support tools.", param="tools")
     if request.has_image() and not card.multimodal_support:
         raise InvalidRequest(f"The model '{card.id}' does not accept images.", param="messages")
-    limit = card.max_model_len
-    wanted = request.requested_max_tokens
-    if limit is not None and wanted is not None and wanted > limit:
-        param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-        raise ValidationFailed(
-            f"{param} is {wanted}, above the model's limit of {limit} tokens.", param=param
-        )
+    param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+    check_output_limit(card, request.requested_max_tokens, param)
     if request.nilrag:
         raise InvalidRequest(
             "nilrag is not available on this gateway.", param="nilrag", code="not_supported"
