@@ -15,7 +15,16 @@ from nilai.gateway.cors import OpenAIErrorCORS
 from nilai.gateway.lifespan import StartupError, build_services
 from nilai.gateway.metrics import Metrics, MetricsMiddleware
 from nilai.gateway.middleware import KeepServerSend, RequestIdMiddleware
-from nilai.gateway.routes import attestation, chat, delegation, health, keys, models, usage
+from nilai.gateway.routes import (
+    attestation,
+    chat,
+    delegation,
+    health,
+    keys,
+    models,
+    responses,
+    usage,
+)
 from nilai.gateway.routes import metrics as metrics_route
 from nilai.gateway.security import BodySizeLimit, SecurityHeaders
 from nilai.http_errors import InternalErrors, install_error_handlers
@@ -53,7 +62,7 @@ def create_app(settings: NilaiSettings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if docs else None,
     )
     install_error_handlers(app)
-    routers = [health, keys, models, chat, usage, attestation, delegation]
+    routers = [health, keys, models, chat, responses, usage, attestation, delegation]
     if settings.metrics_enabled:
         routers.append(metrics_route)
     for module in routers:

@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import httpx
 from alembic.util import CommandError
@@ -29,6 +30,7 @@ from nilai.gateway.chat.service import ChatService
 from nilai.gateway.drain import Drain
 from nilai.gateway.metrics import Metrics
 from nilai.gateway.readiness import SharedChecks
+from nilai.gateway.responses.service import ResponsesService
 from nilai.gateway.services import Services
 from nilai.limits.base import ConcurrencyLimiter, RateLimiter
 from nilai.limits.memory import MemoryConcurrencyLimiter, MemoryRateLimiter
@@ -192,20 +194,18 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
         stack.push_async_callback(upstream.aclose)
         private_prompts = make_private_prompts(settings, http)
         web_search = await make_web_search(settings, http, admission, stack)
-        chat = ChatService(
-            upstream,
-            snapshot,
-            signer,
-            sink,
-            admission,
-            metrics=metrics,
-            drain=drain,
-            request_timeout_s=settings.request_timeout_s,
-            first_byte_timeout_s=settings.stream_first_byte_timeout_s,
-            idle_timeout_s=settings.stream_idle_timeout_s,
-            prompts=private_prompts.vault,
-            web_search=web_search,
-        )
+        # Chat completions and the Responses API share every stage and its services.
+        pipeline: dict[str, Any] = {
+            "metrics": metrics,
+            "drain": drain,
+            "request_timeout_s": settings.request_timeout_s,
+            "first_byte_timeout_s": settings.stream_first_byte_timeout_s,
+            "idle_timeout_s": settings.stream_idle_timeout_s,
+            "prompts": private_prompts.vault,
+            "web_search": web_search,
+        }
+        chat = ChatService(upstream, snapshot, signer, sink, admission, **pipeline)
+        responses = ResponsesService(upstream, snapshot, signer, sink, admission, **pipeline)
         # Start-up objects (modules, settings, clients) live as long as the process: moving them
         # out of the collector's reach keeps full collections short under load.
         gc.collect()
@@ -222,6 +222,7 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             store=store,
             usage_sink=sink,
             chat=chat,
+            responses=responses,
             attestation=attestation,
             admission=admission,
             metrics=metrics,

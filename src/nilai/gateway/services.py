@@ -17,6 +17,7 @@ from nilai.gateway.chat.service import ChatService
 from nilai.gateway.drain import Drain
 from nilai.gateway.metrics import Metrics
 from nilai.gateway.readiness import SharedChecks
+from nilai.gateway.responses.service import ResponsesService
 from nilai.limits.policy import Admission
 from nilai.settings import NilaiSettings
 from nilai.store.base import Store
@@ -38,6 +39,7 @@ class Services:
     store: Store
     usage_sink: UsageSink
     chat: ChatService
+    responses: ResponsesService
     attestation: AttestationProvider
     admission: Admission
     metrics: Metrics

@@ -1,0 +1,122 @@
+"""The Responses API pipeline: the chat pipeline's stages, for ``POST /v1/responses``.
+
+Validate (no server-side state; a model whose servers serve the Responses API), admit (the same
+limits and model slots as chat), add the context (the private prompt and web sources go into
+``instructions``), relay to the model server's own ``/v1/responses``, sign the response object
+or the stream of typed events, and account the request once, with usage from
+``response.usage`` (``input_tokens``, ``output_tokens``).
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from typing import Any
+
+import orjson
+from starlette.types import Receive
+
+from nilai.auth.nuc_policies import check_request_policies
+from nilai.context.search.service import SearchOutcome
+from nilai.errors import UpstreamProtocolError, rate_limit_headers
+from nilai.gateway.chat.context import RESPONSES_API, RESPONSES_USAGE, RequestContext
+from nilai.gateway.chat.dispatch import read_body
+from nilai.gateway.chat.stream import ChatStream
+from nilai.gateway.pipeline import ModelPipeline, OpenedStream, SignedAnswer, signed_additions
+from nilai.gateway.responses.signing import ResponseStreamSigner, sign_response
+from nilai.gateway.responses.stream import RESPONSES_FRAMING, ResponseEventForwarder
+from nilai.gateway.responses.validate import ValidatedResponses, validate_responses
+from nilai.protocol.base import json_object
+from nilai.protocol.responses import ResponsesRequest
+
+
+class ResponsesService(ModelPipeline):
+    """Serves the Responses API: one instance per process, shared by all requests."""
+
+    async def _check(self, request: ResponsesRequest, ctx: RequestContext) -> ValidatedResponses:
+        """Describe the request in ``ctx``, then check it against policies and its model."""
+        ctx.api, ctx.usage_names = RESPONSES_API, RESPONSES_USAGE
+        ctx.model = request.model
+        ctx.streamed = request.stream
+        ctx.tools = bool(request.tools)
+        ctx.web_search = request.web_search
+        ctx.multimodal = request.has_image()
+        check_request_policies(ctx.principal, request)
+        return await self._checked(
+            ctx, request.web_search, lambda: validate_responses(request, self._snapshot)
+        )
+
+    async def _with_context(
+        self, validated: ValidatedResponses, ctx: RequestContext, receive: Receive | None
+    ) -> tuple[ValidatedResponses, SearchOutcome | None]:
+        """The context stages, in order: the private prompt, then the web search.
+
+        Both go ahead of the client's own ``instructions``; ``receive`` lets a client that
+        disconnects stop the web search (see ``ModelPipeline._search``).
+        """
+        prompt = await self._private_prompt(ctx)
+        if prompt is not None:
+            validated = validated.with_instructions(prompt)
+        conversation = validated.request.conversation()
+        search = await self._search(validated.model_request, conversation, ctx, receive)
+        if search is not None:
+            validated = validated.with_instructions(search.message["content"])
+        return validated, search
+
+    async def create(
+        self, request: ResponsesRequest, ctx: RequestContext, receive: Receive | None = None
+    ) -> SignedAnswer:
+        """Create a response (not streamed) and return the signed object.
+
+        ``receive`` (the request's ASGI receive, its body read) lets a disconnect stop the
+        context stages; see ``ModelPipeline._search``.
+        """
+        with self._accounted(ctx):
+            validated = await self._check(request, ctx)
+            async with self._admit(validated.model_request, ctx) as decision:
+                validated, search = await self._with_context(validated, ctx, receive)
+                body = parse_response(await self._send(validated.model_request, ctx, read_body))
+            usage = body.get("usage")
+            ctx.add_planner_tokens(usage)
+            ctx.record_usage(usage)
+            signed = sign_response(
+                body, self._signer, ctx.request_sha256, added=signed_additions(search)
+            )
+            return SignedAnswer(signed, rate_limit_headers(decision))
+
+    async def stream(
+        self, request: ResponsesRequest, ctx: RequestContext, receive: Receive | None = None
+    ) -> ChatStream:
+        """Open the model server's stream (failing with a real status); return the events.
+
+        ``receive`` as for ``create``; what the returned stream holds, and when it lets go,
+        as ``ModelPipeline._stream`` says.
+        """
+
+        async def open_stream(upstream: AsyncExitStack) -> OpenedStream:
+            validated = await self._check(request, ctx)
+            admitted = self._admit(validated.model_request, ctx)
+            decision = await upstream.enter_async_context(admitted)
+            validated, search = await self._with_context(validated, ctx, receive)
+            response = await self._send_stream(validated.model_request, ctx, upstream)
+            signer = ResponseStreamSigner(
+                self._signer, ctx.request_sha256, added=signed_additions(search)
+            )
+            return OpenedStream(
+                response,
+                ResponseEventForwarder(signer, ctx),
+                rate_limit_headers(decision),
+                framing=RESPONSES_FRAMING,
+            )
+
+        return await self._stream(ctx, open_stream)
+
+
+def parse_response(body: bytes) -> dict[str, Any]:
+    """Parse a non-streaming Responses API answer, insisting on an object with ``output``."""
+    try:
+        data = json_object(orjson.loads(body))
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamProtocolError("The model server sent malformed JSON.") from exc
+    if data is None or not isinstance(data.get("output"), list):
+        raise UpstreamProtocolError("The model server sent an unexpected response.")
+    return data

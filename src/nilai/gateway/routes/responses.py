@@ -1,0 +1,76 @@
+"""``POST /v1/responses``: hands the request to the Responses service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from nilai.gateway.chat.context import CLIENT_CLOSED, RESPONSES_API, RequestContext
+from nilai.gateway.chat.parse import BodyLimits, check_content_type, parse_responses_request
+from nilai.gateway.chat.stream import ChatStreamResponse
+from nilai.gateway.deps import PrincipalDep, RequestIdDep, ServicesDep
+from nilai.gateway.disconnect import ClientGone
+from nilai.protocol.base import inline_json_schema
+from nilai.protocol.errors import error_responses
+from nilai.protocol.responses import ResponsesRequest
+
+router = APIRouter(tags=["responses"])
+
+# The body is parsed in the handler (straight from bytes, and after authentication), so its
+# schema is declared here for the OpenAPI document.
+_BODY_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": inline_json_schema(ResponsesRequest)}},
+    }
+}
+
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The signed response object, or with stream=true its signed stream of "
+        "typed events (each 'event: <type>' and 'data: {...}', the last response.completed).",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+                }
+            },
+        },
+    },
+    **error_responses(400, 401, 404, 413, 415, 422, 429, 500, 502, 503, 504),
+}
+
+
+@router.post(
+    "/v1/responses",
+    response_model=None,
+    responses=_RESPONSES,
+    openapi_extra=_BODY_SCHEMA,
+)
+async def create_response(
+    request: Request, principal: PrincipalDep, services: ServicesDep, request_id: RequestIdDep
+) -> Response:
+    """Relay a Responses API request and return the answer signed, whole or as a stream."""
+    raw = await request.body()
+    ctx = RequestContext.begin(request_id, principal, raw, api=RESPONSES_API)
+    settings = services.settings
+    limits = BodyLimits(settings.max_messages, settings.max_json_items)
+    try:
+        check_content_type(request.headers.get("content-type"))
+        body = await parse_responses_request(raw, limits)
+    except BaseException as exc:  # refused, or cancelled while measured: accounted either way
+        ctx.fail(exc)
+        services.responses.account(ctx)
+        raise
+    try:
+        # ``receive``: a client that hangs up while the gateway works for it before the model
+        # answers (a web search) stops that work; the service accounts the request.
+        if body.stream:
+            return ChatStreamResponse(await services.responses.stream(body, ctx, request.receive))
+        result = await services.responses.create(body, ctx, request.receive)
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)  # to nobody: accounted already
+    return Response(result.body, media_type="application/json", headers=result.headers)
