@@ -153,14 +153,9 @@ def verify_response(body: bytes, public_key_b64: str, request: bytes | None = No
     The signed message is ``SignatureDomain.CHAT_COMPLETION`` + the canonical JSON of the
     object without ``signature``.
     """
-    obj = _load_object(body.removeprefix(_UTF8_BOM))
-    _check_object_kind(obj, CHAT_COMPLETION_OBJECT)
-    message, signature = _split_signature(obj)
-    request_sha256 = _signed_request_sha256(message)
-    check_signature(
-        SignatureDomain.CHAT_COMPLETION, _canonical(message), signature, _public_key(public_key_b64)
+    return _verify_object(
+        body, public_key_b64, request, CHAT_COMPLETION_OBJECT, SignatureDomain.CHAT_COMPLETION
     )
-    return _check_request(Verified("response", request_sha256), request)
 
 
 def verify_stream(raw: bytes, public_key_b64: str, request: bytes | None = None) -> Verified:
@@ -225,14 +220,27 @@ def verify_responses_object(
     The signed message is ``SignatureDomain.RESPONSE`` + the canonical JSON of the object
     without ``signature``.
     """
+    return _verify_object(body, public_key_b64, request, RESPONSE_OBJECT, SignatureDomain.RESPONSE)
+
+
+_OBJECT_FORMS = {CHAT_COMPLETION_OBJECT: "response", RESPONSE_OBJECT: "responses"}
+"""The ``Verified.kind`` of each kind of signed whole object."""
+
+
+def _verify_object(
+    body: bytes,
+    public_key_b64: str,
+    request: bytes | None,
+    kind: str,
+    domain: SignatureDomain,
+) -> Verified:
+    """Verify a whole object of ``kind``, signed in ``domain``: tag + canonical JSON."""
     obj = _load_object(body.removeprefix(_UTF8_BOM))
-    _check_object_kind(obj, RESPONSE_OBJECT)
+    _check_object_kind(obj, kind)
     message, signature = _split_signature(obj)
     request_sha256 = _signed_request_sha256(message)
-    check_signature(
-        SignatureDomain.RESPONSE, _canonical(message), signature, _public_key(public_key_b64)
-    )
-    return _check_request(Verified("responses", request_sha256), request)
+    check_signature(domain, _canonical(message), signature, _public_key(public_key_b64))
+    return _check_request(Verified(_OBJECT_FORMS[kind], request_sha256), request)
 
 
 def verify_responses_stream(
