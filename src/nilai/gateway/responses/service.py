@@ -75,6 +75,7 @@ class ResponsesService(ModelPipeline):
             async with self._admit(validated.model_request, ctx) as decision:
                 validated, search = await self._with_context(validated, ctx, receive)
                 body = parse_response(await self._send(validated.model_request, ctx, read_body))
+            validated.hide_context(body)
             usage = body.get("usage")
             ctx.add_planner_tokens(usage)
             ctx.record_usage(usage)
@@ -103,7 +104,7 @@ class ResponsesService(ModelPipeline):
             )
             return OpenedStream(
                 response,
-                ResponseEventForwarder(signer, ctx),
+                ResponseEventForwarder(signer, ctx, hide_context=validated.hide_context),
                 rate_limit_headers(decision),
                 framing=RESPONSES_FRAMING,
             )

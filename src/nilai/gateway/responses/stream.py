@@ -15,6 +15,7 @@ shared reader (``nilai.gateway.chat.stream.read_batches``) and relayed by the sh
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -43,11 +44,23 @@ _ENDED_BADLY = {
 
 
 class ResponseEventForwarder:
-    """Checks, forwards and signs a Responses API stream's events, one payload at a time."""
+    """Checks, forwards and signs a Responses API stream's events, one payload at a time.
 
-    def __init__(self, signer: ResponseStreamSigner, record: StreamRecord) -> None:
+    ``hide_context`` is applied to the response object of every lifecycle event (created,
+    in progress, completed): it takes out what the gateway added to the request, which model
+    servers echo (``ValidatedResponses.hide_context``); True when it changed the object.
+    """
+
+    def __init__(
+        self,
+        signer: ResponseStreamSigner,
+        record: StreamRecord,
+        *,
+        hide_context: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> None:
         self._signer = signer
         self._record = record
+        self._hide_context = hide_context
         self._completed: dict[str, Any] | None = None
 
     def feed(self, payload: bytes) -> list[bytes]:
@@ -68,6 +81,8 @@ class ResponseEventForwarder:
         changed = drop_gateway_fields(event)
         if (response := json_object(event.get("response"))) is not None:
             changed = drop_gateway_fields(response) or changed
+            if self._hide_context is not None:
+                changed = self._hide_context(response) or changed
         if kind == RESPONSE_COMPLETED:
             usage = response.get("usage") if response is not None else None
             self._record.add_planner_tokens(usage)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.errors import InvalidRequest
@@ -36,6 +37,18 @@ class ValidatedResponses:
             path=RESPONSES_PATH,
             feature=RESPONSES_FEATURE,
         )
+
+    def hide_context(self, response: dict[str, Any]) -> bool:
+        """Put the client's own instructions back into a response object; True if changed.
+
+        Model servers echo the ``instructions`` they received, which hold what the gateway
+        added (a private prompt that must never reach the client, web sources); the client
+        gets back what it sent.
+        """
+        if not self.context or "instructions" not in response:
+            return False
+        response["instructions"] = self.request.instructions
+        return True
 
     def with_instructions(self, text: str) -> ValidatedResponses:
         """This request with ``text`` added to the instructions the gateway puts first.
