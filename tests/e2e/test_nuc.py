@@ -56,7 +56,7 @@ def chat(url: str, token: str, *, stream: bool = False, **fields: Any) -> httpx.
     return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=10)
 
 
-def run_nilai_py(base_url: str, mode: str, key: str, **options: int) -> dict[str, Any]:
+def run_nilai_py(base_url: str, mode: str, key: str, **options: int | str) -> dict[str, Any]:
     """Run the nilai-py client program; its JSON report."""
     if not INTEROP_PYTHON.exists():
         pytest.fail("the nilai-py virtualenv is missing: run `make interop` (make test does)")

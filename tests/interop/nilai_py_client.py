@@ -6,6 +6,7 @@ tests/e2e/test_web_search_nilai_py.py:
     python nilai_py_client.py --base-url URL --model M --mode api_key --key HEX
     python nilai_py_client.py --base-url URL --model M --mode delegation --key HEX --uses 2
     python nilai_py_client.py --base-url URL --model M --mode api_key --key HEX --web-search
+    python nilai_py_client.py --base-url URL --model M --mode delegation --key HEX --api responses
 
 In ``delegation`` mode the subscription holder (``--key``) runs nilai-py's
 DelegationTokenServer in this process and the client gets its delegation from it, as an app's
@@ -19,6 +20,11 @@ error the SDK raised), the content, and the signature fields the SDK saw.
 ``sources`` the SDK saw (the answer's, or the last chunk's). Every entry also carries what went
 over the wire, ``request`` and ``body`` (the raw request and response bodies, recorded by the
 client's transport without changing the call), so that the test can verify the signatures.
+
+``--api responses`` makes every request the Responses API call of the OpenAI SDK nilai-py's
+client is, ``client.responses.create(model=M, input=...)`` (and with ``stream=True``), and
+reports the text, usage and signature fields the SDK saw (from the response object, or from
+the stream's ``response.completed`` event).
 """
 
 from __future__ import annotations
@@ -120,9 +126,13 @@ def complete(
     *,
     stream: bool,
     web_search: bool,
+    api: str = "chat",
 ) -> dict[str, Any]:
     """One completion; the SDK's own view of the answer, or of the error."""
-    result = _complete(client, model, stream=stream, web_search=web_search)
+    if api == "responses":
+        result = _respond(client, model, stream=stream, web_search=web_search)
+    else:
+        result = _complete(client, model, stream=stream, web_search=web_search)
     result["request"] = transport.request.decode()
     result["body"] = transport.response.decode(errors="replace")
     return result
@@ -172,6 +182,44 @@ def _complete(client: Client, model: str, *, stream: bool, web_search: bool) -> 
     }
 
 
+def _respond(client: Client, model: str, *, stream: bool, web_search: bool) -> dict[str, Any]:
+    extra_body = {"web_search": True} if web_search else None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            if not stream:
+                answer = client.responses.create(
+                    model=model, input="Say hello", extra_body=extra_body
+                )
+                events = 0
+            else:
+                seen = list(
+                    client.responses.create(
+                        model=model, input="Say hello", stream=True, extra_body=extra_body
+                    )
+                )
+                events = len(seen)
+                last = seen[-1]
+                if last.type != "response.completed":
+                    return {"stream": True, "status": 200, "last_event": last.type}
+                answer = last.response
+    except openai.APIStatusError as exc:
+        return {"stream": stream, "status": exc.status_code, "error": exc.body}
+    # The signed fields: on the object itself, or at the top of the completed event.
+    signed = (answer.model_extra or {}) if not stream else (seen[-1].model_extra or {})
+    usage = answer.usage
+    return {
+        "stream": stream,
+        "status": 200,
+        "content": answer.output_text,
+        "input_tokens": usage.input_tokens if usage else None,
+        "output_tokens": usage.output_tokens if usage else None,
+        "signature": signed.get("signature"),
+        "request_sha256": signed.get("request_sha256"),
+        "sources": (answer.model_extra or {}).get("sources"),
+        "events": events,
+    }
+
+
 def main() -> None:
     """Parse the arguments, run the completions, print the JSON report."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -184,6 +232,7 @@ def main() -> None:
     parser.add_argument(
         "--web-search", action="store_true", help='send extra_body={"web_search": True}'
     )
+    parser.add_argument("--api", choices=["chat", "responses"], default="chat")
     args = parser.parse_args()
     transport = RecordingTransport()
     client = make_client(args, transport)
@@ -194,7 +243,14 @@ def main() -> None:
         "public_key": holder.serialize().hex(),
         "gateway_key": client.nilai_public_key.serialize().hex(),
         "results": [
-            complete(client, transport, args.model, stream=stream, web_search=args.web_search)
+            complete(
+                client,
+                transport,
+                args.model,
+                stream=stream,
+                web_search=args.web_search,
+                api=args.api,
+            )
             for _ in range(args.requests)
             for stream in (False, True)
         ],
