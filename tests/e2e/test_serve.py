@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from nilai.crypto.verify import verify_response
+from nilai.crypto.verify import verify_any, verify_response
 from tests.support.servers import free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -160,6 +160,17 @@ def test_serve_answers_signed_and_ctrl_c_leaves_nothing(tmp_path, tiny_model_dir
             stream=True,
         )
         assert sum(1 for chunk in stream if chunk.choices) >= 2
+        # The Responses API too, end to end on the built-in worker, plain and streamed.
+        answer = client.responses.with_raw_response.create(
+            model="tiny-model", input="Hi", max_output_tokens=8
+        )
+        assert answer.parse().output_text
+        verify_any(answer.http_response.content, public_key)
+        with client.responses.with_streaming_response.create(
+            model="tiny-model", input="Hi", max_output_tokens=8, stream=True
+        ) as streamed:
+            recorded = streamed.read()
+        assert verify_any(recorded, public_key).kind == "responses stream"
 
         workers = serve.children()
         assert len(workers) == 1
