@@ -259,6 +259,13 @@ class DiscoverySnapshot:
         route = self._routes.get(model)
         return route.card if route else None
 
+    def announces(self, model: str, feature: str) -> bool:
+        """Whether any server of ``model`` lists ``feature`` in its ``supported_features``."""
+        route = self._routes.get(model)
+        if route is None:
+            return False
+        return any(_announces(entry.record, model, feature) for entry in route.endpoints)
+
     def vanished_recently(self, model: str) -> bool:
         """Whether ``model`` was served until less than the grace period ago, and is not now.
 

@@ -74,7 +74,8 @@ def validate_responses(
     """
     request.refused_state_fields()
     card = served_model(request.model, snapshot)
-    if not card.responses_support:
+    # Any of the model's servers will do: requests go only to those that announce it.
+    if not snapshot.announces(card.id, RESPONSES_FEATURE):
         raise InvalidRequest(
             f"The model '{card.id}' is not served with the Responses API: its model servers do "
             f"not announce the '{RESPONSES_FEATURE}' capability (GET /v1/models lists it in "

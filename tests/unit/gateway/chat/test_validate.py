@@ -32,6 +32,10 @@ class StubSnapshot:
     def vanished_recently(self, model: str) -> bool:
         return model in self.vanished
 
+    def announces(self, model: str, feature: str) -> bool:
+        card = self.cards.get(model)
+        return card is not None and feature in card.supported_features
+
 
 def _req(**fields: Any) -> ChatCompletionRequest:
     body: dict[str, Any] = {"model": "m", "messages": [USER]}
