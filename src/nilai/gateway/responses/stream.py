@@ -48,7 +48,7 @@ class ResponseEventForwarder:
 
     ``hide_context`` is applied to the response object of every lifecycle event (created,
     in progress, completed): it takes out what the gateway added to the request, which model
-    servers echo (``ValidatedResponses.hide_context``); True when it changed the object.
+    servers echo (``ValidatedResponses.hide_context``).
     """
 
     def __init__(
@@ -78,11 +78,11 @@ class ResponseEventForwarder:
         kind: str = event["type"]
         # Fields only the gateway may set never pass from a model server, at the top or in the
         # response object the lifecycle events carry.
-        changed = drop_gateway_fields(event)
+        drop_gateway_fields(event)
         if (response := json_object(event.get("response"))) is not None:
-            changed = drop_gateway_fields(response) or changed
+            drop_gateway_fields(response)
             if self._hide_context is not None:
-                changed = self._hide_context(response) or changed
+                self._hide_context(response)
         if kind == RESPONSE_COMPLETED:
             usage = response.get("usage") if response is not None else None
             self._record.add_planner_tokens(usage)
@@ -93,10 +93,10 @@ class ResponseEventForwarder:
             self._record.mark_first_token()
             if kind == _OUTPUT_TEXT_DELTA:
                 self._record.count_chunk()
-        if changed or not payload.startswith(_TYPE_FIRST) or b"\n" in payload or b"\r" in payload:
-            # Re-encoded compactly with the type first (what the framing reads), one line.
-            payload = orjson.dumps({"type": kind, **event})
-        return [self._signer.sent(one_line(payload))]
+        # Always re-encoded, compactly with the type first (what the framing reads), on one
+        # line: the bytes sent are then exactly the event checked here, whatever the model
+        # server wrote (a repeated key, which parsers resolve differently, included).
+        return [self._signer.sent(one_line(orjson.dumps({"type": kind, **event})))]
 
     def finish(self) -> list[bytes]:
         """The upstream ended: send ``response.completed``, signed over every earlier event.
