@@ -64,9 +64,17 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 def _param(loc: Sequence[Any]) -> str | None:
-    """``("body", "messages", 0, "role")`` → ``"messages.0.role"``."""
-    parts = [str(part) for part in loc if part != "body"]
+    """``("body", "messages", 0, "role")`` → ``"messages.0.role"``.
+
+    Union tags (``"<items>"``: which member of a union was validated) are the model's own
+    bookkeeping, not a field the client wrote, and are left out.
+    """
+    parts = [str(part) for part in loc if part != "body" and not _is_union_tag(part)]
     return ".".join(parts) or None
+
+
+def _is_union_tag(part: object) -> bool:
+    return isinstance(part, str) and part.startswith("<") and part.endswith(">")
 
 
 async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:

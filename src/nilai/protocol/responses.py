@@ -23,20 +23,23 @@ InputRole = Literal["user", "assistant", "system", "developer"]
 NILAI_ONLY_FIELDS = frozenset({"web_search"})
 """Fields nilai reads itself and never sends to the model server."""
 
+MESSAGE_TYPE = "message"
+"""The ``type`` of a message item (which may also be written without a type, with a role)."""
 TEXT_PARTS = ("input_text", "output_text", "text")
 """Content parts that hold text: a client's own, and earlier answers sent back as history."""
 
-# Discriminator tags; they appear in error paths (``input.items.0.message.role``).
-_TEXT = "text"
-_ITEMS = "items"
-_MESSAGE = "message"
-_OTHER = "item"
+# Discriminator tags. Pydantic puts them in error locations; written in angle brackets, they
+# are left out of the ``param`` clients see (``input.0.role``; ``nilai.http_errors``).
+_TEXT = "<text>"
+_ITEMS = "<items>"
+_MESSAGE = "<message>"
+_OTHER = "<item>"
 
 
 class InputMessage(OpenAIBaseModel):
     """A message item of ``input``; other fields (``id``, ``status``) pass through."""
 
-    type: Literal["message"] = "message"
+    type: Literal["message"] = MESSAGE_TYPE
     role: InputRole
     content: str | list[ContentPart]
 
@@ -69,7 +72,7 @@ def _item_kind(value: object) -> str | None:
     """Which model validates an ``input`` item: messages carry a role or say so in ``type``."""
     if isinstance(value, dict):
         item = cast(dict[str, object], value)
-        if "role" in item or item.get("type") == _MESSAGE:
+        if "role" in item or item.get("type") == MESSAGE_TYPE:
             return _MESSAGE
         return _OTHER
     if isinstance(value, InputMessage):
@@ -100,7 +103,7 @@ def _input_kind(value: object) -> str | None:
 
 
 # Discriminated, so that a bad input reports one error under a readable path
-# (``input.items.0.message.role``) instead of one error per member of the union.
+# (``input.0.role``) instead of one error per member of the union.
 ResponseInput = Annotated[
     Annotated[str, Field(min_length=1), Tag(_TEXT)]
     | Annotated[list[ResponseInputItem], Field(min_length=1), Tag(_ITEMS)],

@@ -62,16 +62,16 @@ def test_message_roles(role: str):
 @pytest.mark.parametrize(
     ("value", "loc"),
     [
-        ("", ("input", "text")),
-        ([], ("input", "items")),
+        ("", ("input", "<text>")),
+        ([], ("input", "<items>")),
         (5, ("input",)),
         (None, ("input",)),
-        ([1], ("input", "items", 0)),
-        (["text"], ("input", "items", 0)),
-        ([NO_FIELDS], ("input", "items", 0, "item", "type")),
-        ([{"role": "tool", "content": "x"}], ("input", "items", 0, "message", "role")),
-        ([{"role": "user"}], ("input", "items", 0, "message", "content")),
-        ([{"type": "message", "content": "x"}], ("input", "items", 0, "message", "role")),
+        ([1], ("input", "<items>", 0)),
+        (["text"], ("input", "<items>", 0)),
+        ([NO_FIELDS], ("input", "<items>", 0, "<item>", "type")),
+        ([{"role": "tool", "content": "x"}], ("input", "<items>", 0, "<message>", "role")),
+        ([{"role": "user"}], ("input", "<items>", 0, "<message>", "content")),
+        ([{"type": "message", "content": "x"}], ("input", "<items>", 0, "<message>", "role")),
     ],
 )
 def test_bad_input(value: Any, loc: tuple[Any, ...]):
@@ -80,7 +80,9 @@ def test_bad_input(value: Any, loc: tuple[Any, ...]):
 
 def test_message_content_must_be_text_or_parts():
     error = _rejected(input=[{"role": "user", "content": 5}])
-    assert all(e["loc"][:5] == ("input", "items", 0, "message", "content") for e in error.errors())
+    assert all(
+        e["loc"][:5] == ("input", "<items>", 0, "<message>", "content") for e in error.errors()
+    )
     parts_without_type = _rejected(input=[{"role": "user", "content": [{"text": "x"}]}])
     assert any("type" in e["loc"] for e in parts_without_type.errors())
 
