@@ -46,8 +46,11 @@ pytestmark = pytest.mark.e2e
 AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
 KNOWN_MODEL = "fake-model"
 CHAT = "POST /v1/chat/completions"
+RESPONSES = "POST /v1/responses"
+MODEL_OPERATIONS = (CHAT, RESPONSES)
+"""The operations that reach the model server: generated bodies are pointed at its model."""
 REPORT = "GET /v1/attestation/report"
-AUTHENTICATED = ("GET /v1/models", "GET /v1/usage", REPORT, CHAT)
+AUTHENTICATED = ("GET /v1/models", "GET /v1/usage", REPORT, CHAT, RESPONSES)
 
 
 def documented_operations() -> tuple[str, ...]:
@@ -63,10 +66,10 @@ def documented_operations() -> tuple[str, ...]:
 
 # A new route is fuzzed as soon as it is documented.
 OPERATIONS = documented_operations()
-# Examples per run: the chat endpoint is the only one with inputs; the others have one request.
-POSITIVE_EXAMPLES = {CHAT: 80}
-NEGATIVE_EXAMPLES = {CHAT: 50}
-CONFORMANCE_EXAMPLES = {CHAT: 20}
+# Examples per run: chat and responses are the ones with inputs; the others have one request.
+POSITIVE_EXAMPLES = {CHAT: 80, RESPONSES: 50}
+NEGATIVE_EXAMPLES = {CHAT: 50, RESPONSES: 30}
+CONFORMANCE_EXAMPLES = {CHAT: 20, RESPONSES: 15}
 OTHER_EXAMPLES = 5
 
 Check = Callable[..., Any]
@@ -87,8 +90,9 @@ class Live:
 
 @pytest.fixture
 def gateway_url(start_fake, start_gateway) -> Iterator[str]:
-    """A gateway with every feature on: nilDB private prompts too (the stand-in cluster)."""
-    fake = start_fake()
+    """A gateway with every feature on: nilDB private prompts too (the stand-in cluster), and a
+    model server that serves the Responses API as well as chat."""
+    fake = start_fake(responses_support=True)
     cluster = start_cluster(2)
     try:
         secret = secrets.token_bytes(32)
@@ -130,7 +134,7 @@ def bounded(max_examples: int) -> settings:
 
 
 def with_known_model(case: Any) -> Any:
-    """Point a generated chat request at the model the fake serves, to reach the model path."""
+    """Point a generated chat or responses request at the fake's model, to reach the model path."""
     if isinstance(case.body, dict) and "model" in case.body:
         case.body["model"] = KNOWN_MODEL
     return case
@@ -147,7 +151,7 @@ def without_unsupported_extras(case: Any) -> Any:
 
 def cases(op: Any, mode: GenerationMode) -> st.SearchStrategy[Any]:
     strategy = op.as_strategy(mode)
-    if op.label != CHAT or mode is not GenerationMode.POSITIVE:
+    if op.label not in MODEL_OPERATIONS or mode is not GenerationMode.POSITIVE:
         # Negative cases are left as generated: an edit could make them valid.
         return strategy
     strategy = strategy.map(without_unsupported_extras)
@@ -203,7 +207,20 @@ def triggers_known_finding(case: Any) -> bool:
 
 def explicit_cases(op: Any, mode: GenerationMode) -> list[Any]:
     """Hand-written requests every run starts with, so each response kind is always seen."""
-    if op.label != CHAT or mode is not GenerationMode.POSITIVE:
+    if mode is not GenerationMode.POSITIVE:
+        return []
+    if op.label == RESPONSES:
+        return [
+            op.Case(body=body, media_type="application/json")
+            for body in (
+                {"model": KNOWN_MODEL, "input": "hi"},
+                {"model": KNOWN_MODEL, "input": "hi", "instructions": "Be brief.", "stream": True},
+                {"model": KNOWN_MODEL, "input": [{"role": "user", "content": "hi"}]},
+                {"model": KNOWN_MODEL, "input": "hi", "previous_response_id": "resp_1"},
+                {"model": "no-such-model", "input": "hi"},
+            )
+        ]
+    if op.label != CHAT:
         return []
     messages = [{"role": "user", "content": "hi"}]
     bodies = [
@@ -274,7 +291,7 @@ def test_no_server_error_and_responses_match_the_schema(live, label):
         POSITIVE_EXAMPLES.get(label, OTHER_EXAMPLES),
     )
     assert positive
-    if label == CHAT:
+    if label in MODEL_OPERATIONS:
         assert positive.get(200, 0) >= 10, f"too few requests reached the model: {positive}"
     if not has_inputs(live.operation(label)):
         return
