@@ -239,7 +239,9 @@ class ModelPipeline:
                         feature=request.feature,
                     )
                     ctx.endpoint = answer.endpoint
-                    result = await then(await answer.ok())
+                    response = await answer.ok()
+                    ctx.model_accepted = True
+                    result = await then(response)
         except TimeoutError as exc:
             if self._drain.passed():
                 raise ShuttingDown(
@@ -310,6 +312,7 @@ class ModelPipeline:
 
     def account(self, ctx: RequestContext) -> None:
         """Queue the query log, record the metrics, log one line (counts only, no content)."""
+        ctx.settle()
         log = ctx.query_log()
         self._usage.put(log)
         model = ctx.model if self._snapshot.card(ctx.model) is not None else OTHER_MODEL

@@ -59,6 +59,19 @@ class ChatMessage(OpenAIBaseModel):
             return False
         return any(part.type in IMAGE_PARTS for part in self.content)
 
+    def text(self) -> str:
+        """The message's text: its string content, or its text parts joined (images left out)."""
+        if isinstance(self.content, str):
+            return self.content
+        if not self.content:
+            return ""
+        texts = [
+            text
+            for part in self.content
+            if part.type == "text" and isinstance(text := (part.model_extra or {}).get("text"), str)
+        ]
+        return "\n".join(texts)
+
 
 class StreamOptions(BaseModel):
     """OpenAI ``stream_options``."""

@@ -44,27 +44,13 @@ class SearchTopic:
 def planner_messages(messages: list[ChatMessage], *, max_topics: int) -> list[dict[str, str]]:
     """The planner call's messages: the instructions, then the conversation as text."""
     conversation = "\n".join(
-        f"{message.role}: {text}" for message in messages if (text := message_text(message))
+        f"{message.role}: {text}" for message in messages if (text := message.text())
     )
     instructions = PLANNER_INSTRUCTIONS.replace("{max_topics}", str(max_topics))
     return [
         {"role": "system", "content": instructions},
         {"role": "user", "content": conversation[-MAX_CONTEXT_CHARS:]},
     ]
-
-
-def message_text(message: ChatMessage) -> str:
-    """The text of a message: its string content, or its text parts joined (images left out)."""
-    if isinstance(message.content, str):
-        return message.content
-    if not message.content:
-        return ""
-    texts = [
-        str(text)
-        for part in message.content
-        if part.type == "text" and isinstance(text := (part.model_extra or {}).get("text"), str)
-    ]
-    return "\n".join(texts)
 
 
 def parse_plan(answer: str, *, max_topics: int) -> list[SearchTopic]:
@@ -98,7 +84,7 @@ def fallback_query(messages: list[ChatMessage]) -> str | None:
     """The user's last message as a query (when planning failed); None if there is no text."""
     for message in reversed(messages):
         if message.role == "user":
-            text = _one_line(message_text(message))[:MAX_QUERY_CHARS].strip()
+            text = _one_line(message.text())[:MAX_QUERY_CHARS].strip()
             return text or None
     return None
 

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -17,6 +18,10 @@ from nilai.protocol.base import json_count, json_object
 from nilai.store.base import QueryLog
 
 CLIENT_CLOSED = 499
+
+CHARS_PER_TOKEN = 4
+"""A prompt's size in tokens, estimated from its text where the model server never said: about
+four characters per token for English text under the usual tokenizers."""
 
 CHAT_API = "chat"
 RESPONSES_API = "responses"
@@ -54,6 +59,10 @@ class RequestContext:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     usage_reported: bool = False
+    model_accepted: bool = False
+    """A model server answered 200: it started working on the request."""
+    prompt_estimate: int = 0
+    """The prompt's tokens as estimated from its text (``estimate_tokens``)."""
     first_token_s: float | None = None
     upstream_s: float | None = None
     status: int = 200
@@ -108,6 +117,18 @@ class RequestContext:
         counts["total_tokens"] = json_count(counts.get("total_tokens")) + prompt + completion
         return True
 
+    def settle(self) -> None:
+        """Charge the estimated prompt of a request whose model server never reported usage.
+
+        A stream the client leaves before the model server reported its usage (a Responses
+        stream reports it only at the end; a chat stream with its first chunk), or an answer
+        that never arrived whole, still had its prompt processed: it is charged at the
+        estimate rather than not at all. Requests no model server accepted cost nothing.
+        """
+        if self.model_accepted and not self.usage_reported:
+            self.prompt_tokens += self.prompt_estimate
+            self.prompt_estimate = 0
+
     def count_chunk(self) -> None:
         """A content chunk arrived; counts as a token when the server reports no usage."""
         if not self.usage_reported:
@@ -128,6 +149,11 @@ class RequestContext:
             self.status, self.error_kind = CLIENT_CLOSED, "ClientDisconnected"
         else:
             self.status, self.error_kind = 500, "InternalError"
+
+    def estimate_prompt(self, texts: Iterable[str]) -> None:
+        """Estimate the prompt's tokens from ``texts``, everything the model server reads."""
+        chars = sum(len(text) for text in texts)
+        self.prompt_estimate = -(-chars // CHARS_PER_TOKEN)
 
     def query_log(self) -> QueryLog:
         """The accounting row for this request."""

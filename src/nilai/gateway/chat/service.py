@@ -51,6 +51,7 @@ class ChatService(ModelPipeline):
 
         Each addition goes into the one system message the gateway puts first. ``receive``
         lets a client that disconnects stop the web search (see ``ModelPipeline._search``).
+        The prompt as sent is then estimated, in case its usage never comes (``ctx.settle``).
         """
         prompt = await self._private_prompt(ctx)
         if prompt is not None:
@@ -58,6 +59,7 @@ class ChatService(ModelPipeline):
         search = await self._search(chat.model_request, chat.request.messages, ctx, receive)
         if search is not None:
             chat = chat.with_system_context(search.message["content"])
+        ctx.estimate_prompt([*chat.system_context, *(m.text() for m in chat.request.messages)])
         return chat, search
 
     @staticmethod

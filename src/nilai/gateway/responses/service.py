@@ -51,7 +51,8 @@ class ResponsesService(ModelPipeline):
         """The context stages, in order: the private prompt, then the web search.
 
         Both go ahead of the client's own ``instructions``; ``receive`` lets a client that
-        disconnects stop the web search (see ``ModelPipeline._search``).
+        disconnects stop the web search (see ``ModelPipeline._search``). The prompt as sent is
+        then estimated, in case its usage never comes (``ctx.settle``).
         """
         prompt = await self._private_prompt(ctx)
         if prompt is not None:
@@ -60,6 +61,7 @@ class ResponsesService(ModelPipeline):
         search = await self._search(validated.model_request, conversation, ctx, receive)
         if search is not None:
             validated = validated.with_instructions(search.message["content"])
+        ctx.estimate_prompt([*validated.context, *(m.text() for m in conversation)])
         return validated, search
 
     async def create(

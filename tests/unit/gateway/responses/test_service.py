@@ -308,7 +308,8 @@ async def test_a_stream_the_model_server_fails_ends_in_an_error_event_accounted_
     assert b"signature" not in outcome.body
     log = _only_log(outcome)
     assert (log.status_code, log.error_kind, log.streamed) == (502, "UpstreamProtocolError", True)
-    assert (log.prompt_tokens, log.completion_tokens) == (0, 1)  # one output_text delta
+    # One output_text delta; the input ("hi") at its estimate, since no usage ever came.
+    assert (log.prompt_tokens, log.completion_tokens) == (1, 1)
 
 
 async def test_a_stream_the_model_server_refuses_fails_before_any_event(signer: Signer):
