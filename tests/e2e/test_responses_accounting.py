@@ -552,6 +552,20 @@ def test_web_search_sources_are_signed_into_the_response_object(
     assert len(web.brave.queries) == 1
 
 
+def test_a_web_search_with_no_question_in_its_input_is_422_naming_input(
+    web: SearchWorld, start_fake: FakeStarter, start_gateway: GatewayStarter
+):
+    fake, gateway = responses_search_stack(web, start_fake, start_gateway)
+    only_a_tool_result = [{"type": "function_call_output", "call_id": "c1", "output": "{}"}]
+    body = {"model": MODEL, "input": only_a_tool_result, "web_search": True}
+    response = post_responses(gateway.url, body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == "input"
+    assert fake.state.stats.responses_requests == 0
+    assert fake.state.stats.planner_requests == 0
+    assert web.brave.queries == []
+
+
 def test_a_streamed_web_search_carries_its_sources_on_the_signed_completed_event(
     web: SearchWorld, start_fake: FakeStarter, start_gateway: GatewayStarter
 ):

@@ -68,6 +68,8 @@ class ModelRequest:
     path: str = CHAT_PATH
     feature: str | None = None
     """A capability the model server must announce for the model (``responses``)."""
+    conversation_param: str = "messages"
+    """The request field that holds the conversation (``input`` for Responses)."""
 
     @property
     def model(self) -> str:
@@ -212,7 +214,12 @@ class ModelPipeline:
             room = context - (request.requested_max_tokens or 0)
             budget = max(0, int(room * SOURCE_CHARS_PER_CONTEXT_TOKEN))
         try:
-            outcome = await self._web_search.run(conversation, planner, max_total_chars=budget)
+            outcome = await self._web_search.run(
+                conversation,
+                planner,
+                max_total_chars=budget,
+                conversation_param=request.conversation_param,
+            )
         finally:
             ctx.count_planner(planner.prompt_tokens, planner.completion_tokens)
         ctx.searches = outcome.searches

@@ -131,12 +131,14 @@ class WebSearch:
         planner: ModelCall,
         *,
         max_total_chars: int | None = None,
+        conversation_param: str = "messages",
     ) -> SearchOutcome:
         """Search the web for the conversation's last question.
 
         ``max_total_chars`` bounds the sources' text together (the model's context is finite):
         sources past it are left out, the one that reaches it is cut. The client gets exactly
-        the sources the model saw.
+        the sources the model saw. ``conversation_param`` names the request field that holds
+        the conversation, in the error for one with no question (``input`` for Responses).
 
         Raises:
             ValidationFailed: There is no user text to search for.
@@ -147,7 +149,7 @@ class WebSearch:
         if query is None:  # refused before the planner's call, which would be wasted
             raise ValidationFailed(
                 "web_search needs a user message with text to search for.",
-                param="messages",
+                param=conversation_param,
                 code="invalid_value",
             )
         answer = await self._plan(conversation, planner)

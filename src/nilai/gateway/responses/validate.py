@@ -36,6 +36,7 @@ class ValidatedResponses:
             requested_max_tokens=request.requested_max_tokens,
             path=RESPONSES_PATH,
             feature=RESPONSES_FEATURE,
+            conversation_param="input",
         )
 
     def hide_context(self, response: dict[str, Any]) -> bool:
