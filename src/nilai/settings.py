@@ -110,6 +110,10 @@ def _http_urls(urls: list[str], what: str) -> list[str]:
     return [url.rstrip("/") for url in urls]
 
 
+SERVER_TOOL_NAMES = ("execute_python",)
+"""The tools the gateway can run itself (``NILAI_SERVER_TOOLS``)."""
+
+
 class NilaiSettings(BaseSettings):
     """Everything an operator can configure; see ``.env.sample`` for each variable."""
 
@@ -167,6 +171,19 @@ class NilaiSettings(BaseSettings):
     web_search_max_page_bytes: int = Field(default=2 * 1024 * 1024, ge=1024, le=16 * 1024 * 1024)
     web_search_max_source_chars: int = Field(default=4000, ge=100, le=100_000)
     web_search_allow_networks: CommaList = Field(default_factory=list)
+
+    # server-side tools (off unless server_tools names one; docs/API.md "Server-side tools")
+    server_tools: CommaList = Field(default_factory=list)
+    tool_max_rounds: int = Field(default=1, ge=1, le=10)
+    tool_max_calls_per_round: int = Field(default=4, ge=1, le=32)
+    tool_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    tool_max_output_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    code_executor: Literal["local", "disabled"] = "local"
+    sandbox: Literal["auto", "bubblewrap", "rlimit"] = "auto"
+    sandbox_memory_bytes: int = Field(default=512 * 1024 * 1024, ge=64 * 1024 * 1024)
+    sandbox_cpu_s: int = Field(default=10, ge=1, le=600)
+    sandbox_max_processes: int = Field(default=16, ge=1, le=1024)
+    sandbox_max_file_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
 
     # storage: accounts, keys, query logs
     database_url: SecretStr | None = None
@@ -273,6 +290,7 @@ class NilaiSettings(BaseSettings):
         "upstream_urls",
         "nildb_nodes",
         "web_search_allow_networks",
+        "server_tools",
         "cors_origins",
         "metrics_allow",
         "forwarded_allow_ips",
@@ -306,6 +324,16 @@ class NilaiSettings(BaseSettings):
         if value is not None and not UUID.fullmatch(value):
             raise ValueError("nildb_collection must be a collection id (a UUID)")
         return value.lower() if value else value
+
+    @field_validator("server_tools")
+    @classmethod
+    def _check_server_tools(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(SERVER_TOOL_NAMES))
+        if unknown:
+            raise ValueError(
+                f"names {', '.join(unknown)}; the gateway can run {', '.join(SERVER_TOOL_NAMES)}"
+            )
+        return list(dict.fromkeys(value))
 
     @field_validator("web_search_base_url")
     @classmethod

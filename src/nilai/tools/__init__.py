@@ -1,0 +1,1 @@
+"""Server-side tools: what the gateway runs itself when a model calls a tool it implements."""
