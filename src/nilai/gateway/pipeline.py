@@ -15,10 +15,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
+import orjson
 from starlette.types import Receive
 
 from nilai.context.prompts import PromptsOff, PromptVault
@@ -29,7 +31,7 @@ from nilai.crypto.keys import Signer
 from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.errors import ContextUnavailable, NilaiError, ShuttingDown, UpstreamTimeout
 from nilai.gateway.chat.context import RequestContext
-from nilai.gateway.chat.dispatch import CHAT_PATH, Dispatcher, PlannerCall
+from nilai.gateway.chat.dispatch import CHAT_PATH, Dispatcher, PlannerCall, read_body
 from nilai.gateway.chat.stream import (
     CHAT_FRAMING,
     ChatStream,
@@ -42,10 +44,12 @@ from nilai.gateway.chat.stream import (
 from nilai.gateway.disconnect import cancelled_on_disconnect
 from nilai.gateway.drain import Drain
 from nilai.gateway.metrics import OTHER_MODEL, Metrics
+from nilai.gateway.tools.loop import ToolDialect, ToolRounds, run_tool_rounds
 from nilai.limits.base import Decision
 from nilai.limits.policy import Admission
 from nilai.protocol.chat import ChatMessage
 from nilai.protocol.models import ModelCard
+from nilai.tools.server import ServerTools
 from nilai.upstream.client import UpstreamClient, UpstreamResponse
 from nilai.usage.sink import UsageSink
 
@@ -89,7 +93,8 @@ class SignedAnswer:
 class OpenedStream:
     """A stream whose model server answered: how to relay it and the headers to send."""
 
-    response: UpstreamResponse
+    body: AsyncIterator[bytes]
+    """The SSE body to relay: the model server's, or a whole answer's (``completion_as_stream``)."""
     translator: StreamTranslator
     headers: dict[str, str]
     framing: SseFraming = CHAT_FRAMING
@@ -113,6 +118,8 @@ class ModelPipeline:
         idle_timeout_s: float = 60.0,
         prompts: PromptVault | None = None,
         web_search: WebSearch | None = None,
+        tools: ServerTools | None = None,
+        tool_max_rounds: int = 1,
     ) -> None:
         self._snapshot = snapshot
         self._prompts: PromptVault = prompts or PromptsOff(NOT_CONFIGURED)
@@ -126,6 +133,8 @@ class ModelPipeline:
         self._timeout_s = request_timeout_s
         self._first_byte_timeout_s = first_byte_timeout_s
         self._idle_timeout_s = idle_timeout_s
+        self._tools = tools
+        self._tool_max_rounds = tool_max_rounds
 
     # --- checking and admitting ---------------------------------------------------------------
 
@@ -221,7 +230,7 @@ class ModelPipeline:
                 conversation_param=request.conversation_param,
             )
         finally:
-            ctx.count_planner(planner.prompt_tokens, planner.completion_tokens)
+            ctx.count_earlier_call(planner.prompt_tokens, planner.completion_tokens)
         ctx.searches = outcome.searches
         return outcome
 
@@ -267,6 +276,40 @@ class ModelPipeline:
         upstream.push_async_callback(response.aclose)
         return response
 
+    # --- tools ----------------------------------------------------------------------------------
+
+    def _server_tools(self, declared: Sequence[str]) -> frozenset[str]:
+        """The tools among those the client declared that the gateway runs itself."""
+        return frozenset() if self._tools is None else self._tools.implemented(declared)
+
+    async def _tool_rounds(
+        self,
+        request: ModelRequest,
+        dialect: ToolDialect,
+        ctx: RequestContext,
+        parse: Callable[[bytes], dict[str, Any]],
+    ) -> ToolRounds:
+        """Run the tool rounds of ``request`` (see ``nilai.gateway.tools.loop``).
+
+        Each round's call is the request's own kind of call, not streamed, within the request
+        timeout; its answer is read with ``parse``.
+        """
+        if self._tools is None:  # the caller asks only when tools are on
+            raise ContextUnavailable("Server tools are not enabled on this gateway.")
+
+        async def send(payload: dict[str, Any]) -> dict[str, Any]:
+            call = replace(request, payload=orjson.dumps(payload), stream=False)
+            return parse(await self._send(call, ctx, read_body))
+
+        return await run_tool_rounds(
+            send,
+            orjson.loads(request.payload),
+            dialect,
+            self._tools,
+            ctx,
+            max_rounds=self._tool_max_rounds,
+        )
+
     # --- whole answers and streams --------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -309,7 +352,7 @@ class ModelPipeline:
         resources.callback(streams.dec)
         deadline = ReadDeadline(self._first_byte_timeout_s, self._idle_timeout_s, self._drain)
         events = relay_events(
-            read_batches(opened.response.iter_chunks(), deadline, self._drain),
+            read_batches(opened.body, deadline, self._drain),
             opened.translator,
             ctx,
             release=upstream.aclose,

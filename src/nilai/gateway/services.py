@@ -21,6 +21,7 @@ from nilai.gateway.responses.service import ResponsesService
 from nilai.limits.policy import Admission
 from nilai.settings import NilaiSettings
 from nilai.store.base import Store
+from nilai.tools.server import ServerTools
 from nilai.usage.sink import UsageSink
 
 
@@ -47,3 +48,5 @@ class Services:
     readiness: SharedChecks
     delegations: DelegationIssuer | None = None
     """Mints ``/v1/delegation`` tokens; None when nilDB is not configured."""
+    tools: ServerTools | None = None
+    """The tools the gateway runs itself; None when ``NILAI_SERVER_TOOLS`` names none."""

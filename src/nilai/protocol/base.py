@@ -24,6 +24,13 @@ def json_object(value: object) -> dict[str, object] | None:
     return None
 
 
+def json_list(value: object) -> list[object] | None:
+    """``value`` as a JSON array if it is one, for reading untrusted JSON safely."""
+    if isinstance(value, list):
+        return cast(list[object], value)
+    return None
+
+
 def json_count(value: object) -> int:
     """``value`` if it is a non-negative JSON integer (a token count), else 0."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:

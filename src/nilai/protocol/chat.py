@@ -132,5 +132,15 @@ class ChatCompletionRequest(OpenAIBaseModel):
         """Whether any message carries an image."""
         return any(message.has_image() for message in self.messages)
 
+    def function_names(self) -> list[str]:
+        """The names of the function tools the request declares."""
+        names: list[str] = []
+        for tool in self.tools or []:
+            function = tool.get("function") if tool.get("type") == "function" else None
+            name = function.get("name") if isinstance(function, dict) else None  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+            if isinstance(name, str):
+                names.append(name)
+        return names
+
 
 NILAI_ONLY_FIELDS = frozenset({"web_search", "nilrag"})

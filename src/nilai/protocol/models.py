@@ -28,6 +28,8 @@ class ModelCard(BaseModel):
     tool_support: bool = False
     multimodal_support: bool = False
     max_model_len: int | None = None
+    server_tools: list[str] = Field(default_factory=list[str])
+    """Tools the gateway runs itself for this model (``execute_python``); set by the gateway."""
 
     @property
     def responses_support(self) -> bool:

@@ -176,6 +176,14 @@ class ResponsesRequest(OpenAIBaseModel):
                     code="not_supported",
                 )
 
+    def function_names(self) -> list[str]:
+        """The names of the function tools the request declares."""
+        return [
+            name
+            for tool in self.tools or []
+            if tool.get("type") == "function" and isinstance(name := tool.get("name"), str)
+        ]
+
     def has_image(self) -> bool:
         """Whether any input message carries an image part."""
         if isinstance(self.input, str):

@@ -61,6 +61,8 @@ class QueryLog:
     """A private prompt from nilDB was put first (which one, or what it said, is never kept)."""
     searches: int = 0
     """Searches a web search made at the provider (its queries and results are never kept)."""
+    tool_calls: int = 0
+    """Server-side tool calls the gateway ran (the code and its output are never kept)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,8 +53,9 @@ class RequestContext:
     multimodal: bool = False
     prompt_document: bool = False
     searches: int = 0
-    planner_prompt_tokens: int = 0
-    planner_completion_tokens: int = 0
+    tool_calls: int = 0
+    earlier_prompt_tokens: int = 0
+    earlier_completion_tokens: int = 0
     endpoint: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -81,8 +82,8 @@ class RequestContext:
     def record_usage(self, usage: object) -> None:
         """Take token counts from an OpenAI ``usage`` object of the request's API, if it is one.
 
-        The counts are the answer's as the client sees them: with the planner's tokens in
-        (``add_planner_tokens``).
+        The counts are the answer's as the client sees them: with the tokens of the request's
+        earlier model calls in (``add_earlier_calls``).
         """
         counts = json_object(usage)
         if counts is None:
@@ -92,23 +93,28 @@ class RequestContext:
         self.completion_tokens = json_count(counts.get(completion))
         self.usage_reported = True
 
-    def count_planner(self, prompt_tokens: int, completion_tokens: int) -> None:
-        """Count the web search planner's tokens (made before the answer) in this request's."""
-        self.planner_prompt_tokens = prompt_tokens
-        self.planner_completion_tokens = completion_tokens
+    def count_earlier_call(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Count a model call made before the answer's in this request's tokens.
+
+        The request's earlier calls: a web search's planner, and each tool round's call. Each
+        is counted once, here; the answer's own usage is counted when it comes.
+        """
+        self.earlier_prompt_tokens += prompt_tokens
+        self.earlier_completion_tokens += completion_tokens
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
 
-    def add_planner_tokens(self, usage: object) -> bool:
-        """Add the planner's tokens to a model server's ``usage`` object in place.
+    def add_earlier_calls(self, usage: object) -> bool:
+        """Add the earlier calls' tokens to the answer's ``usage`` object in place.
 
-        The client pays for the planner call, so the ``usage`` it gets (and the query log)
-        counts it: ``prompt_tokens``, ``completion_tokens`` and ``total_tokens`` each include
-        it (under the API's names: ``input_tokens`` and ``output_tokens`` for the Responses
-        API). True if ``usage`` was changed.
+        The client pays for every model call of its request (a web search's planner, each tool
+        round), so the ``usage`` it gets (and the query log) counts them: ``prompt_tokens``,
+        ``completion_tokens`` and ``total_tokens`` each include them, once (under the API's
+        names: ``input_tokens`` and ``output_tokens`` for the Responses API). True if ``usage``
+        was changed.
         """
         counts = json_object(usage)
-        prompt, completion = self.planner_prompt_tokens, self.planner_completion_tokens
+        prompt, completion = self.earlier_prompt_tokens, self.earlier_completion_tokens
         if counts is None or not (prompt or completion):
             return False
         prompt_name, completion_name = self.usage_names
@@ -178,4 +184,5 @@ class RequestContext:
             multimodal=self.multimodal,
             prompt_document=self.prompt_document,
             searches=self.searches,
+            tool_calls=self.tool_calls,
         )

@@ -8,7 +8,9 @@ streaming path after the upstream answered lives in ``nilai.gateway.chat.stream`
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
+from dataclasses import replace
 
+import orjson
 from starlette.types import Receive
 
 from nilai.auth.nuc_policies import check_request_policies
@@ -24,6 +26,8 @@ from nilai.gateway.chat.validate import (
     validate_chat,
 )
 from nilai.gateway.pipeline import ModelPipeline, OpenedStream, SignedAnswer, signed_additions
+from nilai.gateway.tools.chat import ChatToolDialect, completion_as_stream
+from nilai.gateway.tools.loop import ToolRounds
 from nilai.limits.base import Decision
 from nilai.protocol.chat import ChatCompletionRequest
 
@@ -66,24 +70,39 @@ class ChatService(ModelPipeline):
     def _headers(chat: ValidatedChat, decision: Decision) -> dict[str, str]:
         return rate_limit_headers(decision) | ignored_fields_headers(chat.request)
 
+    async def _with_tools(self, chat: ValidatedChat, ctx: RequestContext) -> ToolRounds | None:
+        """The tool rounds, when the client declared a server tool (else None)."""
+        declared = self._server_tools(chat.request.function_names())
+        if not declared:
+            return None
+        dialect = ChatToolDialect(declared)
+        return await self._tool_rounds(chat.model_request, dialect, ctx, parse_completion)
+
     async def complete(
         self, request: ChatCompletionRequest, ctx: RequestContext, receive: Receive | None = None
     ) -> SignedAnswer:
         """Run a non-streaming completion and return the signed body.
 
         ``receive`` (the request's ASGI receive, its body read) lets a disconnect stop the
-        context stages; see ``ModelPipeline._search``.
+        context stages; see ``ModelPipeline._search``. With server tools declared, the tool
+        rounds run first and the answer shows them (``tool_rounds``, signed).
         """
         with self._accounted(ctx):
             chat = await self._check(request, ctx)
             async with self._admit(chat.model_request, ctx) as decision:
                 chat, search = await self._with_context(chat, ctx, receive)
-                body = parse_completion(await self._send(chat.model_request, ctx, read_body))
-            ctx.add_planner_tokens(body.get("usage"))
+                rounds = await self._with_tools(chat, ctx)
+                if rounds is not None and rounds.answer is not None:
+                    body = rounds.answer
+                else:
+                    model_request = chat.model_request
+                    if rounds is not None:
+                        model_request = replace(model_request, payload=orjson.dumps(rounds.payload))
+                    body = parse_completion(await self._send(model_request, ctx, read_body))
+            ctx.add_earlier_calls(body.get("usage"))
             ctx.record_usage(body.get("usage"))
-            signed = sign_completion(
-                body, self._signer, ctx.request_sha256, added=signed_additions(search)
-            )
+            added = signed_additions(search) | (rounds.signed_additions() if rounds else {})
+            signed = sign_completion(body, self._signer, ctx.request_sha256, added=added)
             return SignedAnswer(signed, self._headers(chat, decision))
 
     async def stream(
@@ -92,16 +111,26 @@ class ChatService(ModelPipeline):
         """Open the upstream stream (failing with a real status) and return the SSE events.
 
         ``receive`` as for ``complete``; what the returned stream holds, and when it lets go,
-        as ``ModelPipeline._stream`` says.
+        as ``ModelPipeline._stream`` says. With server tools declared, the tool rounds run
+        first, not streamed; then the answer streams: the model's last call if the round limit
+        was reached, else the round's answer, sent as a stream (``completion_as_stream``).
         """
 
         async def open_stream(upstream: AsyncExitStack) -> OpenedStream:
             chat = await self._check(request, ctx)
             decision = await upstream.enter_async_context(self._admit(chat.model_request, ctx))
             chat, search = await self._with_context(chat, ctx, receive)
-            response = await self._send_stream(chat.model_request, ctx, upstream)
-            signer = StreamSigner(self._signer, ctx.request_sha256, added=signed_additions(search))
+            rounds = await self._with_tools(chat, ctx)
+            if rounds is not None and rounds.answer is not None:
+                body = completion_as_stream(rounds.answer)
+            else:
+                model_request = chat.model_request
+                if rounds is not None:
+                    model_request = replace(model_request, payload=orjson.dumps(rounds.payload))
+                body = (await self._send_stream(model_request, ctx, upstream)).iter_chunks()
+            added = signed_additions(search) | (rounds.signed_additions() if rounds else {})
+            signer = StreamSigner(self._signer, ctx.request_sha256, added=added)
             forwarder = ChunkForwarder(signer, ctx, chat.request)
-            return OpenedStream(response, forwarder, self._headers(chat, decision))
+            return OpenedStream(body, forwarder, self._headers(chat, decision))
 
         return await self._stream(ctx, open_stream)

@@ -220,8 +220,8 @@ class StreamRecord(Protocol):
         """Token usage the model reported (running totals, or the final figures)."""
         ...
 
-    def add_planner_tokens(self, usage: object) -> bool:
-        """Add the planner's tokens (a web search's model call) to ``usage``; True if changed."""
+    def add_earlier_calls(self, usage: object) -> bool:
+        """Add the request's earlier model calls' tokens to ``usage``; True if changed."""
         ...
 
     def count_chunk(self) -> None:
@@ -363,8 +363,9 @@ class ChunkForwarder:
         self._record.mark_first_token()
         usage = chunk.get("usage")
         if usage:
-            # The client's usage counts the planner's tokens too (and so does the query log).
-            changed = self._record.add_planner_tokens(usage) or changed
+            # The client's usage counts the request's earlier model calls too (a web search's
+            # planner, tool rounds), and so does the query log.
+            changed = self._record.add_earlier_calls(usage) or changed
             self._record.record_usage(usage)
         if not chunk.get("choices"):
             if usage is not None and self._include_usage:

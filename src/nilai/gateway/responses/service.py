@@ -79,7 +79,7 @@ class ResponsesService(ModelPipeline):
                 body = parse_response(await self._send(validated.model_request, ctx, read_body))
             validated.hide_context(body)
             usage = body.get("usage")
-            ctx.add_planner_tokens(usage)
+            ctx.add_earlier_calls(usage)
             ctx.record_usage(usage)
             signed = sign_response(
                 body, self._signer, ctx.request_sha256, added=signed_additions(search)
@@ -105,7 +105,7 @@ class ResponsesService(ModelPipeline):
                 self._signer, ctx.request_sha256, added=signed_additions(search)
             )
             return OpenedStream(
-                response,
+                response.iter_chunks(),
                 ResponseEventForwarder(signer, ctx, hide_context=validated.hide_context),
                 rate_limit_headers(decision),
                 framing=RESPONSES_FRAMING,

@@ -85,7 +85,7 @@ class ResponseEventForwarder:
                 self._hide_context(response)
         if kind == RESPONSE_COMPLETED:
             usage = response.get("usage") if response is not None else None
-            self._record.add_planner_tokens(usage)
+            self._record.add_earlier_calls(usage)
             self._record.record_usage(usage)
             self._completed = {"type": kind, **event}  # signed last, type first
             return []

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from nilai.gateway.deps import ServicesDep
 from nilai.gateway.services import Services
 from nilai.protocol.health import Health, Liveness, Readiness
+from nilai.tools.executor import SandboxKind
 
 router = APIRouter(tags=["health"])
 
@@ -47,12 +48,24 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     checks["usage_log"] = _usage_log(services)
     healthy = services.snapshot.healthy_models()
     checks["models"] = f"ok ({len(healthy)} served)" if healthy else "no reachable model server"
+    if services.tools is not None:
+        checks["sandbox"] = _sandbox(services.tools.sandbox)
     if services.drain.draining:
         # Out of the load balancer's rotation while open requests finish.
         checks["shutdown"] = "draining"
     ready = all(value.startswith("ok") for value in checks.values())
     body = Readiness(status="ready" if ready else "not_ready", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+def _sandbox(kind: SandboxKind) -> str:
+    """How the code of ``execute_python`` is isolated; the weaker sandbox says so plainly."""
+    if kind == "rlimit":
+        return (
+            "ok (rlimit: resource limits and an empty environment only; no network, file "
+            "system or process isolation: install bubblewrap)"
+        )
+    return f"ok ({kind})"
 
 
 def _usage_log(services: Services) -> str:

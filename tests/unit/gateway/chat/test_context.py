@@ -23,7 +23,7 @@ def test_the_estimate_is_four_characters_a_token_rounded_up(texts: list[str], to
 
 def test_an_accepted_request_without_usage_is_charged_the_estimate_once():
     ctx = _ctx()
-    ctx.count_planner(5, 2)  # a web search's planner, already counted
+    ctx.count_earlier_call(5, 2)  # a web search's planner, already counted
     ctx.estimate_prompt(["x" * 40])
     ctx.model_accepted = True
     ctx.count_chunk()

@@ -239,7 +239,7 @@ async def test_usage_comes_from_the_completed_response(signer: Signer, ctx: Requ
 async def test_the_planners_tokens_are_in_the_relayed_usage_and_the_context(
     signer: Signer, ctx: RequestContext
 ):
-    ctx.count_planner(5, 2)
+    ctx.count_earlier_call(5, 2)
     raw = _raw(await _relay(signer, ctx, UPSTREAM))
     assert _last(raw)["response"]["usage"] == {
         "input_tokens": 16,
