@@ -10,6 +10,7 @@ or the stream of typed events, and account the request once, with usage from
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -25,6 +26,8 @@ from nilai.gateway.pipeline import ModelPipeline, OpenedStream, SignedAnswer, si
 from nilai.gateway.responses.signing import ResponseStreamSigner, sign_response
 from nilai.gateway.responses.stream import RESPONSES_FRAMING, ResponseEventForwarder
 from nilai.gateway.responses.validate import ValidatedResponses, validate_responses
+from nilai.gateway.tools.loop import ToolRounds
+from nilai.gateway.tools.responses import ResponsesToolDialect, response_as_stream
 from nilai.protocol.base import json_object
 from nilai.protocol.responses import ResponsesRequest
 
@@ -64,26 +67,43 @@ class ResponsesService(ModelPipeline):
         ctx.estimate_prompt([*validated.context, *(m.text() for m in conversation)])
         return validated, search
 
+    async def _with_tools(
+        self, validated: ValidatedResponses, ctx: RequestContext
+    ) -> ToolRounds | None:
+        """The tool rounds, when the client declared a server tool (else None)."""
+        declared = self._server_tools(validated.request.function_names())
+        if not declared:
+            return None
+        dialect = ResponsesToolDialect(declared)
+        return await self._tool_rounds(validated.model_request, dialect, ctx, parse_response)
+
     async def create(
         self, request: ResponsesRequest, ctx: RequestContext, receive: Receive | None = None
     ) -> SignedAnswer:
         """Create a response (not streamed) and return the signed object.
 
         ``receive`` (the request's ASGI receive, its body read) lets a disconnect stop the
-        context stages; see ``ModelPipeline._search``.
+        context stages; see ``ModelPipeline._search``. With server tools declared, the tool
+        rounds run first and the answer shows them (``tool_rounds``, signed).
         """
         with self._accounted(ctx):
             validated = await self._check(request, ctx)
             async with self._admit(validated.model_request, ctx) as decision:
                 validated, search = await self._with_context(validated, ctx, receive)
-                body = parse_response(await self._send(validated.model_request, ctx, read_body))
+                rounds = await self._with_tools(validated, ctx)
+                if rounds is not None and rounds.answer is not None:
+                    body = rounds.answer
+                else:
+                    model_request = validated.model_request
+                    if rounds is not None:
+                        model_request = replace(model_request, payload=orjson.dumps(rounds.payload))
+                    body = parse_response(await self._send(model_request, ctx, read_body))
             validated.hide_context(body)
             usage = body.get("usage")
             ctx.add_earlier_calls(usage)
             ctx.record_usage(usage)
-            signed = sign_response(
-                body, self._signer, ctx.request_sha256, added=signed_additions(search)
-            )
+            added = signed_additions(search) | (rounds.signed_additions() if rounds else {})
+            signed = sign_response(body, self._signer, ctx.request_sha256, added=added)
             return SignedAnswer(signed, rate_limit_headers(decision))
 
     async def stream(
@@ -92,7 +112,9 @@ class ResponsesService(ModelPipeline):
         """Open the model server's stream (failing with a real status); return the events.
 
         ``receive`` as for ``create``; what the returned stream holds, and when it lets go,
-        as ``ModelPipeline._stream`` says.
+        as ``ModelPipeline._stream`` says. With server tools declared, the tool rounds run
+        first, not streamed; then the answer streams: the model's last call if the round limit
+        was reached, else the round's answer, sent as a stream (``response_as_stream``).
         """
 
         async def open_stream(upstream: AsyncExitStack) -> OpenedStream:
@@ -100,12 +122,18 @@ class ResponsesService(ModelPipeline):
             admitted = self._admit(validated.model_request, ctx)
             decision = await upstream.enter_async_context(admitted)
             validated, search = await self._with_context(validated, ctx, receive)
-            response = await self._send_stream(validated.model_request, ctx, upstream)
-            signer = ResponseStreamSigner(
-                self._signer, ctx.request_sha256, added=signed_additions(search)
-            )
+            rounds = await self._with_tools(validated, ctx)
+            if rounds is not None and rounds.answer is not None:
+                body = response_as_stream(rounds.answer)
+            else:
+                model_request = validated.model_request
+                if rounds is not None:
+                    model_request = replace(model_request, payload=orjson.dumps(rounds.payload))
+                body = (await self._send_stream(model_request, ctx, upstream)).iter_chunks()
+            added = signed_additions(search) | (rounds.signed_additions() if rounds else {})
+            signer = ResponseStreamSigner(self._signer, ctx.request_sha256, added=added)
             return OpenedStream(
-                response.iter_chunks(),
+                body,
                 ResponseEventForwarder(signer, ctx, hide_context=validated.hide_context),
                 rate_limit_headers(decision),
                 framing=RESPONSES_FRAMING,
