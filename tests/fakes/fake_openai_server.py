@@ -13,9 +13,9 @@ A web search's planner call (its first message is the planner's instructions, wh
 ``POST /v1/responses`` answers in vLLM's Responses API shapes: one output message with the same
 words (or, with ``tools`` in the request and ``responses_function_call`` set, a call of the
 first tool), or with ``stream`` the typed events ``response.created`` ... ``response.completed``.
-Only with ``responses_support`` on (off by default, as the gateway does not route the
-Responses API yet) does that route exist and ``/v1/models`` announce ``"responses"`` in each
-model's ``supported_features``; off, it answers 404.
+Only with ``responses_support`` on (off by default) does that route exist and ``/v1/models``
+announce ``"responses"`` in each model's ``supported_features``; off, it answers 404. Likewise
+``tool_support`` makes ``/v1/models`` say the models support tools.
 
 Server-side tools (all off by default; see ``FakeConfig.tool_code``): with ``tool_code`` set, a
 request that declares the function tool ``tool_name`` (``execute_python`` unless changed) is
@@ -70,6 +70,9 @@ class FakeConfig:
     planner_delay_s: float = 0.0
     responses_support: bool = False
     """Whether ``POST /v1/responses`` exists and ``/v1/models`` announces it."""
+    tool_support: bool = False
+    """Whether ``/v1/models`` says the models support tools (the gateway refuses ``tools``
+    for a model that does not)."""
     responses_function_call: bool = False
     """Answer a Responses request that has ``tools`` with a call of the first tool (not when
     its ``tool_choice`` is ``"none"``)."""
@@ -164,6 +167,7 @@ def create_fake_app(config: FakeConfig | None = None) -> Starlette:
                 "owned_by": "fake",
                 "max_model_len": state.config.max_model_len,
                 "supported_features": features,
+                "tool_support": state.config.tool_support,
             }
             for model in state.config.models
         ]
