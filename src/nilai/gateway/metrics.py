@@ -95,6 +95,12 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.tool_calls = Counter(
+            "nilai_tool_calls",
+            "Server-side tool calls the gateway ran (execute_python), by model.",
+            ["model"],
+            registry=r,
+        )
         self.rate_limited = Counter(
             "nilai_rate_limit_rejections",
             "Requests refused by a limit, by limit kind.",
@@ -144,11 +150,12 @@ class Metrics:
         error_kind: str | None,
         limit: Limit | None,
         searches: int = 0,
+        tool_calls: int = 0,
     ) -> None:
         """Record one finished model request (``model`` already bounded by the caller).
 
         Durations and time to first token per API (``chat``, ``responses``); tokens, searches,
-        limits and upstream errors count every API's requests together.
+        tool calls, limits and upstream errors count every API's requests together.
         """
         kind = "stream" if stream else "plain"
         responses = api == "responses"
@@ -162,6 +169,8 @@ class Metrics:
             self.tokens.labels(model, "completion").inc(completion_tokens)
         if searches:
             self.web_searches.labels(model).inc(searches)
+        if tool_calls:
+            self.tool_calls.labels(model).inc(tool_calls)
         if limit is not None:
             self.rate_limited.labels(limit_kind(limit)).inc()
         if error_kind in _UPSTREAM_ERRORS:

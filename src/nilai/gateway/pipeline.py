@@ -378,6 +378,7 @@ class ModelPipeline:
             error_kind=ctx.error_kind,
             limit=ctx.refused_by,
             searches=ctx.searches,
+            tool_calls=ctx.tool_calls,
         )
         if ctx.upstream_s is not None:
             self._metrics.upstream_duration.labels(
@@ -385,7 +386,7 @@ class ModelPipeline:
             ).observe(ctx.upstream_s)
         logger.info(
             "%s model=%s endpoint=%s stream=%s status=%d error=%s prompt_tokens=%d "
-            "completion_tokens=%d searches=%d ttft_ms=%s",
+            "completion_tokens=%d searches=%d tool_calls=%d ttft_ms=%s",
             ctx.api,
             ctx.model,
             ctx.endpoint,
@@ -395,6 +396,7 @@ class ModelPipeline:
             ctx.prompt_tokens,
             ctx.completion_tokens,
             ctx.searches,
+            ctx.tool_calls,
             "-" if ctx.first_token_s is None else f"{ctx.first_token_s * 1000:.1f}",
         )
 
