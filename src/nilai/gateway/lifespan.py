@@ -42,6 +42,7 @@ from nilai.startup import StartupError
 from nilai.state.redis import make_redis
 from nilai.store.open import open_store
 from nilai.store.sql import SqlStore
+from nilai.tools.setup import make_server_tools
 from nilai.upstream.client import open_upstream
 from nilai.upstream.http import make_http_client
 from nilai.usage.sink import UsageSink
@@ -194,8 +195,14 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
         stack.push_async_callback(upstream.aclose)
         private_prompts = make_private_prompts(settings, http)
         web_search = await make_web_search(settings, http, admission, stack)
+        # In a thread: the sandbox probes this machine once (it runs a tiny program).
+        tools = await asyncio.to_thread(make_server_tools, settings)
+        if tools is not None:
+            stack.push_async_callback(tools.aclose)
         # Chat completions and the Responses API share every stage and its services.
         pipeline: dict[str, Any] = {
+            "tools": tools,
+            "tool_max_rounds": settings.tool_max_rounds,
             "metrics": metrics,
             "drain": drain,
             "request_timeout_s": settings.request_timeout_s,
@@ -223,6 +230,7 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             usage_sink=sink,
             chat=chat,
             responses=responses,
+            tools=tools,
             attestation=attestation,
             admission=admission,
             metrics=metrics,
