@@ -72,7 +72,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from nilai.tools.executor import Execution, SandboxKind
 
@@ -345,12 +345,13 @@ class LocalExecutor:
             _kill_group(pid)
         timed_out = False
         try:
-            stdin = transport.get_pipe_transport(0)
-            if isinstance(stdin, asyncio.WriteTransport):
-                # Buffered by the transport and flushed by close(); python reads all of its
-                # program before running it. A code that died early just discards the rest.
-                stdin.write(code.encode("utf-8", errors="replace"))
-                stdin.close()
+            # stdin=PIPE: a write transport (uvloop's are not asyncio.WriteTransport
+            # subclasses, so no isinstance check). Buffered by the transport and flushed by
+            # close(); python reads all of its program before running it. A code that died
+            # early just discards the rest.
+            stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
+            stdin.write(code.encode("utf-8", errors="replace"))
+            stdin.close()
             async with asyncio.timeout(self.limits.timeout_s):
                 await _first(run.exited.wait(), run.overflow.wait())
             if not run.overflow.is_set():
