@@ -24,6 +24,16 @@ trafilatura in the fetcher's worker threads, so the loop shares its GIL with tha
 gateway's default 2 MiB page cap is kept on purpose: extracting one such page on the loop takes
 longer than the threshold (~75 ms in debug mode), so extraction moved onto the loop fails the
 test (checked by patching it there once).
+
+The fourth adds server-side tools (issue 20): chats and Responses requests, streamed and not,
+that declare ``execute_python`` to fake models that call it, so that the gateway runs their code
+in its local sandbox (bubblewrap where it works, else the rlimit sandbox) and asks again. The
+codes are real work for the executor: a compute loop (~150-300 ms of CPU), a flood of output
+stopped at the output cap, and a sleeper killed at the (small) tool timeout, beside
+``print(6*7)``; plain chats run between them. Every answer must be signed and quote exactly what
+the tool printed (and how its run ended). The executor waits on its processes with asyncio
+subprocesses; a blocking wait on the loop — ``subprocess.run``, or even a 0.2 s sleep per run —
+fails the test (checked by patching ``LocalExecutor.run`` that way once).
 """
 
 from __future__ import annotations
@@ -43,7 +53,9 @@ import httpx
 import pytest
 from secp256k1 import PrivateKey  # pyright: ignore[reportMissingTypeStubs]
 
+from nilai.crypto.verify import verify_any
 from tests.conftest import TEST_API_KEY, FakeHandle
+from tests.e2e.test_observability import scrape, value
 from tests.e2e.test_private_prompts import (
     PROMPT,
     new_builder,
@@ -319,4 +331,173 @@ def test_no_slow_callbacks_with_web_searches_in_the_traffic(
         assert HUGE_TEXT in sources[1]
     assert fake.state.stats.planner_requests - planned == len(searches)
     assert web.web.paths().count("/huge") == len(searches) + 2
+    assert gateway.slow_steps()[warm:] == []
+
+
+# --- server-side tools (issue 20) ---------------------------------------------------------------
+
+TOOL_TIMEOUT_S = 2.0
+"""Long enough for the compute job on a busy machine, short enough to wait for the sleeper."""
+TOOL_OUTPUT_CAP = 64 * 1024
+COMPUTE_N = 2_000_000
+COMPUTE_CODE = f"print(sum(i * i for i in range({COMPUTE_N})))"
+"""~150-300 ms of CPU in the sandbox (``python -I -S``)."""
+FLOOD_CODE = "for i in range(1_000_000):\n    print(i)"
+"""~6.9 MB of lines: far past the output cap, so the run is stopped there."""
+SLEEP_CODE = 'import time\nprint("started", flush=True)\ntime.sleep(60)'
+"""Killed at ``TOOL_TIMEOUT_S`` after printing one line."""
+FLOOD_KEPT = "".join(f"{i}\n" for i in range(20_000))[:TOOL_OUTPUT_CAP]
+TOOL_MODELS = {
+    # model: (its code, the answer quoting the tool's result, as the fake writes it)
+    "fake-model": ("print(6*7)", "fake says: the tool said 42"),
+    "tool-compute": (
+        COMPUTE_CODE,
+        f"fake says: the tool said {(COMPUTE_N - 1) * COMPUTE_N * (2 * COMPUTE_N - 1) // 6}",
+    ),
+    "tool-flood": (
+        FLOOD_CODE,
+        "fake says: the tool said "
+        + FLOOD_KEPT
+        + "\n[output truncated]\n[killed: resource limit reached]",
+    ),
+    "tool-sleep": (
+        SLEEP_CODE,
+        "fake says: the tool said started\n\n[killed: time limit reached]",
+    ),
+}
+EXECUTE_PYTHON = {
+    "type": "function",
+    "name": "execute_python",
+    "description": "Run Python code and return what it prints.",
+    "parameters": {"type": "object", "properties": {"code": {"type": "string"}}},
+}
+"""The tool as a Responses request declares it; a chat nests the same under ``function``."""
+CHAT_EXECUTE_PYTHON = {
+    "type": "function",
+    "function": {k: v for k, v in EXECUTE_PYTHON.items() if k != "type"},
+}
+
+
+def tool_request(
+    client: httpx.Client, url: str, key: str, *, api: str, model: str, stream: bool
+) -> tuple[int, str]:
+    """POST a chat or Responses request declaring ``execute_python``; its status and text.
+
+    The answer (streamed or not) is checked against the gateway's signature (``key``, its public
+    key) and the request's hash before its text is read.
+    """
+    if api == "chat":
+        target = f"{url}/v1/chat/completions"
+        body: dict[str, Any] = {"model": model, "messages": MESSAGES}
+        body["tools"] = [CHAT_EXECUTE_PYTHON]
+    else:
+        target = f"{url}/v1/responses"
+        body = {"model": model, "input": "hello there", "tools": [EXECUTE_PYTHON]}
+    body["stream"] = stream
+    with client.stream("POST", target, json=body, headers=HEADERS) as answer:
+        raw = answer.read()
+        request = answer.request.content
+    if answer.status_code != 200:
+        return answer.status_code, raw.decode(errors="replace")
+    verify_any(raw, key, request=request)
+    if not stream:
+        signed: dict[str, Any] = json.loads(raw)
+        if api == "chat":
+            return 200, signed["choices"][0]["message"]["content"]
+        parts = [part for item in signed["output"] for part in item.get("content", [])]
+        return 200, "".join(part["text"] for part in parts if part["type"] == "output_text")
+    events = [
+        json.loads(line[6:])
+        for line in raw.decode().splitlines()
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
+    if api == "chat":
+        deltas = [choice["delta"] for event in events for choice in event.get("choices", [])]
+        return 200, "".join(delta.get("content") or "" for delta in deltas)
+    texts = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+    return 200, "".join(texts)
+
+
+def test_no_slow_callbacks_with_server_tools_in_the_traffic(
+    start_fake: Callable[..., FakeHandle], tmp_path: Path
+):
+    # A fake calls the tool with the same code in every answer: one fake (and model) per code.
+    fakes = [
+        start_fake(
+            models=[model],
+            tokens=32,
+            tool_code=code,
+            tool_support=True,
+            responses_support=True,
+        )
+        for model, (code, _) in TOOL_MODELS.items()
+    ]
+    with (
+        debug_gateway(
+            tmp_path,
+            ",".join(fake.url for fake in fakes),
+            NILAI_SERVER_TOOLS="execute_python",
+            NILAI_TOOL_TIMEOUT_S=str(TOOL_TIMEOUT_S),
+            NILAI_TOOL_MAX_OUTPUT_BYTES=str(TOOL_OUTPUT_CAP),
+        ) as gateway,
+        httpx.Client(timeout=30) as client,
+    ):
+        url = gateway.url
+
+        def ready_models() -> bool:
+            listed = client.get(f"{url}/v1/models", headers=HEADERS).json()["data"]
+            return {model["id"] for model in listed} == set(TOOL_MODELS)
+
+        wait_until(ready_models, timeout_s=10, interval_s=0.1)
+        key: str = client.get(f"{url}/v1/public_key").json()
+
+        def send(job: tuple[str, str, bool]) -> tuple[int, str]:
+            api, model, stream = job
+            if api == "plain":
+                return chat(client, url, stream=stream), ""
+            return tool_request(client, url, key, api=api, model=model, stream=stream)
+
+        # Warm-up: first-use imports (the tool loop, the Responses path) and every code's path
+        # through the executor once (clean exit, output cap, timeout).
+        warm_jobs = [("plain", "fake-model", False), ("plain", "fake-model", True)]
+        warm_jobs += [
+            (api, "fake-model", s) for api in ("chat", "responses") for s in (False, True)
+        ]
+        warm_jobs += [("chat", model, False) for model in TOOL_MODELS if model != "fake-model"]
+        for job in warm_jobs:
+            status, text = send(job)
+            assert status == 200, (job, text)
+            if job[0] != "plain":
+                assert text == TOOL_MODELS[job[1]][1], job
+        warm = len(gateway.slow_steps())
+        before = scrape(url)
+
+        tool_jobs = [
+            (api, model, stream)
+            for model in TOOL_MODELS
+            for api in ("chat", "responses")
+            for stream in (False, True)
+        ]
+        # Each tool request followed by a plain chat, so that chats run beside every kind of run.
+        plain_jobs = [("plain", "fake-model", stream) for stream in (False, True)] * 8
+        jobs = [
+            job
+            for _ in range(2)
+            for pair in zip(tool_jobs, plain_jobs, strict=True)
+            for job in pair
+        ]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(send, jobs))
+        after = scrape(url)
+        assert client.get(f"{url}/readyz").status_code == 200
+    for job, (status, text) in zip(jobs, results, strict=True):
+        assert status == 200, (job, text)
+        api, model, _ = job
+        if api != "plain":
+            assert text == TOOL_MODELS[model][1], job
+    # Every tool request ran its code once in the sandbox.
+    for model in TOOL_MODELS:
+        ran = value(after, "nilai_tool_calls_total", model=model)
+        ran -= value(before, "nilai_tool_calls_total", model=model)
+        assert ran == sum(job[0] != "plain" and job[1] == model for job in jobs), model
     assert gateway.slow_steps()[warm:] == []
