@@ -18,10 +18,11 @@ from nilai.crypto.keys import Signer
 from nilai.errors import UpstreamProtocolError
 from nilai.upstream.sse import one_line
 
-GATEWAY_FIELDS = ("sources", "request_sha256", "signature")
-"""Fields only the gateway sets on what it signs (``sources``: a web search's pages). Whatever a
-model server sends under these names is dropped, so that it cannot get, say, sources of its own
-making signed by the gateway."""
+GATEWAY_FIELDS = ("sources", "tool_rounds", "request_sha256", "signature")
+"""Fields only the gateway sets on what it signs (``sources``: a web search's pages;
+``tool_rounds``: the tool calls it ran). Whatever a model server sends under these names is
+dropped, so that it cannot get, say, sources or tool results of its own making signed by the
+gateway."""
 
 
 def drop_gateway_fields(obj: dict[str, Any]) -> bool:

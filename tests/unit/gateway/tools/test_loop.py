@@ -412,3 +412,14 @@ async def test_responses_rounds_are_not_streamed_but_the_answers_call_is():
     outcome = await _run(model, payload, ResponsesToolDialect(DECLARED), executor, record)
     assert model.sent[0]["stream"] is False
     assert outcome.payload["stream"] is True
+
+
+def test_the_rounds_field_is_one_only_the_gateway_may_set():
+    # A model server's own "tool_rounds" is dropped before signing, like "sources".
+    from nilai.gateway.chat.signing import GATEWAY_FIELDS, drop_gateway_fields
+    from nilai.gateway.tools.loop import ROUNDS_FIELD
+
+    assert ROUNDS_FIELD in GATEWAY_FIELDS
+    forged: dict[str, Any] = {"object": "chat.completion", ROUNDS_FIELD: [{"results": []}]}
+    assert drop_gateway_fields(forged)
+    assert ROUNDS_FIELD not in forged
