@@ -232,12 +232,15 @@ def test_responses_run_the_tool_and_answer_signed_with_the_exact_usage(tools_sta
 
 def test_a_responses_stream_runs_the_round_then_streams_the_signed_answer(tools_stack: Stack):
     fake, gateway = tools_stack
-    with gateway.client() as client, client.responses.with_streaming_response.create(
-        model=MODEL,
-        input="What is six times seven?",
-        tools=[RESPONSES_TOOL],
-        stream=True,
-    ) as recorded:
+    with (
+        gateway.client() as client,
+        client.responses.with_streaming_response.create(
+            model=MODEL,
+            input="What is six times seven?",
+            tools=[RESPONSES_TOOL],
+            stream=True,
+        ) as recorded,
+    ):
         raw = recorded.read()
         request = recorded.http_request.content
     verified = verify_any(raw, _public_key(gateway), request=request)
