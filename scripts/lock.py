@@ -2,8 +2,9 @@
 
 pip's constraints (``pip install -c constraints.txt ...``) pin whatever an install pulls in
 without adding anything, so one file serves the gateway image (nilai's own dependencies) and
-CI and ``make setup`` (with the ``dev``, ``local``, ``nildb`` and ``websearch`` extras). The
-versions are those installed in the virtualenv this runs in: the set the test suite ran against.
+CI and ``make setup`` (with the ``dev``, ``local``, ``nildb``, ``websearch`` and ``rag``
+extras). The versions are those installed in the virtualenv this runs in: the set the test
+suite ran against.
 
     python scripts/lock.py            # print the constraints
     python scripts/lock.py --write    # write constraints.txt (``make lock``)
@@ -35,7 +36,7 @@ from packaging.utils import NormalizedName, canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = ROOT / "pyproject.toml"
 CONSTRAINTS = ROOT / "constraints.txt"
-EXTRAS = ("dev", "local", "nildb", "websearch")
+EXTRAS = ("dev", "local", "nildb", "websearch", "rag")
 LOCK_PLATFORM = ("linux", "x86_64")
 LOCK_PYTHON = "3.12"
 
