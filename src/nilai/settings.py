@@ -172,6 +172,16 @@ class NilaiSettings(BaseSettings):
     web_search_max_source_chars: int = Field(default=4000, ge=100, le=100_000)
     web_search_allow_networks: CommaList = Field(default_factory=list)
 
+    # NilRAG (off unless nilrag_enabled; docs/API.md "NilRAG")
+    nilrag_enabled: bool = False
+    nilrag_model_dir: Path | None = None
+    nilrag_node_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    nilrag_deadline_s: float = Field(default=15.0, gt=0, le=120)
+    nilrag_max_response_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
+    nilrag_max_documents: int = Field(default=100_000, ge=1, le=10_000_000)
+    nilrag_workers: int = Field(default=2, ge=1, le=32)
+    nilrag_allow_networks: CommaList = Field(default_factory=list)
+
     # server-side tools (off unless server_tools names one; docs/API.md "Server-side tools")
     server_tools: CommaList = Field(default_factory=list)
     tool_max_rounds: int = Field(default=1, ge=1, le=10)
@@ -290,6 +300,7 @@ class NilaiSettings(BaseSettings):
         "upstream_urls",
         "nildb_nodes",
         "web_search_allow_networks",
+        "nilrag_allow_networks",
         "server_tools",
         "cors_origins",
         "metrics_allow",
@@ -357,7 +368,7 @@ class NilaiSettings(BaseSettings):
                 raise ValueError("api_key_hashes must be hex SHA-256 digests (64 characters)")
         return [digest.lower() for digest in value]
 
-    @field_validator("metrics_allow", "web_search_allow_networks")
+    @field_validator("metrics_allow", "web_search_allow_networks", "nilrag_allow_networks")
     @classmethod
     def _check_networks(cls, value: list[str], info: ValidationInfo) -> list[str]:
         for item in value:

@@ -187,7 +187,9 @@ def has_unhashable_part_type(body: object) -> bool:
 
 
 def asks_for_an_unsupported_extra(body: object) -> bool:
-    """See ``test_unsupported_extras_are_not_server_errors`` and the web search one below it."""
+    """Web search or NilRAG asked of a gateway without them: 503 naming the setting (see
+    ``test_nilrag_on_a_gateway_without_it_is_503_naming_the_setting`` and the web search one
+    below it)."""
     if not isinstance(body, dict):
         return False
     nilrag = body.get("nilrag")
@@ -376,11 +378,26 @@ def test_content_part_type_that_is_not_a_string_is_a_client_error(gateway_url, p
     assert_client_error(chat(gateway_url, {"model": model, "messages": messages}))
 
 
-def test_unsupported_extras_are_not_server_errors(gateway_url):
+def test_a_malformed_nilrag_is_a_client_error(gateway_url):
     body = {"model": KNOWN_MODEL, "messages": MESSAGES, "nilrag": {"nodes": []}}
     response = chat(gateway_url, body)
     assert_client_error(response)
-    assert response.json()["error"]["code"] == "not_supported"
+    assert response.json()["error"]["param"] == "nilrag.nodes"
+
+
+def test_nilrag_on_a_gateway_without_it_is_503_naming_the_setting(gateway_url):
+    node = {
+        "bearer_token": "t",
+        "schema_id": "5b0c7a3e-7f7b-4b8e-9d2a-0b6f4f7f1a11",
+        "diff_query_id": "6c1d8b4f-8a8c-4c9f-8e3b-1c7a5a8a2b22",
+    }
+    nodes = [{**node, "url": f"https://node-{name}.example/api/v1"} for name in "ab"]
+    body = {"model": KNOWN_MODEL, "messages": MESSAGES, "nilrag": {"nodes": nodes}}
+    response = chat(gateway_url, body)
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "nilrag_not_configured"
+    assert "NILAI_NILRAG_ENABLED" in error["message"]
 
 
 def test_web_search_on_a_gateway_without_a_search_key_is_503_naming_the_setting(gateway_url):

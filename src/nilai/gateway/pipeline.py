@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,12 +24,20 @@ import orjson
 from starlette.types import Receive
 
 from nilai.context.prompts import PromptsOff, PromptVault
+from nilai.context.rag import retriever as rag_retriever
+from nilai.context.rag.retriever import Retrieved, Retriever
 from nilai.context.search import setup as search_setup
 from nilai.context.search.service import SearchOutcome, WebSearch
 from nilai.context.setup import NOT_CONFIGURED
 from nilai.crypto.keys import Signer
 from nilai.discovery.snapshot import DiscoverySnapshot
-from nilai.errors import ContextUnavailable, NilaiError, ShuttingDown, UpstreamTimeout
+from nilai.errors import (
+    ContextUnavailable,
+    NilaiError,
+    ShuttingDown,
+    UpstreamTimeout,
+    ValidationFailed,
+)
 from nilai.gateway.chat.context import RequestContext
 from nilai.gateway.chat.dispatch import CHAT_PATH, Dispatcher, PlannerCall, read_body
 from nilai.gateway.chat.stream import (
@@ -49,6 +57,7 @@ from nilai.limits.base import Decision
 from nilai.limits.policy import Admission
 from nilai.protocol.chat import ChatMessage
 from nilai.protocol.models import ModelCard
+from nilai.protocol.nilrag import NilragRequest
 from nilai.tools.server import ServerTools
 from nilai.upstream.client import UpstreamClient, UpstreamResponse
 from nilai.usage.sink import UsageSink
@@ -120,6 +129,7 @@ class ModelPipeline:
         web_search: WebSearch | None = None,
         tools: ServerTools | None = None,
         tool_max_rounds: int = 1,
+        retriever: Retriever | None = None,
     ) -> None:
         self._snapshot = snapshot
         self._prompts: PromptVault = prompts or PromptsOff(NOT_CONFIGURED)
@@ -135,10 +145,18 @@ class ModelPipeline:
         self._idle_timeout_s = idle_timeout_s
         self._tools = tools
         self._tool_max_rounds = tool_max_rounds
+        self._retriever = retriever
 
     # --- checking and admitting ---------------------------------------------------------------
 
-    async def _checked[T](self, ctx: RequestContext, web_search: bool, check: Callable[[], T]) -> T:
+    async def _checked[T](
+        self,
+        ctx: RequestContext,
+        web_search: bool,
+        check: Callable[[], T],
+        *,
+        nilrag: bool = False,
+    ) -> T:
         """Run ``check`` (the API's validation); a refusal still counts against the limits.
 
         A request refused for its model or parameters counts against the caller's limits (a 429
@@ -151,6 +169,11 @@ class ModelPipeline:
                 raise ContextUnavailable(
                     f"Web search is not available on this gateway ({search_setup.NOT_CONFIGURED}).",
                     code="web_search_not_configured",
+                )
+            if nilrag and self._retriever is None:
+                raise ContextUnavailable(
+                    f"NilRAG is not available on this gateway ({rag_retriever.NOT_CONFIGURED}).",
+                    code="nilrag_not_configured",
                 )
         except NilaiError:
             await self._admission.admit(ctx.principal, web_search=web_search)
@@ -207,10 +230,44 @@ class ModelPipeline:
         """
         if not request.web_search or self._web_search is None:
             return None
-        if receive is None:
-            return await self._run_search(request, conversation, ctx)
-        async with cancelled_on_disconnect(receive):
-            return await self._run_search(request, conversation, ctx)
+        return await _for_client(receive, self._run_search(request, conversation, ctx))
+
+    async def _retrieve(
+        self,
+        nilrag: NilragRequest,
+        question: str,
+        ctx: RequestContext,
+        receive: Receive | None,
+    ) -> Retrieved:
+        """The chunks of the client's documents closest to ``question`` (NilRAG).
+
+        Called once the request is admitted. The node round trips have their own deadline and
+        count in the request's time limit; the question, the chunks and the client's node
+        tokens are never logged or stored (the query log records that NilRAG ran and how many
+        chunks it added). A client that disconnects cancels it, as for the web search.
+        """
+        if self._retriever is None:  # refused in ``_checked``
+            raise ContextUnavailable(f"NilRAG is not available ({rag_retriever.NOT_CONFIGURED}).")
+        if not question.strip():
+            raise ValidationFailed(
+                "nilrag needs a user message with text to look up.",
+                param="messages",
+                code="invalid_value",
+            )
+        retriever = self._retriever
+
+        async def retrieve() -> Retrieved:
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    return await retriever.retrieve(nilrag, question)
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    f"NilRAG took longer than the request's {self._timeout_s:g}s."
+                ) from None
+
+        retrieved = await _for_client(receive, retrieve())
+        ctx.nilrag_chunks = len(retrieved.chunks)
+        return retrieved
 
     async def _run_search(
         self, request: ModelRequest, conversation: Sequence[ChatMessage], ctx: RequestContext
@@ -399,6 +456,18 @@ class ModelPipeline:
             ctx.tool_calls,
             "-" if ctx.first_token_s is None else f"{ctx.first_token_s * 1000:.1f}",
         )
+
+
+async def _for_client[T](receive: Receive | None, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``, cancelled (``ClientGone``) if the client disconnects meanwhile.
+
+    Only for work done for the client alone before the model answers (a web search, NilRAG):
+    with ``receive`` (the request's, its body read) a disconnect cancels it.
+    """
+    if receive is None:
+        return await work
+    async with cancelled_on_disconnect(receive):
+        return await work
 
 
 def signed_additions(search: SearchOutcome | None) -> dict[str, object]:

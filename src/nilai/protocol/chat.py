@@ -9,6 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 from pydantic_core import PydanticCustomError
 
 from nilai.protocol.base import OpenAIBaseModel
+from nilai.protocol.nilrag import NilragRequest
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -116,7 +117,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0, le=2)
     # nilai extras
     web_search: StrictBool = False
-    nilrag: dict[str, Any] | None = None
+    nilrag: NilragRequest | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -131,6 +132,17 @@ class ChatCompletionRequest(OpenAIBaseModel):
     def has_image(self) -> bool:
         """Whether any message carries an image."""
         return any(message.has_image() for message in self.messages)
+
+    def starts_with_system(self) -> bool:
+        """Whether the first message is a system message."""
+        return bool(self.messages) and self.messages[0].role == "system"
+
+    def last_user_text(self) -> str:
+        """The text of the last user message (its string, or its text parts joined)."""
+        for message in reversed(self.messages):
+            if message.role == "user":
+                return message.text()
+        return ""
 
     def function_names(self) -> list[str]:
         """The names of the function tools the request declares."""

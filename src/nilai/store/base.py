@@ -63,6 +63,8 @@ class QueryLog:
     """Searches a web search made at the provider (its queries and results are never kept)."""
     tool_calls: int = 0
     """Server-side tool calls the gateway ran (the code and its output are never kept)."""
+    nilrag_chunks: int = 0
+    """Chunks NilRAG added to the prompt (the question and the chunks are never kept)."""
 
 
 @dataclass(frozen=True, slots=True)

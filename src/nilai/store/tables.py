@@ -82,6 +82,7 @@ class QueryLogRow(Base):
     prompt_document: Mapped[bool] = mapped_column(Boolean, server_default=false())
     searches: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     tool_calls: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    nilrag_chunks: Mapped[int] = mapped_column(Integer, server_default=text("0"))
 
 
 class UsageTotalRow(Base):

@@ -54,6 +54,7 @@ class RequestContext:
     prompt_document: bool = False
     searches: int = 0
     tool_calls: int = 0
+    nilrag_chunks: int = 0
     earlier_prompt_tokens: int = 0
     earlier_completion_tokens: int = 0
     endpoint: str | None = None
@@ -185,4 +186,5 @@ class RequestContext:
             prompt_document=self.prompt_document,
             searches=self.searches,
             tool_calls=self.tool_calls,
+            nilrag_chunks=self.nilrag_chunks,
         )

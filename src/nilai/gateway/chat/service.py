@@ -14,6 +14,7 @@ import orjson
 from starlette.types import Receive
 
 from nilai.auth.nuc_policies import check_request_policies
+from nilai.context.rag.retriever import context_message
 from nilai.context.search.service import SearchOutcome
 from nilai.errors import rate_limit_headers
 from nilai.gateway.chat.context import RequestContext
@@ -45,13 +46,16 @@ class ChatService(ModelPipeline):
         ctx.multimodal = request.has_image()
         check_request_policies(ctx.principal, request)
         return await self._checked(
-            ctx, request.web_search, lambda: validate_chat(request, self._snapshot)
+            ctx,
+            request.web_search,
+            lambda: validate_chat(request, self._snapshot),
+            nilrag=request.nilrag is not None,
         )
 
     async def _with_context(
         self, chat: ValidatedChat, ctx: RequestContext, receive: Receive | None
     ) -> tuple[ValidatedChat, SearchOutcome | None]:
-        """The context stages, in order: the private prompt, then the web search.
+        """The context stages, in order: the private prompt, NilRAG, then the web search.
 
         Each addition goes into the one system message the gateway puts first. ``receive``
         lets a client that disconnects stop the web search (see ``ModelPipeline._search``).
@@ -60,10 +64,15 @@ class ChatService(ModelPipeline):
         prompt = await self._private_prompt(ctx)
         if prompt is not None:
             chat = chat.with_system_context(prompt)
+        if (nilrag := chat.request.nilrag) is not None:
+            question = chat.request.last_user_text()
+            retrieved = await self._retrieve(nilrag, question, ctx, receive)
+            chat = chat.with_retrieved_context(context_message(retrieved.chunks))
         search = await self._search(chat.model_request, chat.request.messages, ctx, receive)
         if search is not None:
             chat = chat.with_system_context(search.message["content"])
-        ctx.estimate_prompt([*chat.system_context, *(m.text() for m in chat.request.messages)])
+        added = [*chat.system_context, chat.client_system_context or ""]
+        ctx.estimate_prompt([*added, *(m.text() for m in chat.request.messages)])
         return chat, search
 
     @staticmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import orjson
 
@@ -31,6 +32,8 @@ class ValidatedChat:
     payload: bytes
     system_context: tuple[str, ...] = ()
     """What the gateway adds ahead of the client's messages (a private prompt, web sources)."""
+    client_system_context: str | None = None
+    """Retrieved documents added to the client's own leading system message (NilRAG)."""
 
     @property
     def model(self) -> str:
@@ -56,8 +59,26 @@ class ValidatedChat:
         only a leading system message still see them all. The request is left as sent.
         """
         context = (*self.system_context, text)
-        payload = upstream_payload(self.request, system_prompt="\n\n".join(context))
-        return replace(self, system_context=context, payload=payload)
+        return replace(self, system_context=context)._with_payload()
+
+    def with_retrieved_context(self, text: str) -> ValidatedChat:
+        """This chat with retrieved documents (NilRAG) in its first system message.
+
+        The first system message is the gateway's when it added one, else the client's own
+        leading one (a string gets ``text`` appended after a blank line; parts get one more
+        text part), else a new one at index 0. A request that has a system message never loses
+        the documents (upstream dropped them).
+        """
+        if self.system_context or not self.request.starts_with_system():
+            return self.with_system_context(text)
+        return replace(self, client_system_context=text)._with_payload()
+
+    def _with_payload(self) -> ValidatedChat:
+        system_prompt = "\n\n".join(self.system_context) if self.system_context else None
+        payload = upstream_payload(
+            self.request, system_prompt=system_prompt, client_system=self.client_system_context
+        )
+        return replace(self, payload=payload)
 
 
 def validate_chat(request: ChatCompletionRequest, snapshot: DiscoverySnapshot) -> ValidatedChat:
@@ -108,18 +129,20 @@ def _check_capabilities(request: ChatCompletionRequest, card: ModelCard) -> None
         raise InvalidRequest(f"The model '{card.id}' does not accept images.", param="messages")
     param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     check_output_limit(card, request.requested_max_tokens, param)
-    if request.nilrag:
-        raise InvalidRequest(
-            "nilrag is not available on this gateway.", param="nilrag", code="not_supported"
-        )
 
 
-def upstream_payload(request: ChatCompletionRequest, *, system_prompt: str | None = None) -> bytes:
+def upstream_payload(
+    request: ChatCompletionRequest,
+    *,
+    system_prompt: str | None = None,
+    client_system: str | None = None,
+) -> bytes:
     """The JSON sent upstream: only fields the client set, known to OpenAI or vLLM.
 
     A ``system_prompt`` (the gateway's additions: a private prompt from nilDB, web search
     sources) becomes the first message, ahead of the client's own system message; the request
-    itself is left as the client sent it.
+    itself is left as the client sent it. ``client_system`` is text added to the client's own
+    leading system message (retrieved documents).
 
     Streams always ask the model server for usage, so every stream can be accounted; the
     relay forwards the usage chunk only to clients that asked for it.
@@ -127,6 +150,8 @@ def upstream_payload(request: ChatCompletionRequest, *, system_prompt: str | Non
     exclude = set(NILAI_ONLY_FIELDS) | set(request.unknown_fields())
     data = request.model_dump(mode="json", exclude_unset=True, exclude=exclude)
     data["model"] = request.model
+    if client_system is not None:
+        data["messages"][0] = _with_text(data["messages"][0], client_system)
     if system_prompt is not None:
         data["messages"] = [{"role": "system", "content": system_prompt}, *data["messages"]]
     if request.stream:
@@ -141,6 +166,16 @@ def upstream_payload(request: ChatCompletionRequest, *, system_prompt: str | Non
         raise ValidationFailed(
             "The request holds a number outside the 64-bit integer range.", code="invalid_value"
         ) from exc
+
+
+def _with_text(message: dict[str, Any], text: str) -> dict[str, Any]:
+    """``message`` (a dumped system message) with ``text`` after its own content."""
+    content = message.get("content")
+    if isinstance(content, list):
+        parts = cast(list[object], content)
+        return {**message, "content": [*parts, {"type": "text", "text": text}]}
+    own = content if isinstance(content, str) else ""
+    return {**message, "content": f"{own}\n\n{text}" if own else text}
 
 
 def ignored_fields_headers(request: ChatCompletionRequest) -> dict[str, str]:

@@ -37,6 +37,19 @@ class StubSnapshot:
         return card is not None and feature in card.supported_features
 
 
+NILRAG: dict[str, Any] = {
+    "nodes": [
+        {
+            "url": f"https://node-{name}.example/api/v1",
+            "bearer_token": "t",
+            "schema_id": "5b0c7a3e-7f7b-4b8e-9d2a-0b6f4f7f1a11",
+            "diff_query_id": "6c1d8b4f-8a8c-4c9f-8e3b-1c7a5a8a2b22",
+        }
+        for name in "ab"
+    ]
+}
+
+
 def _req(**fields: Any) -> ChatCompletionRequest:
     body: dict[str, Any] = {"model": "m", "messages": [USER]}
     body.update(fields)
@@ -79,7 +92,7 @@ def test_payload_drops_unknown_top_level_fields():
 
 
 def test_payload_drops_nilai_only_fields():
-    payload = _payload(web_search=False, nilrag={"nodes": []})
+    payload = _payload(web_search=False, nilrag=NILRAG)
     assert "web_search" not in payload
     assert "nilrag" not in payload
 
@@ -215,11 +228,39 @@ def test_system_context_is_one_leading_system_message_in_the_order_added():
     assert len(chat.request.messages) == 2  # the request itself is left as sent
 
 
-def test_nilrag_is_not_supported():
-    with pytest.raises(InvalidRequest) as info:
-        _validate(_req(nilrag={"nodes": ["a"]}))
-    assert info.value.param == "nilrag"
-    assert info.value.status == 400
+def test_retrieved_context_goes_into_the_first_system_message():
+    # The client's own system message, a string: the documents are appended to it.
+    request = _req(messages=[{"role": "system", "content": "mine"}, USER])
+    messages = orjson.loads(_validate(request).with_retrieved_context("docs").payload)["messages"]
+    assert messages == [{"role": "system", "content": "mine\n\ndocs"}, USER]
+    # Its parts: one more text part.
+    parts = [{"type": "text", "text": "mine"}]
+    request = _req(messages=[{"role": "system", "content": parts}, USER])
+    messages = orjson.loads(_validate(request).with_retrieved_context("docs").payload)["messages"]
+    assert messages[0]["content"] == [*parts, {"type": "text", "text": "docs"}]
+    # No system message: a new one first.
+    messages = orjson.loads(_validate(_req()).with_retrieved_context("docs").payload)["messages"]
+    assert messages == [{"role": "system", "content": "docs"}, USER]
+    # The gateway's own first (a private prompt): the documents join it, the client's stays.
+    request = _req(messages=[{"role": "system", "content": "mine"}, USER])
+    chat = _validate(request).with_system_context("private").with_retrieved_context("docs")
+    messages = orjson.loads(chat.payload)["messages"]
+    assert messages[:2] == [
+        {"role": "system", "content": "private\n\ndocs"},
+        {"role": "system", "content": "mine"},
+    ]
+
+
+def test_retrieved_context_then_sources_keep_both():
+    request = _req(messages=[{"role": "system", "content": "mine"}, USER])
+    chat = _validate(request).with_retrieved_context("docs").with_system_context("sources")
+    messages = orjson.loads(chat.payload)["messages"]
+    assert messages == [
+        {"role": "system", "content": "sources"},
+        {"role": "system", "content": "mine\n\ndocs"},
+        USER,
+    ]
+    assert len(chat.request.messages) == 2  # the request itself is left as sent
 
 
 # --- ignored fields -----------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""NilRAG: retrieval over secret-shared documents in nilDB."""
