@@ -1,1 +1,1 @@
-"""NilRAG: retrieval over secret-shared documents in nilDB."""
+"""NilRAG: retrieval over documents secret-shared to nilDB nodes (nilrag 0.1.11's protocol)."""

@@ -1,28 +1,17 @@
 """Fetching the pages behind search results, safely, and reducing them to their text.
 
 A search result's URL comes from the open web: it may name, or redirect to, an address inside
-the operator's network (loopback, a private range, the cloud metadata service). ``AddressPolicy``
-decides which URLs may be fetched: ``http``/``https`` only, no credentials in the URL, and the
-host resolved (with the event loop's non-blocking ``getaddrinfo``) to addresses that are **all**
-public: one loopback, private, link-local, multicast, reserved, unspecified or metadata address
-among them refuses the URL, IPv4-mapped, 6to4 and Teredo IPv6 forms included. Networks can be
-allowlisted for tests (``allow=["127.0.0.0/8"]``); the metadata addresses stay refused even then.
-
-**No DNS rebinding between check and connect.** A name could resolve to a public address when
-checked and to ``10.0.0.1`` a moment later, when the HTTP client resolves it again to connect.
-So the client never resolves anything: ``HttpPageFetcher`` sends each request to the checked IP
-address itself (``http://93.184.215.14/path``), with the ``Host`` header set to the name, and for
-https the ``sni_hostname`` extension set to the name. httpcore then opens TLS with that name as
-``server_hostname``, so SNI and the certificate check are against the name, as in a normal
-request; the check and the connection use the very same address. Two consequences are handled:
-
-- the connection pool keys connections by the IP origin, so a TLS connection verified for one
-  name could be reused for another name at the same address; every request therefore carries
-  ``Connection: close`` and is never reused. Search results are on many different sites, so
-  keep-alive would buy little. The client must speak HTTP/1.1 only (httpx's default: no
-  ``http2=True``), where ``Connection: close`` holds;
-- redirects are followed here, not by httpx (``follow_redirects=False``), so every hop is checked
-  and pinned the same way; at most ``max_redirects`` of them.
+the operator's network (loopback, a private range, the cloud metadata service).
+``nilai.context.addresses.AddressPolicy`` decides which URLs may be fetched and at which
+address (see that module: all addresses of the host public, no DNS rebinding between check and
+connect). ``HttpPageFetcher`` sends each request to the checked IP address itself, with the
+``Host`` header and, for https, the SNI name set to the host name (``pinned_url``,
+``host_header``, ``pinned_extensions``), and ``Connection: close`` on every request: the pool
+keys connections by IP origin, so a TLS connection verified for one name must never be reused
+for another name at the same address. Search results are on many different sites, so
+keep-alive would buy little. Redirects are followed here, not by httpx
+(``follow_redirects=False``), so every hop is checked and pinned the same way; at most
+``max_redirects`` of them.
 
 ``page_client()`` builds such a client: HTTP/1.1, no proxy from the environment, and a cookie
 jar that refuses every cookie (one user's pages must not set cookies another user's fetches
@@ -54,13 +43,10 @@ from __future__ import annotations
 
 import asyncio
 import http.cookiejar
-import ipaddress
 import logging
 import multiprocessing
-import re
-import socket
 import zlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -69,6 +55,15 @@ from http import HTTPStatus
 from typing import Protocol
 
 import httpx
+
+from nilai.context.addresses import (
+    AddressPolicy,
+    Refused,
+    host_header,
+    parse_url,
+    pinned_extensions,
+    pinned_url,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,19 +74,7 @@ DEFAULT_MAX_TEXT_CHARS = 20_000
 
 KEPT_MEDIA_TYPES = frozenset({"text/html", "application/xhtml+xml", "text/plain"})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?")
-"""A DNS name (IDNA-encoded): nothing else is handed to the resolver."""
 _HTML_ACCEPT = "text/html,application/xhtml+xml,text/plain;q=0.9"
-
-METADATA_ADDRESSES = frozenset(
-    {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
-)
-"""Cloud instance metadata services (AWS, GCP, Azure, and AWS's IPv6 one): never fetched."""
-
-type IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-type IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-type Resolver = Callable[[str, int], Awaitable[list[str]]]
-"""``(host, port) -> addresses``: the policy's DNS lookup; tests pass their own."""
 
 
 class PageError(StrEnum):
@@ -130,148 +113,14 @@ class Page:
         return self.error is None
 
 
-class Refused(Exception):
-    """The address policy refuses a URL; ``kind`` says why (no content)."""
-
-    def __init__(self, kind: PageError) -> None:
-        super().__init__(kind.value)
-        self.kind = kind
-
-
-@dataclass(frozen=True)
-class Target:
-    """A URL the policy accepted, and the address its connection must go to."""
-
-    url: httpx.URL
-    host: str
-    """The name as sent in ``Host`` and SNI (IDNA-encoded, lower case, no brackets)."""
-    port: int
-    address: IPAddress
-
-
 def normalise_url(url: str) -> str:
     """``url`` with lower-case scheme and host, no default port and no fragment.
 
     Raises:
         Refused: The URL cannot be parsed, or has no host.
     """
-    parsed = _parse(url)
+    parsed = parse_url(url)
     return str(parsed.copy_with(fragment=None))
-
-
-def _parse(url: str) -> httpx.URL:
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError, ValueError):
-        raise Refused(PageError.BAD_URL) from None
-    if not parsed.host:
-        raise Refused(PageError.BAD_URL)
-    return parsed
-
-
-async def system_resolver(host: str, port: int) -> list[str]:
-    """The host's addresses from the event loop's ``getaddrinfo`` (runs off the loop)."""
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [str(info[4][0]) for info in infos]
-
-
-class AddressPolicy:
-    """Which URLs may be fetched, and at which address; see the module docstring."""
-
-    def __init__(self, *, allow: Iterable[str] = (), resolver: Resolver | None = None) -> None:
-        """Refuse every non-public address except those in ``allow`` (CIDR networks).
-
-        Args:
-            allow: Networks let through although not public, for tests on loopback
-                (``["127.0.0.0/8"]``). The metadata addresses are refused regardless.
-            resolver: ``(host, port) -> addresses``; the event loop's ``getaddrinfo`` if unset.
-        """
-        self._allow: list[IPNetwork] = [ipaddress.ip_network(net, strict=False) for net in allow]
-        self._resolver: Resolver = resolver or system_resolver
-
-    def address_allowed(self, address: IPAddress) -> bool:
-        """Whether a connection to ``address`` is allowed."""
-        forms = _forms(address)
-        if any(form in METADATA_ADDRESSES for form in forms):
-            return False
-        if any(form in net for form in forms for net in self._allow):
-            return True
-        return all(_is_public(form) for form in forms)
-
-    async def check(self, url: str | httpx.URL) -> Target:
-        """The target to connect to for ``url``, if every address of its host is allowed.
-
-        Raises:
-            Refused: Not http(s), credentials in the URL, no host, the host does not resolve,
-                or one of its addresses is not allowed.
-        """
-        parsed = url if isinstance(url, httpx.URL) else _parse(url)
-        if parsed.scheme not in {"http", "https"} or not parsed.host:
-            raise Refused(PageError.BAD_URL)
-        if parsed.userinfo:
-            raise Refused(PageError.BAD_URL)
-        host = parsed.raw_host.decode("ascii").lower()
-        if _ip_or_none(host) is None and not _HOST_NAME.fullmatch(host):
-            raise Refused(PageError.BAD_URL)
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        addresses = await self._addresses(host, port)
-        if not addresses:
-            raise Refused(PageError.DNS)
-        if not all(self.address_allowed(address) for address in addresses):
-            raise Refused(PageError.FORBIDDEN_ADDRESS)
-        return Target(url=parsed, host=host, port=port, address=addresses[0])
-
-    async def _addresses(self, host: str, port: int) -> list[IPAddress]:
-        literal = _ip_or_none(host)
-        if literal is not None:
-            return [literal]
-        try:
-            answers = await self._resolver(host, port)
-        except (OSError, UnicodeError):
-            raise Refused(PageError.DNS) from None
-        addresses: list[IPAddress] = []
-        for answer in answers:
-            # A scoped IPv6 answer ("fe80::1%eth0") is link-local anyway; the scope is dropped.
-            address = _ip_or_none(answer.split("%", 1)[0])
-            if address is None:
-                raise Refused(PageError.DNS)
-            if address not in addresses:
-                addresses.append(address)
-        return addresses
-
-
-def _ip_or_none(text: str) -> IPAddress | None:
-    try:
-        return ipaddress.ip_address(text.strip("[]"))
-    except ValueError:
-        return None
-
-
-def _forms(address: IPAddress) -> list[IPAddress]:
-    """The address and the IPv4 address it carries (mapped, 6to4, Teredo), if any."""
-    forms: list[IPAddress] = [address]
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            forms.append(address.ipv4_mapped)
-        if address.sixtofour is not None:
-            forms.append(address.sixtofour)
-        if address.teredo is not None:
-            forms.extend(address.teredo)
-    return forms
-
-
-def _is_public(address: IPAddress) -> bool:
-    # ``is_global`` alone lets multicast through (224.0.0.0/4 is "global"); the named classes
-    # are checked as well so that the rule reads as the issue states it.
-    return address.is_global and not (
-        address.is_loopback
-        or address.is_private
-        or address.is_link_local
-        or address.is_multicast
-        or address.is_reserved
-        or address.is_unspecified
-    )
 
 
 def page_client() -> httpx.AsyncClient:
@@ -469,25 +318,26 @@ class HttpPageFetcher:
         except _Failed as failure:
             return Page(url, error=failure.kind, status_code=failure.status_code)
         except Refused as refusal:
-            return Page(url, error=refusal.kind)
+            # The policy's kinds are page errors of the same name (bad_url, dns, ...).
+            return Page(url, error=PageError(refusal.kind.value))
         if not text.strip():
             return Page(url, truncated=body.truncated, error=PageError.NO_TEXT)
         return Page(url, text=text, truncated=body.truncated, status_code=HTTPStatus.OK)
 
     async def _download(self, url: str) -> _Body:
-        current = _parse(url)
+        current = parse_url(url)
         for _ in range(self._max_redirects + 1):
             target = await self._policy.check(current)
             request = self._http.build_request(
                 "GET",
-                _pinned_url(target),
+                pinned_url(target),
                 headers={
-                    "Host": _host_header(target),
+                    "Host": host_header(target),
                     "Connection": "close",
                     "Accept": _HTML_ACCEPT,
                     "Accept-Encoding": "gzip, deflate",
                 },
-                extensions={"sni_hostname": target.host} if target.url.scheme == "https" else {},
+                extensions=pinned_extensions(target),
                 timeout=self._per_fetch_timeout_s,
             )
             # A shared client's cookies are never sent to pages (see ``page_client``).
@@ -618,17 +468,6 @@ def _decode(body: _Body) -> str:
         return body.data.decode(body.charset or "utf-8", errors="replace")
     except LookupError:  # an unknown charset name
         return body.data.decode("utf-8", errors="replace")
-
-
-def _pinned_url(target: Target) -> httpx.URL:
-    """The URL with its host replaced by the checked address (the port is kept)."""
-    return target.url.copy_with(host=str(target.address), fragment=None)
-
-
-def _host_header(target: Target) -> str:
-    default = 443 if target.url.scheme == "https" else 80
-    host = f"[{target.host}]" if ":" in target.host else target.host
-    return host if target.port == default else f"{host}:{target.port}"
 
 
 def _distinct(urls: list[str]) -> list[str | Page]:

@@ -7,7 +7,8 @@ from contextlib import AsyncExitStack
 
 import httpx
 
-from nilai.context.search.pages import AddressPolicy, HttpPageFetcher, page_client, process_pool
+from nilai.context.addresses import AddressPolicy
+from nilai.context.search.pages import HttpPageFetcher, page_client, process_pool
 from nilai.context.search.provider import BraveSearch
 from nilai.context.search.service import SearchQuota, WebSearch
 from nilai.settings import NilaiSettings

@@ -1,14 +1,13 @@
-"""The address policy, and page fetching against the loopback stand-in pages (tests.fakes.web).
+"""Page fetching against the loopback stand-in pages (tests.fakes.web), behind the policy.
 
-The policy allowlists 127.0.0.0/8 so the stand-in itself can be fetched; the forbidden targets
-(metadata, private ranges) are not allowlisted, and DNS names are answered by a test resolver,
-never by real DNS.
+The address policy itself is tested in tests/unit/context/test_addresses.py. Here it allowlists
+127.0.0.0/8 so the stand-in itself can be fetched; the forbidden targets (metadata, private
+ranges) are not allowlisted, and DNS names are answered by a test resolver, never by real DNS.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import threading
@@ -26,7 +25,6 @@ from nilai.context.search.pages import (
     HttpPageFetcher,
     MemoryPageFetcher,
     PageError,
-    Refused,
     normalise_url,
     page_client,
     process_pool,
@@ -49,129 +47,6 @@ def resolver_of(answers: dict[str, list[str]]):
 
     resolve.asked = asked  # type: ignore[attr-defined]
     return resolve
-
-
-# ---------------------------------------------------------------- policy
-
-
-@pytest.mark.parametrize(
-    "address",
-    [
-        "127.0.0.1",  # loopback
-        "127.8.9.10",
-        "10.0.0.1",  # private
-        "172.16.5.4",
-        "192.168.1.1",
-        "100.64.0.1",  # carrier-grade NAT (shared)
-        "169.254.1.1",  # link-local
-        "169.254.169.254",  # metadata
-        "224.0.0.1",  # multicast
-        "239.255.255.250",
-        "240.0.0.1",  # reserved
-        "255.255.255.255",
-        "0.0.0.0",  # unspecified
-        "::1",  # IPv6 loopback
-        "::",  # IPv6 unspecified
-        "fe80::1",  # IPv6 link-local
-        "fc00::1",  # IPv6 unique local
-        "fd00:ec2::254",  # AWS IPv6 metadata
-        "ff02::1",  # IPv6 multicast
-        "::ffff:127.0.0.1",  # IPv4-mapped loopback
-        "::ffff:10.0.0.1",  # IPv4-mapped private
-        "::ffff:169.254.169.254",  # IPv4-mapped metadata
-        "2002:a00:1::",  # 6to4 carrying 10.0.0.1
-        "64:ff9b::a00:1",  # NAT64 of 10.0.0.1
-    ],
-)
-def test_non_public_addresses_are_refused(address: str):
-    policy = AddressPolicy()
-    assert not policy.address_allowed(ipaddress.ip_address(address))
-
-
-@pytest.mark.parametrize("address", ["93.184.215.14", "8.8.8.8", "2606:4700::1111"])
-def test_public_addresses_are_allowed(address: str):
-    assert AddressPolicy().address_allowed(ipaddress.ip_address(address))
-
-
-def test_the_allowlist_lets_its_networks_through_but_never_metadata():
-    policy = AddressPolicy(allow=["127.0.0.0/8", "169.254.0.0/16", "fd00::/8"])
-    assert policy.address_allowed(ipaddress.ip_address("127.0.0.1"))
-    assert policy.address_allowed(ipaddress.ip_address("::ffff:127.0.0.1"))
-    assert policy.address_allowed(ipaddress.ip_address("169.254.1.1"))
-    assert not policy.address_allowed(ipaddress.ip_address("169.254.169.254"))
-    assert not policy.address_allowed(ipaddress.ip_address("fd00:ec2::254"))
-    assert not policy.address_allowed(ipaddress.ip_address("10.0.0.1"))
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "ftp://example.com/file",
-        "file:///etc/passwd",
-        "gopher://example.com/",
-        "javascript:alert(1)",
-        "http://user:pass@example.com/",
-        "https://user@example.com/",
-        "http:///nohost",
-        "not a url",
-    ],
-)
-async def test_bad_urls_are_refused(url: str):
-    policy = AddressPolicy(resolver=resolver_of({"example.com": ["93.184.215.14"]}))
-    with pytest.raises(Refused) as refused:
-        await policy.check(url)
-    assert refused.value.kind is PageError.BAD_URL
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "http://127.0.0.1/",
-        "http://[::1]/",
-        "http://[::ffff:169.254.169.254]/",
-        "http://169.254.169.254/latest/meta-data/",
-        "https://10.0.0.1:8443/",
-        "http://internal.test/",
-    ],
-)
-async def test_forbidden_addresses_are_refused_after_resolution(url: str):
-    policy = AddressPolicy(resolver=resolver_of({"internal.test": ["10.1.2.3"]}))
-    with pytest.raises(Refused) as refused:
-        await policy.check(url)
-    assert refused.value.kind is PageError.FORBIDDEN_ADDRESS
-
-
-async def test_one_forbidden_address_among_public_ones_refuses_the_name():
-    policy = AddressPolicy(
-        resolver=resolver_of({"mixed.test": ["93.184.215.14", "2606:4700::1111", "127.0.0.1"]})
-    )
-    with pytest.raises(Refused) as refused:
-        await policy.check("https://mixed.test/")
-    assert refused.value.kind is PageError.FORBIDDEN_ADDRESS
-
-
-async def test_a_public_name_gives_its_checked_address_and_the_name_for_host_and_sni():
-    policy = AddressPolicy(resolver=resolver_of({"news.example": ["93.184.215.14", "8.8.8.8"]}))
-    target = await policy.check("HTTPS://News.Example:8443/a?b=1")
-    assert target.host == "news.example"
-    assert target.port == 8443
-    assert target.address == ipaddress.ip_address("93.184.215.14")
-
-
-async def test_a_name_that_does_not_resolve_is_refused_as_dns():
-    policy = AddressPolicy(resolver=resolver_of({}))
-    with pytest.raises(Refused) as refused:
-        await policy.check("http://nowhere.test/")
-    assert refused.value.kind is PageError.DNS
-
-
-async def test_the_system_resolver_runs_on_the_event_loop():
-    # "localhost" resolves from /etc/hosts, no network; loopback is refused without allowlist.
-    with pytest.raises(Refused) as refused:
-        await AddressPolicy().check("http://localhost/")
-    assert refused.value.kind is PageError.FORBIDDEN_ADDRESS
-    target = await AddressPolicy(allow=["127.0.0.0/8", "::1/128"]).check("http://localhost/")
-    assert target.address.is_loopback
 
 
 def test_urls_are_normalised_for_de_duplication():
