@@ -18,6 +18,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from nilai.attestation.factory import close_attestation_provider, make_attestation_provider
 from nilai.auth.strategies import make_authenticator
+from nilai.context.rag.setup import make_nilrag
 from nilai.context.search.setup import make_web_search
 from nilai.context.setup import make_private_prompts
 from nilai.crypto.keys import Signer, load_or_create_key
@@ -197,11 +198,16 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
         web_search = await make_web_search(settings, http, admission, stack)
         # In a thread: the sandbox probes this machine once (it runs a tiny program).
         tools = await asyncio.to_thread(make_server_tools, settings)
+        # In a thread: loading the embedding model takes seconds.
+        retriever = await asyncio.to_thread(make_nilrag, settings, http)
+        if retriever is not None:
+            stack.push_async_callback(retriever.aclose)
         if tools is not None:
             stack.push_async_callback(tools.aclose)
         # Chat completions and the Responses API share every stage and its services.
         pipeline: dict[str, Any] = {
             "tools": tools,
+            "retriever": retriever,
             "tool_max_rounds": settings.tool_max_rounds,
             "metrics": metrics,
             "drain": drain,
