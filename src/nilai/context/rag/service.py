@@ -158,12 +158,15 @@ def _join_chunks(ids: Sequence[str], per_node: Sequence[dict[str, str]]) -> list
     """The chunks of ``ids``, in that order, joined from every node's shares."""
     chunks: list[str] = []
     for document in ids:
-        shares = [answer.get(document) for answer in per_node]
-        present = [share for share in shares if share is not None]
-        if len(present) != len(shares):
-            raise UpstreamProtocolError(
-                "A NilRAG node did not return a chunk it listed.", code="nilrag_bad_answer"
-            )
+        present: list[str] = []
+        for index, answer in enumerate(per_node):
+            share = answer.get(document)
+            if share is None:
+                raise UpstreamProtocolError(
+                    f"NilRAG node {index} did not return a chunk that was asked for.",
+                    code="nilrag_bad_answer",
+                )
+            present.append(share)
         try:
             chunks.append(decode_chunk(present))
         except ShareError as exc:
