@@ -34,6 +34,16 @@ stopped at the output cap, and a sleeper killed at the (small) tool timeout, bes
 the tool printed (and how its run ended). The executor waits on its processes with asyncio
 subprocesses; a blocking wait on the loop — ``subprocess.run``, or even a 0.2 s sleep per run —
 fails the test (checked by patching ``LocalExecutor.run`` that way once).
+
+The fifth adds NilRAG (issue 21): chats naming three stand-in nilDB nodes (in the test's
+process, not the gateway's) that hold shares of 1,000 documents, streamed and not, among plain
+chats. Each such chat embeds the question with MiniLM, decodes three ~4.4 MB node answers,
+reconstructs 1,000 distances and joins the closest chunks' shares: the gateway's worker pool's
+work. The data owner seeds the nodes with the deterministic embedder (MiniLM over 1,000 texts
+takes too long for a test), so the gateway's MiniLM ranking does not match the owner's: the test
+checks that every answer is 200 and that the model received ``num_chunks`` corpus chunks in the
+context message, not which ones. Reconstruction on the loop (the pool's calls made directly)
+fails the test (checked by patching ``NilRag._run`` that way once).
 """
 
 from __future__ import annotations
@@ -53,6 +63,8 @@ import httpx
 import pytest
 from secp256k1 import PrivateKey  # pyright: ignore[reportMissingTypeStubs]
 
+from nilai.context.rag.embed import HashEmbedder
+from nilai.context.rag.retriever import context_message
 from nilai.crypto.verify import verify_any
 from tests.conftest import TEST_API_KEY, FakeHandle
 from tests.e2e.test_observability import scrape, value
@@ -65,6 +77,7 @@ from tests.e2e.test_private_prompts import (
 )
 from tests.fakes.nildb import start_cluster
 from tests.fakes.web import ARTICLE_TEXT, HUGE_CHUNK
+from tests.support.nilrag import DataOwner, StandInNode, running_nodes
 from tests.support.nuc import did_of
 from tests.support.servers import free_port, stop_process, wait_until
 from tests.support.websearch import SearchWorld
@@ -500,4 +513,127 @@ def test_no_slow_callbacks_with_server_tools_in_the_traffic(
         ran = value(after, "nilai_tool_calls_total", model=model)
         ran -= value(before, "nilai_tool_calls_total", model=model)
         assert ran == sum(job[0] != "plain" and job[1] == model for job in jobs), model
+    assert gateway.slow_steps()[warm:] == []
+
+
+# --- NilRAG (issue 21) --------------------------------------------------------------------------
+
+NILRAG_DOCUMENTS = 1000
+NILRAG_CHUNKS = 3
+NILRAG_ENV = {"NILAI_NILRAG_ENABLED": "true", "NILAI_NILRAG_ALLOW_NETWORKS": "127.0.0.1/32"}
+"""NilRAG on, with plain http to the loopback stand-ins allowed (refused otherwise)."""
+
+
+def nilrag_corpus(count: int) -> list[str]:
+    """``count`` distinct one-line texts (no blank lines: the context message separates chunks
+    with them)."""
+    return [
+        f"Note {i}: the harbour log for day {i} records tide {i % 7}, wind {i % 11} and "
+        f"{i % 5} ships."
+        for i in range(count)
+    ]
+
+
+def context_chunks(content: str, corpus: set[str]) -> list[str]:
+    """The chunks of a NilRAG context message, checked to be corpus texts and numbered in order.
+
+    Fails the test when ``content`` is not ``context_message`` of corpus texts.
+    """
+    head = context_message([])
+    assert content.startswith(head), content[:200]
+    chunks: list[str] = []
+    for index, numbered in enumerate(content[len(head) :].split("\n\n"), start=1):
+        prefix = f"[{index}] "
+        assert numbered.startswith(prefix), numbered[:80]
+        chunks.append(numbered.removeprefix(prefix))
+    assert set(chunks) <= corpus, chunks
+    assert content == context_message(chunks)
+    return chunks
+
+
+def nilrag_chat(
+    client: httpx.Client, url: str, nodes: list[StandInNode], question: str, *, stream: bool
+) -> int:
+    """POST a chat asking ``question`` over the stand-in nodes (read to the end); its status."""
+    body = {
+        "model": "fake-model",
+        "messages": [{"role": "user", "content": question}],
+        "stream": stream,
+        "nilrag": {"nodes": [node.node() for node in nodes], "num_chunks": NILRAG_CHUNKS},
+    }
+    target = f"{url}/v1/chat/completions"
+    if not stream:
+        return client.post(target, json=body, headers=HEADERS).status_code
+    with client.stream("POST", target, json=body, headers=HEADERS) as r:
+        for _ in r.iter_bytes():
+            pass
+        return r.status_code
+
+
+def test_no_slow_callbacks_with_nilrag_in_the_traffic(
+    start_fake: Callable[..., FakeHandle], tmp_path: Path
+):
+    fake = start_fake(tokens=32)
+    corpus = nilrag_corpus(NILRAG_DOCUMENTS)
+    with (
+        running_nodes(3) as nodes,
+        debug_gateway(tmp_path, fake.url, **NILRAG_ENV) as gateway,
+        httpx.Client(timeout=60) as client,
+    ):
+        DataOwner(HashEmbedder(), len(nodes)).seed([node.state for node in nodes], corpus)
+        url = gateway.url
+
+        def send(job: tuple[str, bool, str]) -> tuple[str, int]:
+            """The job's question ("" for a plain chat) and its status."""
+            kind, stream, question = job
+            if kind == "plain":
+                return "", chat(client, url, stream=stream)
+            return question, nilrag_chat(client, url, nodes, question, stream=stream)
+
+        def jobs_of(kinds: list[tuple[str, bool]], first: int) -> list[tuple[str, bool, str]]:
+            """The jobs, each NilRAG one with its own question (to find its model call by)."""
+            return [
+                (kind, stream, f"Which ships came in on day {first + n}? (question {first + n})")
+                for n, (kind, stream) in enumerate(kinds)
+            ]
+
+        # Warm-up: first-use imports and the worker pool's threads, and one model call.
+        warm_jobs = jobs_of(
+            [("plain", False), ("plain", True), ("nilrag", False), ("nilrag", True)], 0
+        )
+        warm_results = [send(job) for job in warm_jobs]
+        assert [status for _, status in warm_results] == [200] * len(warm_jobs)
+        warm = len(gateway.slow_steps())
+        before = [len(node.state.requests) for node in nodes]
+
+        kinds = [("nilrag", False), ("plain", False), ("nilrag", True), ("plain", True)]
+        jobs = jobs_of(kinds * 4, len(warm_jobs))
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(send, jobs))
+        routes = [node.state.routes()[count:] for node, count in zip(nodes, before, strict=True)]
+        assert client.get(f"{url}/readyz").status_code == 200
+    statuses = [status for _, status in results]
+    assert statuses == [200] * len(jobs), list(zip(jobs, statuses, strict=True))
+    # Every NilRAG chat reached the model with NILRAG_CHUNKS corpus chunks in a system message
+    # before its question, and with nothing else; plain chats with none.
+    sent: dict[str, list[dict[str, Any]]] = {}
+    plain: list[list[dict[str, Any]]] = []
+    for body in fake.state.stats.bodies:
+        asked = body["messages"][-1]["content"]
+        if asked == MESSAGES[0]["content"]:
+            plain.append(body["messages"])
+        else:
+            sent[asked] = body["messages"]
+    questions = {question for question, _ in results if question}
+    assert len(questions) == sum(kind == "nilrag" for kind, _, _ in jobs)
+    corpus_set = set(corpus)
+    for question in questions:
+        messages = sent[question]
+        assert len(messages) == 2, messages[:-1]
+        assert messages[0]["role"] == "system"
+        assert len(context_chunks(messages[0]["content"], corpus_set)) == NILRAG_CHUNKS
+    assert plain == [MESSAGES] * sum(kind == "plain" for kind, _, _ in [*warm_jobs, *jobs])
+    # Each NilRAG chat asked every node once for its distances and once for its chunks.
+    for node_routes in routes:
+        assert sorted(node_routes) == ["execute"] * len(questions) + ["read"] * len(questions)
     assert gateway.slow_steps()[warm:] == []

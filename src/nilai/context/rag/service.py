@@ -9,11 +9,11 @@ document; only the sum of all nodes' answers reveals the distances, and only her
 come back XOR-shared and are joined here too. Nothing of it (question, distances, chunks, the
 client's node tokens) is logged or stored.
 
-The CPU work (embedding the question, decoding the nodes' answers, the share arithmetic,
-joining chunks) runs in the retriever's own bounded thread pool, never on the event loop: the
-numpy and tokenizer work releases the GIL, and the JSON decoding of a large answer is a few
-tens of milliseconds that a request must not stall every other one for. The node calls are
-concurrent; the whole retrieval has a deadline (504 past it).
+The CPU work runs off the event loop, in the retriever's own bounded pools: the question's
+embedding in threads (torch releases the GIL), and the decoding of the nodes' answers, the
+share arithmetic and the joining of chunks in worker processes (decoding megabytes of JSON
+holds the GIL for tens of milliseconds at a time: in a thread it would stall the loop as much).
+The node calls are concurrent; the whole retrieval has a deadline (504 past it).
 
 Failures say which node (its index in the request's ``nodes``) and what kind of failure,
 never what the node answered: a refused URL is the client's (422), an unreachable node 503, a
@@ -24,20 +24,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from collections.abc import Callable, Coroutine, Iterable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from nilai.context.rag.embed import Embedder
 from nilai.context.rag.nodes import NilragNodes, NodeError, NodeRefused
 from nilai.context.rag.retriever import Retrieved
 from nilai.context.rag.shares import (
+    NodeAnswerError,
     ShareError,
-    closest,
-    decode_chunk,
-    distances,
-    parse_chunks,
-    parse_differences,
+    join_chunks,
+    rank,
+    ready,
     share_query,
 )
 from nilai.errors import (
@@ -71,12 +75,20 @@ class NilRag:
         deadline_s: float,
         max_documents: int,
         workers: int,
+        decoders: Executor | None = None,
     ) -> None:
+        """Retrieve with ``embedder`` over ``nodes``.
+
+        ``workers`` threads embed questions; ``decoders`` (``workers`` processes if unset)
+        read the nodes' answers and do the share arithmetic.
+        """
         self._embedder = embedder
         self._nodes = nodes
         self._deadline_s = deadline_s
         self._max_documents = max_documents
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nilai-nilrag")
+        self._workers = workers
+        self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nilai-nilrag")
+        self._decoders = decoders if decoders is not None else decoder_pool(workers)
 
     async def retrieve(self, request: NilragRequest, question: str) -> Retrieved:
         """The ``request.num_chunks`` chunks closest to ``question``, closest first.
@@ -107,74 +119,79 @@ class NilRag:
     async def _retrieve(self, request: NilragRequest, question: str) -> Retrieved:
         nodes = request.nodes
         targets = await self._nodes.check(nodes)  # every URL checked before anything is sent
-        embedding = await self._run(self._embedder.embed, question)
-        shares = await self._run(share_query, embedding, len(nodes))
+        embedding = await self._embed(question)
+        shares = share_query(embedding, len(nodes))
         answers = await _all(
             self._nodes.execute(index, node, target, shares[index])
             for index, (node, target) in enumerate(zip(nodes, targets, strict=True))
         )
-        per_node = await _all(
-            self._parsed(index, parse_differences, answer) for index, answer in enumerate(answers)
-        )
-        try:
-            ids, found = await self._run(distances, per_node)
-        except ShareError as exc:
-            raise UpstreamProtocolError(
-                f"The NilRAG nodes' answers do not agree ({exc.reason}).", code="nilrag_bad_answer"
-            ) from None
-        chosen = closest(ids, found, request.num_chunks)
+        limit = self._max_documents
+        chosen = await self._decode(rank, answers, max_documents=limit, k=request.num_chunks)
         if not chosen:
             return Retrieved([])
         chunk_answers = await _all(
             self._nodes.read(index, node, target, chosen)
             for index, (node, target) in enumerate(zip(nodes, targets, strict=True))
         )
-        chunk_shares = await _all(
-            self._parsed(index, parse_chunks, answer) for index, answer in enumerate(chunk_answers)
-        )
-        chunks = await self._run(_join_chunks, chosen, chunk_shares)
+        chunks = await self._decode(join_chunks, chunk_answers, chosen, max_documents=limit)
         return Retrieved(chunks)
 
-    async def _parsed[T](self, index: int, parse: Callable[..., T], answer: bytes) -> T:
+    async def _embed(self, question: str) -> npt.NDArray[np.float64]:
+        """The question's embedding, computed in a worker thread (torch releases the GIL)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, self._embedder.embed, question)
+
+    async def _decode[T](self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``work`` (reading nodes' answers, share arithmetic) in a worker process.
+
+        A process, not a thread: decoding megabytes of JSON holds the interpreter lock for tens
+        of milliseconds at a time, which in a thread would stall the event loop just as much.
+        """
+        loop = asyncio.get_running_loop()
         try:
-            return await self._run(parse, answer, max_documents=self._max_documents)
-        except ShareError as exc:
+            return await loop.run_in_executor(self._decoders, partial(work, *args, **kwargs))
+        except NodeAnswerError as exc:
             raise UpstreamProtocolError(
-                f"NilRAG node {index} answered something that is not nilrag's answer "
-                f"({exc.reason}).",
+                f"NilRAG node {exc.index} sent an answer that is not nilrag's ({exc.reason}).",
                 code="nilrag_bad_answer",
             ) from None
+        except ShareError as exc:
+            raise UpstreamProtocolError(
+                f"The NilRAG nodes' answers do not agree ({exc.reason}).", code="nilrag_bad_answer"
+            ) from None
 
-    async def _run[T](self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: work(*args, **kwargs))
+    def warm_up(self) -> None:
+        """Start every decoder process (blocking: call it off the event loop, at start-up).
+
+        A process pool starts its workers on first use; each imports numpy, which takes a
+        second or more that no request should wait for.
+        """
+        futures = [self._decoders.submit(ready) for _ in range(self._workers)]
+        for future in futures:
+            future.result(timeout=120)
 
     async def aclose(self) -> None:
-        """Let the worker threads finish what they run, then stop them."""
-        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+        """Let the workers finish what they run, then stop them."""
+        await asyncio.to_thread(self._threads.shutdown, wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._decoders.shutdown, wait=True, cancel_futures=True)
 
 
-def _join_chunks(ids: Sequence[str], per_node: Sequence[dict[str, str]]) -> list[str]:
-    """The chunks of ``ids``, in that order, joined from every node's shares."""
-    chunks: list[str] = []
-    for document in ids:
-        present: list[str] = []
-        for index, answer in enumerate(per_node):
-            share = answer.get(document)
-            if share is None:
-                raise UpstreamProtocolError(
-                    f"NilRAG node {index} did not return a chunk that was asked for.",
-                    code="nilrag_bad_answer",
-                )
-            present.append(share)
-        try:
-            chunks.append(decode_chunk(present))
-        except ShareError as exc:
-            raise UpstreamProtocolError(
-                f"The NilRAG nodes' chunk shares do not join ({exc.reason}).",
-                code="nilrag_bad_answer",
-            ) from None
-    return chunks
+def decoder_pool(workers: int) -> Executor:
+    """Worker processes for the decoding, started fresh (``spawn``), never forked.
+
+    Where processes cannot be had (no working ``sem_open``, as in some sandboxes), threads,
+    said once: then a large answer slows the event loop.
+    """
+    try:
+        context = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    except (OSError, ImportError, NotImplementedError) as exc:
+        logger.warning(
+            "NilRAG: the nodes' answers are decoded in threads, not processes (%s); under load "
+            "it slows the event loop",
+            type(exc).__name__,
+        )
+        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nilai-nilrag-decode")
 
 
 def _node_failure(failed: NodeError) -> NilaiError:

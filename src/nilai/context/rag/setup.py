@@ -48,10 +48,12 @@ def make_nilrag(settings: NilaiSettings, http: httpx.AsyncClient) -> Retriever |
         # Plain http only towards networks the operator allowlisted (stand-ins on loopback).
         schemes=HTTPS_AND_HTTP if allowed else HTTPS_ONLY,
     )
-    return NilRag(
+    retriever = NilRag(
         embedder,
         nodes,
         deadline_s=settings.nilrag_deadline_s,
         max_documents=settings.nilrag_max_documents,
         workers=settings.nilrag_workers,
     )
+    retriever.warm_up()
+    return retriever

@@ -239,3 +239,62 @@ def decode_chunk(shares: Sequence[str]) -> str:
         return plain[1:].decode("utf-8")
     except UnicodeDecodeError:
         raise ShareError("the chunk shares do not combine into text") from None
+
+
+class NodeAnswerError(ShareError):
+    """One node's answer is unusable; ``index`` is the node's position in the request."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(reason)
+        self.index = index
+        self.args = (index, reason)  # pickled as (index, reason): it crosses process pools
+
+
+def rank(answers: Sequence[bytes], *, max_documents: int, k: int) -> list[str]:
+    """Every node's ``queries/execute`` answer, read and combined: the ``k`` closest ids.
+
+    One call for the whole reconstruction, so that a worker process receives the raw answers
+    and returns only the chosen ids.
+
+    Raises:
+        NodeAnswerError: A node's answer is malformed (naming the node).
+        ShareError: The answers are well-formed but do not agree (other documents).
+    """
+    per_node: list[tuple[list[str], npt.NDArray[np.int64]]] = []
+    for index, answer in enumerate(answers):
+        try:
+            per_node.append(parse_differences(answer, max_documents=max_documents))
+        except ShareError as exc:
+            raise NodeAnswerError(index, exc.reason) from None
+    ids, found = distances(per_node)
+    return closest(ids, found, k)
+
+
+def join_chunks(answers: Sequence[bytes], ids: Sequence[str], *, max_documents: int) -> list[str]:
+    """Every node's ``data/read`` answer, read and joined: the chunks of ``ids``, in order.
+
+    Raises:
+        NodeAnswerError: A node's answer is malformed or lacks one of ``ids`` (naming it).
+        ShareError: The shares of a chunk do not join into text.
+    """
+    per_node: list[dict[str, str]] = []
+    for index, answer in enumerate(answers):
+        try:
+            per_node.append(parse_chunks(answer, max_documents=max_documents))
+        except ShareError as exc:
+            raise NodeAnswerError(index, exc.reason) from None
+    chunks: list[str] = []
+    for document in ids:
+        shares: list[str] = []
+        for index, chunks_of_node in enumerate(per_node):
+            share = chunks_of_node.get(document)
+            if share is None:
+                raise NodeAnswerError(index, "a chunk that was asked for is missing")
+            shares.append(share)
+        chunks.append(decode_chunk(shares))
+    return chunks
+
+
+def ready() -> bool:
+    """A no-op a worker process runs once at start-up: the module (and numpy) are imported."""
+    return True

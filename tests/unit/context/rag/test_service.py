@@ -13,6 +13,7 @@ import itertools
 import logging
 import threading
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,10 +23,9 @@ import numpy.typing as npt
 import pytest
 
 from nilai.context.addresses import AddressPolicy
-from nilai.context.rag import service
 from nilai.context.rag.embed import Embedder, HashEmbedder
 from nilai.context.rag.nodes import HTTPS_ONLY, NilragNodes, NodeLimits
-from nilai.context.rag.service import NilRag
+from nilai.context.rag.service import NilRag, decoder_pool
 from nilai.errors import (
     NilaiError,
     UpstreamProtocolError,
@@ -122,6 +122,7 @@ async def retriever(
     timeout_s: float = 5.0,
     deadline_s: float = 20.0,
     max_response_bytes: int = 1024 * 1024,
+    decoders: Executor | None = None,
 ) -> AsyncGenerator[NilRag]:
     """A NilRag over real NilragNodes and a fresh httpx client, closed afterwards."""
     async with httpx.AsyncClient(trust_env=False) as http:
@@ -137,6 +138,8 @@ async def retriever(
             deadline_s=deadline_s,
             max_documents=10_000,
             workers=2,
+            # Threads here, for speed; test_decoding_runs_in_worker_processes covers processes.
+            decoders=decoders or ThreadPoolExecutor(2, thread_name_prefix="nilai-nilrag-decode"),
         )
         try:
             yield rag
@@ -194,10 +197,8 @@ async def test_another_question_gets_another_ranking(nilrag_nodes: list[StandInN
     assert retrieved.chunks == expected
 
 
-async def test_the_work_runs_in_the_retrievers_pool(
-    nilrag_nodes: list[StandInNode], monkeypatch: pytest.MonkeyPatch
-):
-    threads: dict[str, list[str]] = {"embed": [], "distances": [], "parse": []}
+async def test_the_work_runs_in_the_retrievers_pools(nilrag_nodes: list[StandInNode]):
+    threads: dict[str, list[str]] = {"embed": [], "decode": []}
 
     class Recording:
         """HashEmbedder, noting the thread each embedding is computed on."""
@@ -208,26 +209,43 @@ async def test_the_work_runs_in_the_retrievers_pool(
             threads["embed"].append(threading.current_thread().name)
             return HashEmbedder().embed(text)
 
-    def recorded[**P, T](what: str, work: Callable[P, T]) -> Callable[P, T]:
-        def run(*args: P.args, **kwargs: P.kwargs) -> T:
-            threads[what].append(threading.current_thread().name)
-            return work(*args, **kwargs)
+    class RecordingDecoders(ThreadPoolExecutor):
+        """Decoder threads noting each piece of work they run."""
 
-        return run
+        def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+            def run() -> Any:
+                threads["decode"].append(threading.current_thread().name)
+                return fn(*args, **kwargs)
 
-    monkeypatch.setattr(service, "distances", recorded("distances", service.distances))
-    monkeypatch.setattr(service, "parse_differences", recorded("parse", service.parse_differences))
-    async with retriever(embedder=Recording()) as rag:
+            return super().submit(run)
+
+    decoders = RecordingDecoders(2, thread_name_prefix="nilai-nilrag-decode")
+    async with retriever(embedder=Recording(), decoders=decoders) as rag:
         retrieved = await rag.retrieve(request_for(entries(nilrag_nodes), 3), QUESTION)
     assert retrieved.chunks == distinct_top(3)
     assert len(threads["embed"]) == 1
-    assert len(threads["distances"]) == 1
-    assert len(threads["parse"]) == NODES
+    assert len(threads["decode"]) == 2  # the ranking, then the chunks
     loop_thread = threading.current_thread().name
     for what, names in threads.items():
         for name in names:
             assert name.startswith("nilai-nilrag"), f"{what} ran on {name}"
             assert name != loop_thread
+
+
+async def test_decoding_runs_in_worker_processes(nilrag_nodes: list[StandInNode]):
+    # The production default: the nodes' answers are decoded in spawned processes.
+    decoders = decoder_pool(1)
+    assert isinstance(decoders, ProcessPoolExecutor)
+    async with retriever(decoders=decoders) as rag:
+        rag.warm_up()
+        retrieved = await rag.retrieve(request_for(entries(nilrag_nodes), 3), QUESTION)
+        malformed = [entry | {} for entry in entries(nilrag_nodes)]
+        nilrag_nodes[2].state.fail(Fault.MALFORMED, routes=("execute",))
+        with pytest.raises(UpstreamProtocolError) as raised:
+            await rag.retrieve(request_for(malformed, 3), QUESTION)
+    assert retrieved.chunks == distinct_top(3)
+    # The node's index survives the trip back from the worker process.
+    assert "NilRAG node 2" in raised.value.message
 
 
 # ---------------------------------------------------------------- failures of a node
