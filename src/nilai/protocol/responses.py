@@ -20,8 +20,9 @@ from nilai.protocol.chat import IMAGE_PARTS, ChatMessage, ContentPart, ModelId
 
 InputRole = Literal["user", "assistant", "system", "developer"]
 
-NILAI_ONLY_FIELDS = frozenset({"web_search"})
-"""Fields nilai reads itself and never sends to the model server."""
+NILAI_ONLY_FIELDS = frozenset({"web_search", "nilrag"})
+"""Fields nilai reads itself and never sends to the model server (``nilrag`` holds the client's
+node tokens: it is refused here, and never relayed)."""
 
 MESSAGE_TYPE = "message"
 """The ``type`` of a message item (which may also be written without a type, with a role)."""

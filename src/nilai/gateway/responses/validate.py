@@ -74,6 +74,13 @@ def validate_responses(
         ValidationFailed: ``max_output_tokens`` is above the model's limit (422).
     """
     request.refused_state_fields()
+    if (request.model_extra or {}).get("nilrag") is not None:
+        # Never passed through: it holds the client's bearer tokens for its nilDB nodes.
+        raise InvalidRequest(
+            "nilrag is available on POST /v1/chat/completions only.",
+            param="nilrag",
+            code="not_supported",
+        )
     card = served_model(request.model, snapshot)
     # Any of the model's servers will do: requests go only to those that announce it.
     if not snapshot.announces(card.id, RESPONSES_FEATURE):

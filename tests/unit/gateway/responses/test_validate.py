@@ -11,7 +11,7 @@ from nilai.discovery.snapshot import DiscoverySnapshot
 from nilai.errors import InvalidRequest, NilaiError, NotFound, ValidationFailed
 from nilai.gateway.responses.validate import ValidatedResponses, validate_responses
 from nilai.protocol.models import ModelCard
-from nilai.protocol.responses import ResponsesRequest
+from nilai.protocol.responses import ResponsesRequest, upstream_payload
 from tests.unit.gateway.chat.test_validate import StubSnapshot
 
 RESPONSES_CARD = ModelCard(id="m", supported_features=["chat_completion", "responses"])
@@ -216,3 +216,20 @@ def test_the_model_request_goes_to_the_responses_path_of_servers_that_serve_it()
     with_context = validated.with_instructions("sources")
     assert with_context.model_request.payload == with_context.payload
     assert with_context.model_request.payload != validated.payload
+
+
+def test_nilrag_is_refused_and_never_relayed():
+    # It holds the client's node tokens: the model server must never receive it.
+    request = ResponsesRequest.model_validate(
+        {"model": "m", "input": "hi", "nilrag": {"nodes": []}}
+    )
+    with pytest.raises(InvalidRequest) as info:
+        validate_responses(
+            request, StubSnapshot(ModelCard(id="m", supported_features=["responses"]))
+        )
+    assert (info.value.status, info.value.param, info.value.code) == (
+        400,
+        "nilrag",
+        "not_supported",
+    )
+    assert "nilrag" not in orjson.loads(upstream_payload(request))
