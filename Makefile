@@ -113,7 +113,7 @@ lock: ## Write constraints.txt: the versions installed in the virtualenv (script
 
 upgrade-deps: ## Upgrade every dependency within pyproject.toml, then `make lock`; test it!
 	@test -x "$(BIN)/python" || { echo "no $(VENV): run make setup first" >&2; exit 1; }
-	$(BIN)/python -m pip install --upgrade --upgrade-strategy eager -e '.[dev,local,nildb,websearch,rag]'
+	$(BIN)/python -m pip install --upgrade --upgrade-strategy eager -e '.[dev,local,nildb,websearch,rag,attest]'
 	$(BIN)/python scripts/lock.py --write
 
 pin-images: ## Pin the base and service images by digest (docker buildx or crane; a registry)

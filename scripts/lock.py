@@ -2,9 +2,9 @@
 
 pip's constraints (``pip install -c constraints.txt ...``) pin whatever an install pulls in
 without adding anything, so one file serves the gateway image (nilai's own dependencies) and
-CI and ``make setup`` (with the ``dev``, ``local``, ``nildb``, ``websearch`` and ``rag``
-extras). The versions are those installed in the virtualenv this runs in: the set the test
-suite ran against.
+CI and ``make setup`` (with the ``dev``, ``local``, ``nildb``, ``websearch``, ``rag`` and
+``attest`` extras). The versions are those installed in the virtualenv this runs in: the set the
+test suite ran against.
 
     python scripts/lock.py            # print the constraints
     python scripts/lock.py --write    # write constraints.txt (``make lock``)
@@ -36,7 +36,7 @@ from packaging.utils import NormalizedName, canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = ROOT / "pyproject.toml"
 CONSTRAINTS = ROOT / "constraints.txt"
-EXTRAS = ("dev", "local", "nildb", "websearch", "rag")
+EXTRAS = ("dev", "local", "nildb", "websearch", "rag", "attest")
 LOCK_PLATFORM = ("linux", "x86_64")
 LOCK_PYTHON = "3.12"
 

@@ -106,7 +106,7 @@ say "Upgrading pip"
 say "Installing nilai (editable) with the dev tools and the local engine"
 say "(PyTorch and transformers: a few GB on the first install; pip shows its progress)"
 rm -f -- "$STAMP"
-"$VENV/bin/python" -m pip install --progress-bar on --constraint constraints.txt -e '.[dev,local,nildb,websearch,rag]'
+"$VENV/bin/python" -m pip install --progress-bar on --constraint constraints.txt -e '.[dev,local,nildb,websearch,rag,attest]'
 
 "$VENV/bin/python" - "$STAMP" <<'EOF'
 import hashlib

@@ -244,7 +244,7 @@ def test_no_pin_has_extras_or_urls():
 
 def test_every_install_uses_the_constraints():
     """setup (and so CI), both images and the build context all take constraints.txt."""
-    assert "--constraint constraints.txt -e '.[dev,local,nildb,websearch,rag]'" in (
+    assert "--constraint constraints.txt -e '.[dev,local,nildb,websearch,rag,attest]'" in (
         (ROOT / "scripts" / "setup.sh").read_text()
     )
     for dockerfile in DOCKERFILES:
