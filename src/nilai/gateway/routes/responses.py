@@ -6,11 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from nilai.gateway.chat.context import CLIENT_CLOSED, RESPONSES_API, RequestContext
-from nilai.gateway.chat.parse import BodyLimits, check_content_type, parse_responses_request
-from nilai.gateway.chat.stream import ChatStreamResponse
+from nilai.gateway.chat.context import RESPONSES_API
+from nilai.gateway.chat.parse import parse_responses_request
 from nilai.gateway.deps import PrincipalDep, RequestIdDep, ServicesDep
-from nilai.gateway.disconnect import ClientGone
+from nilai.gateway.routes.relay import relay_request
 from nilai.protocol.base import inline_json_schema
 from nilai.protocol.errors import error_responses
 from nilai.protocol.responses import ResponsesRequest
@@ -54,23 +53,14 @@ async def create_response(
     request: Request, principal: PrincipalDep, services: ServicesDep, request_id: RequestIdDep
 ) -> Response:
     """Relay a Responses API request and return the answer signed, whole or as a stream."""
-    raw = await request.body()
-    ctx = RequestContext.begin(request_id, principal, raw, api=RESPONSES_API)
-    settings = services.settings
-    limits = BodyLimits(settings.max_messages, settings.max_json_items)
-    try:
-        check_content_type(request.headers.get("content-type"))
-        body = await parse_responses_request(raw, limits)
-    except BaseException as exc:  # refused, or cancelled while measured: accounted either way
-        ctx.fail(exc)
-        services.responses.account(ctx)
-        raise
-    try:
-        # ``receive``: a client that hangs up while the gateway works for it before the model
-        # answers (a web search) stops that work; the service accounts the request.
-        if body.stream:
-            return ChatStreamResponse(await services.responses.stream(body, ctx, request.receive))
-        result = await services.responses.create(body, ctx, request.receive)
-    except ClientGone:
-        return Response(status_code=CLIENT_CLOSED)  # to nobody: accounted already
-    return Response(result.body, media_type="application/json", headers=result.headers)
+    return await relay_request(
+        request,
+        principal,
+        request_id,
+        services.settings,
+        api=RESPONSES_API,
+        parse=parse_responses_request,
+        service=services.responses,
+        whole=services.responses.create,
+        stream=services.responses.stream,
+    )
