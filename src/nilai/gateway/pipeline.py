@@ -367,6 +367,38 @@ class ModelPipeline:
             max_rounds=self._tool_max_rounds,
         )
 
+    async def _answer(
+        self,
+        request: ModelRequest,
+        rounds: ToolRounds | None,
+        ctx: RequestContext,
+        parse: Callable[[bytes], dict[str, Any]],
+    ) -> dict[str, Any]:
+        """The whole answer: a tool round's, or the model's call after the rounds (if any)."""
+        if rounds is not None and rounds.answer is not None:
+            return rounds.answer
+        if rounds is not None:
+            request = replace(request, payload=orjson.dumps(rounds.payload))
+        return parse(await self._send(request, ctx, read_body))
+
+    async def _answer_stream(
+        self,
+        request: ModelRequest,
+        rounds: ToolRounds | None,
+        ctx: RequestContext,
+        upstream: AsyncExitStack,
+        as_stream: Callable[[dict[str, Any]], AsyncIterator[bytes]],
+    ) -> AsyncIterator[bytes]:
+        """The answer's SSE body: the model server's stream, or a round's answer as a stream.
+
+        ``upstream`` will close the model server's response.
+        """
+        if rounds is not None and rounds.answer is not None:
+            return as_stream(rounds.answer)
+        if rounds is not None:
+            request = replace(request, payload=orjson.dumps(rounds.payload))
+        return (await self._send_stream(request, ctx, upstream)).iter_chunks()
+
     # --- whole answers and streams --------------------------------------------------------------
 
     @contextlib.contextmanager

@@ -8,9 +8,7 @@ streaming path after the upstream answered lives in ``nilai.gateway.chat.stream`
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
-from dataclasses import replace
 
-import orjson
 from starlette.types import Receive
 
 from nilai.auth.nuc_policies import check_request_policies
@@ -18,7 +16,7 @@ from nilai.context.rag.retriever import context_message
 from nilai.context.search.service import SearchOutcome
 from nilai.errors import rate_limit_headers
 from nilai.gateway.chat.context import RequestContext
-from nilai.gateway.chat.dispatch import parse_completion, read_body
+from nilai.gateway.chat.dispatch import parse_completion
 from nilai.gateway.chat.signing import StreamSigner, sign_completion
 from nilai.gateway.chat.stream import ChatStream, ChunkForwarder
 from nilai.gateway.chat.validate import (
@@ -101,13 +99,7 @@ class ChatService(ModelPipeline):
             async with self._admit(chat.model_request, ctx) as decision:
                 chat, search = await self._with_context(chat, ctx, receive)
                 rounds = await self._with_tools(chat, ctx)
-                if rounds is not None and rounds.answer is not None:
-                    body = rounds.answer
-                else:
-                    model_request = chat.model_request
-                    if rounds is not None:
-                        model_request = replace(model_request, payload=orjson.dumps(rounds.payload))
-                    body = parse_completion(await self._send(model_request, ctx, read_body))
+                body = await self._answer(chat.model_request, rounds, ctx, parse_completion)
             ctx.add_earlier_calls(body.get("usage"))
             ctx.record_usage(body.get("usage"))
             added = signed_additions(search) | (rounds.signed_additions() if rounds else {})
@@ -130,13 +122,9 @@ class ChatService(ModelPipeline):
             decision = await upstream.enter_async_context(self._admit(chat.model_request, ctx))
             chat, search = await self._with_context(chat, ctx, receive)
             rounds = await self._with_tools(chat, ctx)
-            if rounds is not None and rounds.answer is not None:
-                body = completion_as_stream(rounds.answer)
-            else:
-                model_request = chat.model_request
-                if rounds is not None:
-                    model_request = replace(model_request, payload=orjson.dumps(rounds.payload))
-                body = (await self._send_stream(model_request, ctx, upstream)).iter_chunks()
+            body = await self._answer_stream(
+                chat.model_request, rounds, ctx, upstream, completion_as_stream
+            )
             added = signed_additions(search) | (rounds.signed_additions() if rounds else {})
             signer = StreamSigner(self._signer, ctx.request_sha256, added=added)
             forwarder = ChunkForwarder(signer, ctx, chat.request)

@@ -10,7 +10,6 @@ or the stream of typed events, and account the request once, with usage from
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
-from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -20,7 +19,6 @@ from nilai.auth.nuc_policies import check_request_policies
 from nilai.context.search.service import SearchOutcome
 from nilai.errors import UpstreamProtocolError, rate_limit_headers
 from nilai.gateway.chat.context import RESPONSES_API, RESPONSES_USAGE, RequestContext
-from nilai.gateway.chat.dispatch import read_body
 from nilai.gateway.chat.stream import ChatStream
 from nilai.gateway.pipeline import ModelPipeline, OpenedStream, SignedAnswer, signed_additions
 from nilai.gateway.responses.signing import ResponseStreamSigner, sign_response
@@ -91,13 +89,7 @@ class ResponsesService(ModelPipeline):
             async with self._admit(validated.model_request, ctx) as decision:
                 validated, search = await self._with_context(validated, ctx, receive)
                 rounds = await self._with_tools(validated, ctx)
-                if rounds is not None and rounds.answer is not None:
-                    body = rounds.answer
-                else:
-                    model_request = validated.model_request
-                    if rounds is not None:
-                        model_request = replace(model_request, payload=orjson.dumps(rounds.payload))
-                    body = parse_response(await self._send(model_request, ctx, read_body))
+                body = await self._answer(validated.model_request, rounds, ctx, parse_response)
             validated.hide_context(body)
             usage = body.get("usage")
             ctx.add_earlier_calls(usage)
@@ -123,13 +115,9 @@ class ResponsesService(ModelPipeline):
             decision = await upstream.enter_async_context(admitted)
             validated, search = await self._with_context(validated, ctx, receive)
             rounds = await self._with_tools(validated, ctx)
-            if rounds is not None and rounds.answer is not None:
-                body = response_as_stream(rounds.answer)
-            else:
-                model_request = validated.model_request
-                if rounds is not None:
-                    model_request = replace(model_request, payload=orjson.dumps(rounds.payload))
-                body = (await self._send_stream(model_request, ctx, upstream)).iter_chunks()
+            body = await self._answer_stream(
+                validated.model_request, rounds, ctx, upstream, response_as_stream
+            )
             added = signed_additions(search) | (rounds.signed_additions() if rounds else {})
             signer = ResponseStreamSigner(self._signer, ctx.request_sha256, added=added)
             return OpenedStream(
