@@ -99,8 +99,9 @@ bench-load-quick: $(STAMP) ## The load benchmark in quick mode (~1 min): load.md
 	@mkdir -p $(BENCH_RESULTS)
 	$(BIN)/python bench/load.py --quick --out $(BENCH_RESULTS)
 
-deploy-check: $(STAMP) ## Check deploy/compose.yaml and lint the Dockerfiles (hadolint)
+deploy-check: $(STAMP) ## Check compose.yaml, lint the Dockerfiles, render and validate the Helm chart
 	VENV="$(VENV)" bash scripts/check_deploy.sh
+	$(BIN)/python scripts/deploy_check.py
 
 docs-check: $(STAMP) ## Check docs/API.md's recorded examples against a live gateway (~10 s)
 	$(BIN)/python scripts/api_examples.py --check
