@@ -117,8 +117,10 @@ class Announcer:
         ttl_s: float,
         overrides: ModelOverrides | None = None,
         retry_s: float = DISCOVERY_RETRY_S,
+        withdraw_on_stop: bool = True,
     ) -> None:
         self._discovery = discovery
+        self._withdraw_on_stop = withdraw_on_stop
         self._http = http
         self.url = url.rstrip("/")
         self._ttl_s = ttl_s
@@ -170,7 +172,10 @@ class Announcer:
         """Tick every third of the lease until ``stop`` is set, then withdraw.
 
         While discovery fails, tick every ``retry_s`` instead, so the first tick after it
-        answers again (empty, if Redis restarted) registers the server again at once.
+        answers again (empty, if Redis restarted) registers the server again at once. Without
+        ``withdraw_on_stop`` the registration is left to its lease: one that others renew too
+        (a gateway replica's ``NILAI_UPSTREAM_URLS``, listed by every replica) is not theirs
+        to lose when this one stops.
         """
         try:
             while not stop.is_set():
@@ -185,6 +190,6 @@ class Announcer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=delay)
         finally:
-            if self._record is not None:
+            if self._record is not None and self._withdraw_on_stop:
                 with contextlib.suppress(Exception):
                     await self.withdraw()

@@ -254,7 +254,9 @@ async def _start_static_upstreams(
         return
     stop = asyncio.Event()
     announcers = [
-        Announcer(discovery, http, url, ttl_s=settings.discovery_ttl_s)
+        # Every replica announces the same URLs under the same ids: a stopping replica leaves
+        # them to their lease rather than withdraw what the others still serve.
+        Announcer(discovery, http, url, ttl_s=settings.discovery_ttl_s, withdraw_on_stop=False)
         for url in settings.upstream_urls
     ]
     await asyncio.gather(*(announcer.tick() for announcer in announcers), return_exceptions=True)
