@@ -20,6 +20,11 @@ exception class with a readable message.
   ``x-should-retry: false`` tells SDKs not to sleep out a long wait.
 - ``AccountsUnavailable`` (503): stored API keys or NUC accounts cannot be checked now (the
   accounts database is unreachable, or too many unknown keys are being checked); ``Retry-After``.
+- ``PaymentRequired`` (402): the credit service holds too little of the caller's balance for
+  the request's estimated cost (``insufficient_balance``); ``x-should-retry: false``.
+- ``BillingUnavailable`` (503): the credit service (``NILAI_CREDIT_URL``) cannot be reached or
+  answered with something unusable; ``Retry-After``.
+- ``PricesUnavailable`` (503): ``PUT``/``DELETE /v1/pricing`` while the database is down.
 - ``NotSupported`` (501): a nilai extra (web search, nilRAG) this gateway does not offer.
 - ``ContextUnavailable`` (503): a service that private context comes from (nilDB, nilauth) is
   not configured or cannot be reached; ``ContextNotAccessible`` (403): the prompt document does
@@ -267,6 +272,41 @@ class AccountsUnavailable(NilaiError):
     type = "service_unavailable"
     default_code = "accounts_unavailable"
     log_each = False  # the outage is logged when it starts and ends
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class PaymentRequired(NilaiError):
+    """The caller's balance at the credit service does not cover the request's estimated cost."""
+
+    status = 402
+    type = "insufficient_quota"
+    default_code = "insufficient_balance"
+
+    def __init__(self, message: str) -> None:
+        # Retrying will not help until the balance is topped up: SDKs must not sleep on it.
+        super().__init__(message, headers={"x-should-retry": "false"})
+
+
+class BillingUnavailable(NilaiError):
+    """The credit service cannot validate the credential or lock funds now; retry later."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "credit_service_unavailable"
+    log_each = False  # the outage is logged when it starts and ends
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class PricesUnavailable(NilaiError):
+    """The price database cannot be reached to change a price; retry shortly."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "prices_unavailable"
 
     def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})

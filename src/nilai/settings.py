@@ -17,6 +17,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, cast
 
@@ -37,9 +38,11 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from nilai.billing.prices import Price, parse_amount
+
 CONFIG_FILE_VARIABLE = "NILAI_CONFIG_FILE"
 
-AuthStrategy = Literal["api_key", "nuc"]
+AuthStrategy = Literal["api_key", "nuc", "credit"]
 CommaList = Annotated[list[str], NoDecode]
 
 
@@ -145,6 +148,18 @@ class NilaiSettings(BaseSettings):
     nuc_root_issuers: CommaList = Field(default_factory=list)
     nuc_max_lifetime_s: int = Field(default=86_400, ge=60, le=30 * 86_400)
     nuc_replay_protection: bool = True
+
+    # Nillion's credit service (nilauth-credit): keys for the ``credit`` strategy and metering
+    # (docs/API.md "Credit metering")
+    credit_url: str | None = None
+    credit_api_token: SecretStr | None = None
+    credit_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    credit_retry_after_s: int = Field(default=5, ge=1, le=3600)
+    credit_fail_open: bool = False
+    credit_fail_open_s: float = Field(default=300.0, gt=0, le=86_400)
+    credit_meter_nuc: bool = True
+    credit_default_max_tokens: int = Field(default=4096, ge=1)
+    credit_unlock_grace_s: float = Field(default=10.0, ge=0, le=600)
 
     # private prompts in nilDB (off unless nildb_nodes is set; docs/API.md "Private prompts")
     nildb_nodes: CommaList = Field(default_factory=list)
@@ -275,6 +290,36 @@ class NilaiSettings(BaseSettings):
 
     @classmethod
     def settings_customise_sources(
+    # pricing (docs/API.md "Pricing"): the default price, as decimal strings of currency units
+    price_prompt_per_million: str = "2.0"
+    price_completion_per_million: str = "2.0"
+    price_web_search: str = "0.05"
+    price_refresh_s: float = Field(default=10.0, gt=0, le=3600)
+    admin_token: SecretStr | None = None
+
+    @field_validator(
+        "price_prompt_per_million",
+        "price_completion_per_million",
+        "price_web_search",
+        mode="before",
+    )
+    @classmethod
+    def _check_price(cls, value: object) -> str:
+        # YAML may give a number; it is read as the decimal it is written as.
+        if not isinstance(value, str | int | float | Decimal):
+            raise ValueError("must be a decimal number such as 2.5")  # noqa: TRY004
+        parse_amount(value)
+        return str(value).strip()
+
+    @property
+    def default_price(self) -> Price:
+        """The price of a model without one of its own, in micro-units."""
+        return Price(
+            prompt_per_million=parse_amount(self.price_prompt_per_million),
+            completion_per_million=parse_amount(self.price_completion_per_million),
+            web_search=parse_amount(self.price_web_search),
+        )
+
         cls,
         settings_cls: type[BaseSettings],
         init_settings: PydanticBaseSettingsSource,
@@ -437,10 +482,23 @@ class NilaiSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_strategies(self) -> Self:
+    @field_validator("credit_url")
+    @classmethod
+    def _check_credit_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"has {_scheme_of(value)}; it must start with http:// or https://")
+        return value.rstrip("/") if value else None
+
         if not self.auth_strategies:
             raise ValueError("auth_strategies must name at least one strategy")
         if self.nildb_builder_key is not None and self.nildb_builder_key_file is not None:
             raise ValueError("set nildb_builder_key or nildb_builder_key_file, not both")
+        if self.credit_url and self.credit_api_token is None:
+            raise ValueError("credit_url needs credit_api_token (the credit service's API token)")
+        if "credit" in self.auth_strategies and not self.credit_url:
+            raise ValueError(
+                "the credit strategy needs credit_url and credit_api_token (the credit service)"
+            )
         return self
 
     @property

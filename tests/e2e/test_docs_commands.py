@@ -33,6 +33,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BIN = Path(sys.executable).parent
+ADMIN_TOKEN = "demo-admin-token"  # pragma: allowlist secret
 API_KEY = "demo-key-123"  # pragma: allowlist secret
 SCRIPT_MARK = "<!-- docs-commands: one script"
 
@@ -176,16 +177,27 @@ def api_gateway(
 ) -> GatewayHandle:
     """The API guide's set-up: the fake model server and a gateway with key demo-key-123."""
     fake = start_fake()
-    return start_gateway(upstream_urls=[fake.url], api_keys=[API_KEY], rate_limit_minute=100)
+    return start_gateway(
+        upstream_urls=[fake.url],
+        api_keys=[API_KEY],
+        rate_limit_minute=100,
+        admin_token=ADMIN_TOKEN,
+    )
 
 
 def test_api_guide_commands_run(api_gateway: GatewayHandle, tmp_path: Path):
     port = api_gateway.url.rsplit(":", 1)[1]
     commands = [c for c in document_commands(ROOT / "docs" / "API.md") if runnable(c)]
     assert len(commands) >= 15
-    env = shell_env(NILAI_API_KEY=API_KEY)
+    env = shell_env(NILAI_API_KEY=API_KEY, NILAI_ADMIN_TOKEN=ADMIN_TOKEN)
     outputs = [run(c.text, cwd=tmp_path, env=env, ports={"18080": port}) for c in commands]
     assert all(out.strip() for c, out in zip(commands, outputs, strict=True) if ">" not in c.text)
+    # The admin calls are made with the admin token: a price set, then the default again.
+    answers = dict(zip((c.text for c in commands), outputs, strict=True))
+    (put,) = [out for text, out in answers.items() if "-X PUT" in text]
+    (delete,) = [out for text, out in answers.items() if "-X DELETE" in text]
+    assert '"default":false' in put
+    assert '"default":true' in delete
     verified = [(c, out) for c, out in zip(commands, outputs, strict=True) if "verify" in c.text]
     assert verified
     for command, out in verified:

@@ -50,7 +50,22 @@ RESPONSES = "POST /v1/responses"
 MODEL_OPERATIONS = (CHAT, RESPONSES)
 """The operations that reach the model server: generated bodies are pointed at its model."""
 REPORT = "GET /v1/attestation/report"
-AUTHENTICATED = ("GET /v1/models", "GET /v1/usage", REPORT, CHAT, RESPONSES)
+SET_PRICE = "PUT /v1/pricing/{model}"
+DELETE_PRICE = "DELETE /v1/pricing/{model}"
+PRICING = ("GET /v1/pricing", "GET /v1/pricing/{model}")
+ADMIN_OPERATIONS = (SET_PRICE, DELETE_PRICE)
+"""Sent with the admin token (configured on the gateway under test), not the API key."""
+AUTHENTICATED = (
+    "GET /v1/models",
+    "GET /v1/usage",
+    REPORT,
+    CHAT,
+    RESPONSES,
+    *PRICING,
+    *ADMIN_OPERATIONS,
+)
+ADMIN_TOKEN = "schemathesis-admin-token-0123456789"  # pragma: allowlist secret
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def documented_operations() -> tuple[str, ...]:
@@ -67,8 +82,8 @@ def documented_operations() -> tuple[str, ...]:
 # A new route is fuzzed as soon as it is documented.
 OPERATIONS = documented_operations()
 # Examples per run: chat and responses are the ones with inputs; the others have one request.
-POSITIVE_EXAMPLES = {CHAT: 80, RESPONSES: 50}
-NEGATIVE_EXAMPLES = {CHAT: 50, RESPONSES: 30}
+POSITIVE_EXAMPLES = {CHAT: 80, RESPONSES: 50, SET_PRICE: 30}
+NEGATIVE_EXAMPLES = {CHAT: 50, RESPONSES: 30, SET_PRICE: 30}
 CONFORMANCE_EXAMPLES = {CHAT: 20, RESPONSES: 15}
 OTHER_EXAMPLES = 5
 
@@ -90,8 +105,8 @@ class Live:
 
 @pytest.fixture
 def gateway_url(start_fake, start_gateway) -> Iterator[str]:
-    """A gateway with every feature on: nilDB private prompts too (the stand-in cluster), and a
-    model server that serves the Responses API as well as chat."""
+    """A gateway with every feature on: nilDB private prompts too (the stand-in cluster), a
+    model server that serves the Responses API as well as chat, and an admin token (prices)."""
     fake = start_fake(responses_support=True)
     cluster = start_cluster(2)
     try:
@@ -103,6 +118,7 @@ def gateway_url(start_fake, start_gateway) -> Iterator[str]:
             nildb_nilauth_url=cluster.nilauth_url,
             nildb_builder_key=secret.hex(),
             nildb_collection=collection,
+            admin_token=ADMIN_TOKEN,
         ).url
     finally:
         cluster.stop()
@@ -211,6 +227,16 @@ def explicit_cases(op: Any, mode: GenerationMode) -> list[Any]:
     """Hand-written requests every run starts with, so each response kind is always seen."""
     if mode is not GenerationMode.POSITIVE:
         return []
+    if op.label == SET_PRICE:
+        price = {
+            "prompt_tokens_price": 1.5,
+            "completion_tokens_price": "2.25",
+            "web_search_cost": 0,
+        }
+        return [
+            op.Case(path_parameters={"model": model}, body=price, media_type="application/json")
+            for model in (KNOWN_MODEL, "org/not-served-yet")
+        ]
     if op.label == RESPONSES:
         return [
             op.Case(body=body, media_type="application/json")
@@ -253,7 +279,8 @@ def run(
 ) -> dict[int, int]:
     """Send generated cases for one operation; raise AssertionError on the first failed check."""
     op = live.operation(label)
-    headers = AUTH if headers is None else headers
+    if headers is None:
+        headers = ADMIN if label in ADMIN_OPERATIONS else AUTH
     statuses: dict[int, int] = {}
 
     def one(case: Any) -> None:
@@ -295,6 +322,8 @@ def test_no_server_error_and_responses_match_the_schema(live, label):
     assert positive
     if label in MODEL_OPERATIONS:
         assert positive.get(200, 0) >= 10, f"too few requests reached the model: {positive}"
+    if label == SET_PRICE:
+        assert positive.get(200, 0) >= 2, f"no price was set: {positive}"
     if not has_inputs(live.operation(label)):
         return
     negative = run(

@@ -1,4 +1,4 @@
-"""The admin CLI (`nilai db|accounts|keys`) against SQLite and this machine's PostgreSQL."""
+"""The admin CLI (`nilai db|accounts|keys|prices`) against SQLite and this machine's PostgreSQL."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 from nilai.auth.api_keys import key_digest
 from nilai.auth.base import Principal
 from nilai.auth.stored_keys import StoredApiKeys
+from nilai.billing.prices import Price, PriceBook
 from nilai.cli import main
 from nilai.errors import AuthenticationFailed
 from nilai.store.migrate import head_revision
@@ -422,6 +423,9 @@ COMMANDS = [
     ("keys", "create", "x"),
     ("keys", "list"),
     ("keys", "revoke", "x"),
+    ("prices", "list"),
+    ("prices", "set", "x", "--prompt", "1"),
+    ("prices", "delete", "x"),
 ]
 
 
@@ -478,3 +482,82 @@ def test_entry_point_adds_an_account_and_creates_a_key(admin_db: AdminDatabase):
         f"using the SQLite database {admin_db.url.removeprefix('sqlite+aiosqlite:///')} "
         "(NILAI_DATABASE_URL)\nnilai keys create: no account with id or name 'nobody'\n"
     )
+
+
+# prices
+
+
+async def _read_prices(url: str) -> dict[str, Price]:
+    """What a gateway's price book reads from the database."""
+    store = SqlStore(make_engine(url))
+    try:
+        return await PriceBook(store, Price(0, 0, 0)).all()
+    finally:
+        await store.aclose()
+
+
+def _price_rows(out: str) -> list[list[str]]:
+    lines = out.splitlines()
+    assert lines[0].split() == ["MODEL", "PROMPT/1M", "COMPLETION/1M", "WEB", "SEARCH", "UPDATED"]
+    return [line.split()[:4] for line in lines[1:]]
+
+
+def test_prices_set_list_and_delete(admin_db: AdminDatabase, cli):
+    assert _price_rows(ok(cli("prices", "list"))) == [["(default)", "2", "2", "0.05"]]
+    argv = ("--prompt", "0.5", "--completion", "1.25", "--web-search", "0")
+    out = ok(cli("prices", "set", "org/model-7b", *argv))
+    assert (
+        "price of org/model-7b: prompt 0.5, completion 1.25 per million tokens; web search 0" in out
+    )
+    assert "NILAI_PRICE_REFRESH_S" in out
+    # An amount left out keeps the model's own, or for a new model the default.
+    out = ok(cli("prices", "set", "org/model-7b", "--web-search", "0.01"))
+    assert "prompt 0.5, completion 1.25 per million tokens; web search 0.01" in out
+    out = ok(cli("prices", "set", "cheap", "--prompt", "0.000001"))
+    assert "prompt 0.000001, completion 2 per million tokens; web search 0.05" in out
+
+    assert _price_rows(ok(cli("prices", "list"))) == [
+        ["(default)", "2", "2", "0.05"],
+        ["cheap", "0.000001", "2", "0.05"],
+        ["org/model-7b", "0.5", "1.25", "0.01"],
+    ]
+    assert asyncio.run(_read_prices(admin_db.url)) == {
+        "cheap": Price(1, 2_000_000, 50_000),
+        "org/model-7b": Price(500_000, 1_250_000, 10_000),
+    }
+
+    out = ok(cli("prices", "delete", "cheap"))
+    assert "price of cheap deleted: it pays the default, prompt 2, completion 2" in out
+    assert_fails(cli("prices", "delete", "cheap"), 1, "has no price of its own")
+    assert [row[0] for row in _price_rows(ok(cli("prices", "list")))] == [
+        "(default)",
+        "org/model-7b",
+    ]
+
+
+def test_prices_default_comes_from_the_settings(admin_db: AdminDatabase, monkeypatch, cli):
+    monkeypatch.setenv("NILAI_PRICE_WEB_SEARCH", "0.2")
+    monkeypatch.setenv("NILAI_PRICE_PROMPT_PER_MILLION", "1.5")
+    assert _price_rows(ok(cli("prices", "list"))) == [["(default)", "1.5", "2", "0.2"]]
+    assert "completion 2 per million tokens; web search 0.2" in ok(
+        cli("prices", "set", "m", "--prompt", "3")
+    )
+    monkeypatch.setenv("NILAI_PRICE_WEB_SEARCH", "-1")
+    assert_fails(cli("prices", "list"), 2, "invalid settings", "NILAI_PRICE_WEB_SEARCH")
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (("set", "m", "--prompt", "-1"), ("--prompt", "must not be negative")),
+        (("set", "m", "--completion", "0.0000001"), ("--completion", "at most 6 decimal")),
+        (("set", "m", "--web-search", "abc"), ("--web-search", "decimal number")),
+        (("set", "m", "--web-search", "1e12"), ("--web-search", "at most 1000000000")),
+        (("set", "m"), ("nothing to change", "--prompt")),
+        (("set", " ", "--prompt", "1"), ("1 to 200 characters",)),
+        (("set", "a\x00b", "--prompt", "1"), ("control characters",)),
+        (("delete", "m" * 201), ("1 to 200 characters",)),
+    ],
+)
+def test_prices_bad_input(plain_env: Path, cli, argv: tuple[str, ...], fragments: tuple[str, ...]):
+    assert_fails(cli("prices", *argv), 2, *fragments)

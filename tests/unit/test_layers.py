@@ -10,7 +10,7 @@ import nilai
 
 PACKAGE = Path(nilai.__file__).parent
 
-LOWER_LAYERS = ("workers", "cli", "limits", "auth", "store")
+LOWER_LAYERS = ("workers", "cli", "limits", "auth", "store", "billing")
 
 # The CLI commands that start a gateway are its wiring: they must import it.
 GATEWAY_WIRING = {"cli/serve.py", "cli/api.py"}

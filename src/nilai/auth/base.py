@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
@@ -39,6 +39,19 @@ class PromptDocument:
 
 
 @dataclass(frozen=True, slots=True)
+class CreditCredential:
+    """What the credit service meters a principal's requests by (``nilai.billing``).
+
+    An API key the credit service validated (``public`` False), or a NUC subscription holder's
+    DID (``public`` True). The key is kept in memory for the request's lock only: it is not
+    part of the repr, and never logged.
+    """
+
+    credential: str = field(repr=False)
+    public: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     """An authenticated caller: the account that pays, and how it proved itself."""
 
@@ -52,6 +65,8 @@ class Principal:
     prompt_document: PromptDocument | None = None
     request_policies: tuple[RequestPolicy, ...] = ()
     """What the caller's delegations allow it to ask (``check_request_policies``)."""
+    credit: CreditCredential | None = None
+    """Set when the credit service meters this caller's requests (lock, then unlock)."""
 
 
 class Authenticator(Protocol):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from nilai.auth.base import Principal
+from nilai.auth.base import CreditCredential, Principal
 from nilai.auth.lookups import MAX_KNOWN, CachedLookup
 from nilai.auth.nuc_tokens import NucVerifier
 from nilai.auth.replay import ReplayGuard
@@ -40,8 +40,11 @@ class NucAuthenticator:
         ttl_s: float,
         outages: OutageLog | None = None,
         replay: ReplayGuard | None = None,
+        metered: bool = False,
     ) -> None:
         self._verifier = verifier
+        # With the credit service on, a subscription holder's requests are metered by its DID.
+        self._metered = metered
         self._replay = replay
         self._accounts = accounts
         self._auto_accounts = auto_accounts
@@ -86,6 +89,7 @@ class NucAuthenticator:
             token_limits=granted.limits,
             prompt_document=granted.prompt_document,
             request_policies=granted.policies,
+            credit=CreditCredential(granted.subject, public=True) if self._metered else None,
         )
 
     async def _find_or_create(self, subject: str) -> Account | None:

@@ -7,7 +7,7 @@ import functools
 from collections.abc import Sequence
 
 from nilai import __version__
-from nilai.cli import admin, announce, api, attest, serve, verify, worker
+from nilai.cli import admin, announce, api, attest, import_upstream, serve, verify, worker
 from nilai.cli.usage import show_commands
 
 
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     # A bare `nilai` shows what it can do instead of argparse's "arguments are required".
     parser.set_defaults(handler=functools.partial(show_commands, parser))
-    for module in (serve, api, announce, worker, verify, attest, admin):
+    for module in (serve, api, announce, worker, verify, attest, admin, import_upstream):
         module.register(commands)
     return parser
 

@@ -1,4 +1,4 @@
-"""``nilai db``, ``nilai accounts`` and ``nilai keys``: the schema, accounts and API keys.
+"""``nilai db``, ``accounts``, ``keys`` and ``prices``: the schema, accounts, keys and prices.
 
 Each command says on stderr which database it uses (password masked): run with other settings
 than the gateway's, it would read and write another database. Stdout stays for the result, so
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import re
 import sys
@@ -27,6 +28,14 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nilai.auth.stored_keys import generate_key
+from nilai.billing.prices import (
+    Price,
+    amount_text,
+    from_stored,
+    parse_amount,
+    priced_model_id,
+    stored,
+)
 from nilai.cli.common import fail
 from nilai.settings import NilaiSettings, settings_problems, unknown_variables
 from nilai.store import migrate
@@ -60,11 +69,12 @@ class AdminError(Exception):
 
 
 def register(commands: Any) -> None:
-    """Add the ``db``, ``accounts`` and ``keys`` subcommands."""
+    """Add the ``db``, ``accounts``, ``keys`` and ``prices`` subcommands."""
     # Any: argparse's subparsers action type is private.
     _register_db(_group(commands, "db", "database schema migrations"))
     _register_accounts(_group(commands, "accounts", "accounts and their rate limits"))
     _register_keys(_group(commands, "keys", "API keys (shown once, stored as hashes)"))
+    _register_prices(_group(commands, "prices", "per-model prices (others pay the default)"))
 
 
 def _group(commands: Any, name: str, summary: str) -> Any:
@@ -131,9 +141,32 @@ def _register_keys(actions: Any) -> None:
     )
 
 
+PRICE_OPTIONS = (
+    ("prompt", "prompt_per_million", "per million prompt tokens"),
+    ("completion", "completion_per_million", "per million completion tokens"),
+    ("web-search", "web_search", "per web search"),
+)
+"""(option, ``Price`` field, what it prices) for ``prices set``."""
+
+
+def _register_prices(actions: Any) -> None:
+    _action(actions, "list", "list the models' own prices and the default", _prices_list)
+    change = _action(actions, "set", "give a model a price of its own", _prices_set)
+    change.add_argument("model", metavar="MODEL", help="the model id, as in /v1/models")
+    for option, _field, what in PRICE_OPTIONS:
+        change.add_argument(
+            f"--{option}",
+            metavar="AMOUNT",
+            help=f"{what}, in currency units such as 2.5 (default: the model's current price)",
+        )
+    delete = _action(actions, "delete", "put a model back on the default price", _prices_delete)
+    delete.add_argument("model", metavar="MODEL", help="the model id")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run one admin action; report a failure in one line on stderr and return its status."""
-    command = f"{args.command} {args.action}"
+    # Commands without actions (``import-upstream``) share this handler too.
+    command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
     try:
         args.body(args)
     except AdminError as exc:
@@ -173,6 +206,18 @@ def _with_store(action: StoreAction, settings: NilaiSettings | None = None) -> N
             await store.aclose()
 
     asyncio.run(session())
+
+
+def with_store(action: StoreAction, *, migrate: bool = True) -> None:
+    """Run ``action`` on the configured store, as the admin commands do (for other commands).
+
+    ``migrate=False`` never migrates, whatever NILAI_DB_AUTO_MIGRATE says, for commands that
+    promise to write nothing (an old schema is then refused in one line).
+    """
+    settings = _settings()
+    if not migrate:
+        settings = settings.model_copy(update={"db_auto_migrate": False})
+    _with_store(action, settings)
 
 
 def _with_engine(action: EngineAction) -> None:
@@ -499,3 +544,91 @@ def _keys_revoke(args: argparse.Namespace) -> None:
             print(f"revoked {shown}")
 
     _with_store(revoke)
+
+
+# prices
+
+
+def _price_cells(price: Price) -> list[str]:
+    return [
+        amount_text(price.prompt_per_million),
+        amount_text(price.completion_per_million),
+        amount_text(price.web_search),
+    ]
+
+
+def _price_text(price: Price) -> str:
+    prompt, completion, search = _price_cells(price)
+    return f"prompt {prompt}, completion {completion} per million tokens; web search {search}"
+
+
+def _prices_list(args: argparse.Namespace) -> None:
+    """``nilai prices list``: the default (from the settings), then each model's own price."""
+    settings = _settings()
+
+    async def listing(store: SqlStore) -> None:
+        rows = [["(default)", *_price_cells(settings.default_price), "-"]]
+        rows += [
+            [ascii(row.model)[1:-1], *_price_cells(from_stored(row)), _when(row.updated_at)]
+            for row in await store.list_prices()
+        ]
+        _table(["MODEL", "PROMPT/1M", "COMPLETION/1M", "WEB SEARCH", "UPDATED"], rows)
+
+    _with_store(listing, settings)
+
+
+def _prices_set(args: argparse.Namespace) -> None:
+    """``nilai prices set MODEL [--prompt X] [--completion Y] [--web-search Z]``.
+
+    An amount left out keeps the model's current one (its own, or the default).
+    """
+    model = _priced_model(str(args.model))
+    changes: dict[str, int] = {}
+    for option, field, _what in PRICE_OPTIONS:
+        value: str | None = getattr(args, option.replace("-", "_"))
+        if value is not None:
+            try:
+                changes[field] = parse_amount(value)
+            except ValueError as exc:
+                raise AdminError(f"--{option} {exc}", 2) from exc
+    if not changes:
+        options = ", ".join(f"--{option}" for option, _field, _what in PRICE_OPTIONS)
+        raise AdminError(f"nothing to change: give one or more of {options}", 2)
+    settings = _settings()
+
+    async def change(store: SqlStore) -> None:
+        own = {row.model: row for row in await store.list_prices()}.get(model)
+        current = from_stored(own) if own else settings.default_price
+        price = dataclasses.replace(current, **changes)
+        await store.set_price(stored(model, price))
+        print(f"price of {ascii(model)[1:-1]}: {_price_text(price)}")
+        print(
+            f"Running gateways apply it within {settings.price_refresh_s:g} s "
+            "(they read prices every NILAI_PRICE_REFRESH_S)."
+        )
+
+    _with_store(change, settings)
+
+
+def _prices_delete(args: argparse.Namespace) -> None:
+    """``nilai prices delete MODEL``: the model pays the default price again."""
+    model = _priced_model(str(args.model))
+    settings = _settings()
+
+    async def delete(store: SqlStore) -> None:
+        if not await store.delete_price(model):
+            raise AdminError(f"model {ascii(model)[1:-1]} has no price of its own")
+        print(
+            f"price of {ascii(model)[1:-1]} deleted: it pays the default, "
+            f"{_price_text(settings.default_price)}"
+        )
+        print(f"Running gateways apply it within {settings.price_refresh_s:g} s.")
+
+    _with_store(delete, settings)
+
+
+def _priced_model(model: str) -> str:
+    try:
+        return priced_model_id(model)
+    except ValueError as exc:
+        raise AdminError(str(exc), 2) from exc

@@ -22,6 +22,7 @@ from nilai.gateway.routes import (
     health,
     keys,
     models,
+    pricing,
     responses,
     usage,
 )
@@ -62,7 +63,7 @@ def create_app(settings: NilaiSettings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if docs else None,
     )
     install_error_handlers(app)
-    routers = [health, keys, models, chat, responses, usage, attestation, delegation]
+    routers = [health, keys, models, chat, responses, usage, pricing, attestation, delegation]
     if settings.metrics_enabled:
         routers.append(metrics_route)
     for module in routers:

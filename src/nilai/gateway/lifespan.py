@@ -18,6 +18,9 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from nilai.attestation.factory import close_attestation_provider, make_attestation_provider
 from nilai.auth.strategies import make_authenticator
+from nilai.billing.credit import CreditService, HttpCreditService
+from nilai.billing.meter import CreditMeter
+from nilai.billing.prices import PriceBook
 from nilai.context.rag.setup import make_nilrag
 from nilai.context.search.setup import make_web_search
 from nilai.context.setup import make_private_prompts
@@ -168,6 +171,7 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
         stack.push_async_callback(sink.aclose)
         await _start_static_upstreams(stack, settings, discovery, http)
         snapshot = DiscoverySnapshot(
+        prices = await open_price_book(settings, store, stack)
             discovery,
             http,
             refresh_s=settings.discovery_refresh_s,
@@ -182,7 +186,10 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             pings["redis"] = discovery.ping
         readiness = SharedChecks(pings)
         stack.push_async_callback(readiness.aclose)
-        authenticator = make_authenticator(settings, store, signer.public_key_bytes, redis=redis)
+        credit = make_credit(settings, http, stack, metrics)
+        authenticator = make_authenticator(
+            settings, store, signer.public_key_bytes, redis=redis, credit=credit
+        )
         admission = make_admission(settings, redis)
         stack.push_async_callback(admission.aclose)
         drain = Drain(settings.shutdown_grace_s)
@@ -218,6 +225,10 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             "web_search": web_search,
         }
         chat = ChatService(upstream, snapshot, signer, sink, admission, **pipeline)
+            "prices": prices,
+            "meter": None if credit is None else credit[1],
+            "default_max_tokens": settings.credit_default_max_tokens,
+            "max_searches": settings.web_search_max_topics,
         responses = ResponsesService(upstream, snapshot, signer, sink, admission, **pipeline)
         # Start-up objects (modules, settings, clients) live as long as the process: moving them
         # out of the collector's reach keeps full collections short under load.
@@ -236,6 +247,7 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             usage_sink=sink,
             chat=chat,
             responses=responses,
+            prices=prices,
             tools=tools,
             attestation=attestation,
             admission=admission,
@@ -248,6 +260,45 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
 
 async def _start_static_upstreams(
     stack: AsyncExitStack, settings: NilaiSettings, discovery: Discovery, http: httpx.AsyncClient
+def make_credit(
+    settings: NilaiSettings, http: httpx.AsyncClient, stack: AsyncExitStack, metrics: Metrics
+) -> tuple[CreditService, CreditMeter] | None:
+    """The credit service and its (started) meter when ``NILAI_CREDIT_URL`` is set, else None.
+
+    The meter is closed before the HTTP client (``stack`` is LIFO) and after the server has
+    drained its requests: the last requests' unlocks are made on the way out.
+    """
+    if not settings.credit_url or settings.credit_api_token is None:
+        return None
+    service = HttpCreditService(
+        http, settings.credit_url, settings.credit_api_token, timeout_s=settings.credit_timeout_s
+    )
+    meter = CreditMeter(
+        service,
+        retry_after_s=settings.credit_retry_after_s,
+        fail_open=settings.credit_fail_open,
+        where=mask_url(settings.credit_url),
+    )
+    meter.start()
+    stack.push_async_callback(meter.aclose, settings.credit_unlock_grace_s)
+    metrics.watch_credit_meter(meter)
+    return service, meter
+
+
+async def open_price_book(
+    settings: NilaiSettings, store: SqlStore, stack: AsyncExitStack
+) -> PriceBook:
+    """The models' prices, read now and then refreshed in the background until ``stack`` closes.
+
+    Read before the first request, so that it is charged the stored price, not the default.
+    """
+    prices = PriceBook(store, settings.default_price, refresh_s=settings.price_refresh_s)
+    await prices.refresh()
+    prices.start()
+    stack.push_async_callback(prices.aclose)
+    return prices
+
+
 ) -> None:
     """Announce ``NILAI_UPSTREAM_URLS`` from inside the gateway, as `nilai announce` would."""
     if not settings.upstream_urls:

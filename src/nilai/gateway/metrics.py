@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from nilai.billing.meter import CreditMeter
 from nilai.limits.base import Limit
 from nilai.usage.sink import UsageSink
 
@@ -128,6 +129,25 @@ class Metrics:
             "Seconds query-log rows have waited with none written (0 while the writer keeps up).",
             registry=r,
         )
+
+    def watch_credit_meter(self, meter: CreditMeter) -> None:
+        """Read the credit meter's unlock counts at scrape time."""
+        unlocks = Gauge(
+            "nilai_credit_unlocks",
+            "Credit-service unlocks since start, by state: made, refused (an unknown lock), "
+            "pending (queued or waiting to be retried while the service is down).",
+            ["state"],
+            registry=self.registry,
+        )
+        unlocks.labels("made").set_function(lambda: meter.unlocked)
+        unlocks.labels("refused").set_function(lambda: meter.refused)
+        unlocks.labels("pending").set_function(lambda: meter.pending)
+        Gauge(
+            "nilai_credit_unmetered_requests",
+            "Requests served without a credit lock while the credit service was down "
+            "(NILAI_CREDIT_FAIL_OPEN).",
+            registry=self.registry,
+        ).set_function(lambda: meter.unmetered)
 
     def watch_usage_queue(self, sink: UsageSink) -> None:
         """Read the query-log queue's depth, drop counts and stall at scrape time."""

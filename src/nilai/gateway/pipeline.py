@@ -15,7 +15,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Sequence,
+)
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,6 +31,8 @@ from typing import Any
 import orjson
 from starlette.types import Receive
 
+from nilai.billing.meter import CreditMeter
+from nilai.billing.prices import Price, PriceBook
 from nilai.context.prompts import PromptsOff, PromptVault
 from nilai.context.rag import retriever as rag_retriever
 from nilai.context.rag.retriever import Retrieved, Retriever
@@ -38,7 +48,7 @@ from nilai.errors import (
     UpstreamTimeout,
     ValidationFailed,
 )
-from nilai.gateway.chat.context import RequestContext
+from nilai.gateway.chat.context import CHARS_PER_TOKEN, RequestContext
 from nilai.gateway.chat.dispatch import CHAT_PATH, Dispatcher, PlannerCall, read_body
 from nilai.gateway.chat.stream import (
     CHAT_FRAMING,
@@ -130,6 +140,10 @@ class ModelPipeline:
         tools: ServerTools | None = None,
         tool_max_rounds: int = 1,
         retriever: Retriever | None = None,
+        prices: PriceBook | None = None,
+        meter: CreditMeter | None = None,
+        default_max_tokens: int = 4096,
+        max_searches: int = 3,
     ) -> None:
         self._snapshot = snapshot
         self._prompts: PromptVault = prompts or PromptsOff(NOT_CONFIGURED)
@@ -146,6 +160,10 @@ class ModelPipeline:
         self._tools = tools
         self._tool_max_rounds = tool_max_rounds
         self._retriever = retriever
+        self._prices = prices
+        self._meter = meter
+        self._default_max_tokens = default_max_tokens
+        self._max_searches = max_searches
 
     # --- checking and admitting ---------------------------------------------------------------
 
@@ -180,17 +198,43 @@ class ModelPipeline:
             raise
         return result
 
-    def _admit(
-        self, request: ModelRequest, ctx: RequestContext
-    ) -> contextlib.AbstractAsyncContextManager[Decision]:
-        """Count the request against the caller's limits and hold a slot of its model.
+    @contextlib.asynccontextmanager
+    async def _admit(self, request: ModelRequest, ctx: RequestContext) -> AsyncGenerator[Decision]:
+        """Count the request against the caller's limits, hold a slot of its model, lock funds.
 
-        One step (one round trip to Redis): both happen or neither, so a request refused for
-        its model's concurrency uses none of the caller's budget.
+        Limits and slot in one step (one round trip to Redis): both happen or neither, so a
+        request refused for its model's concurrency uses none of the caller's budget. Then, for
+        a metered caller, the request's estimated cost is locked at the credit service; a
+        request refused before this point locks nothing, and a lock made is settled exactly
+        once, when the request is accounted (``account``).
         """
-        return self._admission.admit_to_model(
+        admitted = self._admission.admit_to_model(
             ctx.principal, request.model, web_search=request.web_search
         )
+        async with admitted as decision:
+            ctx.price = self._price(request.model)
+            await self._lock_funds(request, ctx)
+            yield decision
+
+    def _price(self, model: str) -> Price | None:
+        return None if self._prices is None else self._prices.price(model)
+
+    async def _lock_funds(self, request: ModelRequest, ctx: RequestContext) -> None:
+        """Lock the most the request may cost, for a caller the credit service meters.
+
+        The estimate: the request body's size as prompt tokens (4 characters each, more than
+        its text), ``max_tokens`` (or the configured default) as completion tokens, and every
+        search a web search may make. Server-side tool rounds and a private prompt can make
+        the real cost higher; the unlock charges the real cost whatever the lock was.
+        """
+        credit = ctx.principal.credit
+        if credit is None or self._meter is None or ctx.price is None:
+            return
+        prompt = -(-len(request.payload) // CHARS_PER_TOKEN)
+        completion = request.requested_max_tokens or self._default_max_tokens
+        searches = self._max_searches if request.web_search else 0
+        estimate = ctx.price.cost(prompt, completion, searches)
+        ctx.credit_lock = await self._meter.lock(credit, estimate)
 
     # --- context --------------------------------------------------------------------------------
 
@@ -450,8 +494,18 @@ class ModelPipeline:
         return ChatStream(events, resources, opened.headers)
 
     def account(self, ctx: RequestContext) -> None:
-        """Queue the query log, record the metrics, log one line (counts only, no content)."""
+        """Queue the query log, settle the credit lock, record the metrics, log one line.
+
+        The log line has counts only, no content. The cost is the tokens and searches the
+        request used at the model's price when it was admitted (nothing before that: a refused
+        request costs nothing), charged by unlocking the request's credit lock if it made one.
+        """
         ctx.settle()
+        if ctx.price is not None:
+            ctx.cost_micro = ctx.price.cost(ctx.prompt_tokens, ctx.completion_tokens, ctx.searches)
+        if ctx.credit_lock is not None and self._meter is not None:
+            lock, ctx.credit_lock = ctx.credit_lock, None
+            self._meter.settle(lock, ctx.cost_micro)
         log = ctx.query_log()
         self._usage.put(log)
         model = ctx.model if self._snapshot.card(ctx.model) is not None else OTHER_MODEL

@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 
 from nilai.attestation.base import AttestationProvider
 from nilai.auth.base import Authenticator
+from nilai.billing.prices import PriceBook
 from nilai.context.nilauth import DelegationIssuer
 from nilai.crypto.keys import Signer
 from nilai.discovery.base import Discovery
@@ -39,6 +40,8 @@ class Services:
     authenticator: Authenticator
     store: Store
     usage_sink: UsageSink
+    prices: PriceBook
+    """Per-model prices (cached from the database) and the default price."""
     chat: ChatService
     responses: ResponsesService
     attestation: AttestationProvider

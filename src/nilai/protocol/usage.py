@@ -12,3 +12,5 @@ class UsageReport(BaseModel):
     completion_tokens: int
     total_tokens: int
     queries: int
+    cost: float
+    """What the queries cost, in units of the credit service's currency (exact to 0.000001)."""

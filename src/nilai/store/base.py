@@ -65,6 +65,8 @@ class QueryLog:
     """Server-side tool calls the gateway ran (the code and its output are never kept)."""
     nilrag_chunks: int = 0
     """Chunks NilRAG added to the prompt (the question and the chunks are never kept)."""
+    cost_micro: int = 0
+    """What the request cost, in micro-units of the credit service's currency."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,8 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     queries: int = 0
+    cost_micro: int = 0
+    """What the queries cost, in micro-units."""
 
     @property
     def total_tokens(self) -> int:
@@ -85,6 +89,7 @@ class Usage:
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
             self.queries + other.queries,
+            self.cost_micro + other.cost_micro,
         )
 
     def __sub__(self, other: Usage) -> Usage:
@@ -92,6 +97,7 @@ class Usage:
             self.prompt_tokens - other.prompt_tokens,
             self.completion_tokens - other.completion_tokens,
             self.queries - other.queries,
+            self.cost_micro - other.cost_micro,
         )
 
 
@@ -169,7 +175,35 @@ class QueryLogRepo(Protocol):
         ...
 
 
-class Store(AccountRepo, ApiKeyRepo, QueryLogRepo, Protocol):
+@dataclass(frozen=True, slots=True)
+class StoredPrice:
+    """A model's own price, every amount in micro-units (``nilai.billing.prices``)."""
+
+    model: str
+    prompt_per_million: int
+    completion_per_million: int
+    web_search: int
+    updated_at: datetime | None = None
+    """When it was last set; the store fills it in."""
+
+
+class PriceRepo(Protocol):
+    """Models' own prices (a model without one is charged the default from the settings)."""
+
+    async def list_prices(self) -> list[StoredPrice]:
+        """Every model's own price, by model id."""
+        ...
+
+    async def set_price(self, price: StoredPrice) -> None:
+        """Create or replace the model's own price."""
+        ...
+
+    async def delete_price(self, model: str) -> bool:
+        """Remove the model's own price; False if it had none."""
+        ...
+
+
+class Store(AccountRepo, ApiKeyRepo, QueryLogRepo, PriceRepo, Protocol):
     """All repositories over one database."""
 
     async def ping(self) -> None:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select, text, update
+from sqlalchemy import delete, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
@@ -22,9 +22,17 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from nilai.store.base import Account, ApiKey, QueryLog, RowsRejected, StoreUnavailable, Usage
+from nilai.store.base import (
+    Account,
+    ApiKey,
+    QueryLog,
+    RowsRejected,
+    StoredPrice,
+    StoreUnavailable,
+    Usage,
+)
 from nilai.store.errors import describe_error, error_kind
-from nilai.store.tables import AccountRow, ApiKeyRow, QueryLogRow, UsageTotalRow
+from nilai.store.tables import AccountRow, ApiKeyRow, ModelPriceRow, QueryLogRow, UsageTotalRow
 
 _LIMIT_COLUMNS = frozenset(
     {"rate_limit_minute", "rate_limit_hour", "rate_limit_day", "rate_limit_lifetime"}
@@ -225,18 +233,20 @@ class SqlStore:
         self, session: AsyncSession, insert: Any, logs: Sequence[QueryLog]
     ) -> None:
         # Any: the dialect-specific insert constructs share no public type.
-        sums: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+        sums: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
         for log in logs:
             total = sums[log.account_id]
             total[0] += log.prompt_tokens
             total[1] += log.completion_tokens
             total[2] += 1
-        for account_id, (prompt, completion, queries) in sorted(sums.items()):
+            total[3] += log.cost_micro
+        for account_id, (prompt, completion, queries, cost) in sorted(sums.items()):
             statement = insert(UsageTotalRow).values(
                 account_id=account_id,
                 prompt_tokens=prompt,
                 completion_tokens=completion,
                 queries=queries,
+                cost_micro=cost,
             )
             table = UsageTotalRow.__table__
             statement = statement.on_conflict_do_update(
@@ -245,6 +255,7 @@ class SqlStore:
                     "prompt_tokens": table.c.prompt_tokens + prompt,
                     "completion_tokens": table.c.completion_tokens + completion,
                     "queries": table.c.queries + queries,
+                    "cost_micro": table.c.cost_micro + cost,
                 },
             )
             await session.execute(statement)
@@ -270,7 +281,45 @@ class SqlStore:
             row = await session.get(UsageTotalRow, account_id)
         if row is None:
             return Usage()
-        return Usage(row.prompt_tokens, row.completion_tokens, row.queries)
+        return Usage(row.prompt_tokens, row.completion_tokens, row.queries, row.cost_micro)
+
+    # prices
+
+    async def list_prices(self) -> list[StoredPrice]:
+        """Every model's own price, by model id."""
+        async with self.session() as session:
+            rows = (
+                await session.execute(select(ModelPriceRow).order_by(ModelPriceRow.model))
+            ).scalars()
+            return [_price(row) for row in rows]
+
+    async def set_price(self, price: StoredPrice) -> None:
+        """Create or replace the model's own price.
+
+        One upsert statement, so two admins setting one model at once never collide.
+        """
+        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+        values = {
+            "model": price.model,
+            "prompt_per_million": price.prompt_per_million,
+            "completion_per_million": price.completion_per_million,
+            "web_search": price.web_search,
+            "updated_at": now(),
+        }
+        statement = insert(ModelPriceRow).values(**values)
+        statement = statement.on_conflict_do_update(
+            index_elements=["model"], set_={k: v for k, v in values.items() if k != "model"}
+        )
+        async with self.session() as session, session.begin():
+            await session.execute(statement)
+
+    async def delete_price(self, model: str) -> bool:
+        """Remove the model's own price; False if it had none."""
+        statement = (
+            delete(ModelPriceRow).where(ModelPriceRow.model == model).returning(ModelPriceRow.model)
+        )
+        async with self.session() as session, session.begin():
+            return (await session.execute(statement)).first() is not None
 
 
 def _fields(record: Any) -> dict[str, Any]:
@@ -300,6 +349,16 @@ def _account(row: AccountRow) -> Account:
         rate_limit_hour=row.rate_limit_hour,
         rate_limit_day=row.rate_limit_day,
         rate_limit_lifetime=row.rate_limit_lifetime,
+    )
+
+
+def _price(row: ModelPriceRow) -> StoredPrice:
+    return StoredPrice(
+        model=row.model,
+        prompt_per_million=row.prompt_per_million,
+        completion_per_million=row.completion_per_million,
+        web_search=row.web_search,
+        updated_at=_utc(row.updated_at),
     )
 
 

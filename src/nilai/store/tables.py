@@ -83,6 +83,7 @@ class QueryLogRow(Base):
     searches: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     tool_calls: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     nilrag_chunks: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    cost_micro: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
 
 
 class UsageTotalRow(Base):
@@ -94,3 +95,16 @@ class UsageTotalRow(Base):
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     queries: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_micro: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+
+
+class ModelPriceRow(Base):
+    """A model's own price, in micro-units; models without a row are charged the default."""
+
+    __tablename__ = "model_prices"
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    prompt_per_million: Mapped[int] = mapped_column(BigInteger)
+    completion_per_million: Mapped[int] = mapped_column(BigInteger)
+    web_search: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -305,4 +305,4 @@ class UsageSink:
 
 
 def _usage(log: QueryLog) -> Usage:
-    return Usage(log.prompt_tokens, log.completion_tokens, 1)
+    return Usage(log.prompt_tokens, log.completion_tokens, 1, log.cost_micro)

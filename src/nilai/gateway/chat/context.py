@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from nilai.auth.base import Principal
+from nilai.billing.meter import CreditLock
+from nilai.billing.prices import Price
 from nilai.errors import NilaiError, RateLimited
 from nilai.gateway.disconnect import ClientGone
 from nilai.limits.base import Limit
@@ -70,6 +72,11 @@ class RequestContext:
     status: int = 200
     error_kind: str | None = None
     refused_by: Limit | None = None
+    price: Price | None = None
+    """The model's price when the request was admitted (None before: a refusal costs nothing)."""
+    credit_lock: CreditLock | None = None
+    """Funds locked at the credit service for this request, until it is accounted."""
+    cost_micro: int = 0
 
     @classmethod
     def begin(
@@ -187,4 +194,5 @@ class RequestContext:
             searches=self.searches,
             tool_calls=self.tool_calls,
             nilrag_chunks=self.nilrag_chunks,
+            cost_micro=self.cost_micro,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from nilai.billing.prices import amount_json
 from nilai.gateway.deps import PrincipalDep, ServicesDep
 from nilai.protocol.errors import error_responses
 from nilai.protocol.usage import UsageReport
@@ -28,4 +29,5 @@ async def usage(services: ServicesDep, principal: PrincipalDep) -> UsageReport:
         completion_tokens=total.completion_tokens,
         total_tokens=total.total_tokens,
         queries=total.queries,
+        cost=amount_json(total.cost_micro),
     )

@@ -1,0 +1,1 @@
+"""Billing: per-model prices and the cost of a request, in integer micro-units."""
