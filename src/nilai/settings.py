@@ -265,6 +265,8 @@ class NilaiSettings(BaseSettings):
     attestation_tsm_path: Path = Path("/sys/kernel/config/tsm/report")
     attestation_timeout_s: float = Field(default=10.0, gt=0)
     attestation_rate_limit_minute: int = Field(default=60, ge=0)
+    attestation_collateral: Path | None = None
+    attestation_pccs_url: str | None = None
 
     # hardening
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
@@ -288,8 +290,6 @@ class NilaiSettings(BaseSettings):
         default_factory=lambda: ["http://localhost:3000", "http://localhost:8080"]
     )
 
-    @classmethod
-    def settings_customise_sources(
     # pricing (docs/API.md "Pricing"): the default price, as decimal strings of currency units
     price_prompt_per_million: str = "2.0"
     price_completion_per_million: str = "2.0"
@@ -320,6 +320,8 @@ class NilaiSettings(BaseSettings):
             web_search=parse_amount(self.price_web_search),
         )
 
+    @classmethod
+    def settings_customise_sources(
         cls,
         settings_cls: type[BaseSettings],
         init_settings: PydanticBaseSettingsSource,
@@ -398,7 +400,7 @@ class NilaiSettings(BaseSettings):
             raise ValueError(f"has {_scheme_of(value)}; it must start with http:// or https://")
         return value.rstrip("/")
 
-    @field_validator("attestation_url")
+    @field_validator("attestation_url", "attestation_pccs_url")
     @classmethod
     def _check_attestation_url(cls, value: str | None) -> str | None:
         if value and not value.startswith(("http://", "https://")):
@@ -480,8 +482,6 @@ class NilaiSettings(BaseSettings):
                 return SecretStr("postgresql+asyncpg://" + url.removeprefix(scheme))
         return value
 
-    @model_validator(mode="after")
-    def _check_strategies(self) -> Self:
     @field_validator("credit_url")
     @classmethod
     def _check_credit_url(cls, value: str | None) -> str | None:
@@ -489,16 +489,18 @@ class NilaiSettings(BaseSettings):
             raise ValueError(f"has {_scheme_of(value)}; it must start with http:// or https://")
         return value.rstrip("/") if value else None
 
+    @model_validator(mode="after")
+    def _check_strategies(self) -> Self:
         if not self.auth_strategies:
             raise ValueError("auth_strategies must name at least one strategy")
-        if self.nildb_builder_key is not None and self.nildb_builder_key_file is not None:
-            raise ValueError("set nildb_builder_key or nildb_builder_key_file, not both")
         if self.credit_url and self.credit_api_token is None:
             raise ValueError("credit_url needs credit_api_token (the credit service's API token)")
         if "credit" in self.auth_strategies and not self.credit_url:
             raise ValueError(
                 "the credit strategy needs credit_url and credit_api_token (the credit service)"
             )
+        if self.nildb_builder_key is not None and self.nildb_builder_key_file is not None:
+            raise ValueError("set nildb_builder_key or nildb_builder_key_file, not both")
         return self
 
     @property

@@ -6,19 +6,37 @@ from nilai.attestation.http import HttpAttester
 from nilai.attestation.report import AttestationReport, build_report, parse_nonce
 from nilai.attestation.simulated import SimulatedProvider
 from nilai.attestation.tsm import TsmProvider
-from nilai.attestation.verify import VerifiedReport, decode_public_key, verify_report
+from nilai.attestation.verify import (
+    Check,
+    QuoteVerification,
+    ReportVerificationError,
+    TdxPolicy,
+    VerifiedReport,
+    check_quote,
+    check_report,
+    check_report_async,
+    decode_public_key,
+    verify_report,
+)
 
 __all__ = [
     "PROVIDERS",
     "AttestationProvider",
     "AttestationReport",
+    "Check",
     "Evidence",
     "EvidenceError",
     "HttpAttester",
+    "QuoteVerification",
+    "ReportVerificationError",
     "SimulatedProvider",
+    "TdxPolicy",
     "TsmProvider",
     "VerifiedReport",
     "build_report",
+    "check_quote",
+    "check_report",
+    "check_report_async",
     "decode_public_key",
     "make_attestation_provider",
     "parse_nonce",

@@ -9,6 +9,7 @@ import httpx
 
 from nilai.attestation.base import AttestationProvider
 from nilai.attestation.http import HttpAttester
+from nilai.attestation.pccs import CollateralCache, ReportCollateral, read_collateral_file
 from nilai.attestation.simulated import SimulatedProvider
 from nilai.attestation.tsm import TsmProvider
 from nilai.crypto.keys import Signer
@@ -26,6 +27,8 @@ def make_attestation_provider(
     url: str | None,
     tsm_path: Path | str,
     timeout_s: float,
+    collateral_path: Path | str | None = None,
+    pccs_url: str | None = None,
 ) -> AttestationProvider:
     """Build the provider named ``provider`` (``simulated``, ``http`` or ``tsm``).
 
@@ -36,6 +39,10 @@ def make_attestation_provider(
         url: ``NILAI_ATTESTATION_URL``, the attester for ``http``.
         tsm_path: ``NILAI_ATTESTATION_TSM_PATH``, the configfs-tsm report directory.
         timeout_s: ``NILAI_ATTESTATION_TIMEOUT_S``, the time limit for one report.
+        collateral_path: ``NILAI_ATTESTATION_COLLATERAL``: TDX collateral (JSON) that ``tsm``
+            attaches to its reports; read here, once.
+        pccs_url: ``NILAI_ATTESTATION_PCCS_URL``: the PCS/PCCS that ``tsm`` fetches TDX
+            collateral from (on ``http``, cached until due) to attach to its reports.
 
     Returns:
         The provider.
@@ -45,6 +52,12 @@ def make_attestation_provider(
     """
     if timeout_s <= 0:
         raise ValueError(f"NILAI_ATTESTATION_TIMEOUT_S must be positive, not {timeout_s}")
+    if provider != "tsm" and (collateral_path or pccs_url):
+        logger.warning(
+            "NILAI_ATTESTATION_COLLATERAL and NILAI_ATTESTATION_PCCS_URL apply to the tsm "
+            "provider only; ignored for %s",
+            provider,
+        )
     if provider == "simulated":
         logger.warning("attestation is SIMULATED: reports carry no hardware guarantee")
         return SimulatedProvider(signer)
@@ -66,10 +79,34 @@ def make_attestation_provider(
                 "SEV-SNP or TDX guest with configfs mounted and TSM reports in the kernel "
                 "(or set NILAI_ATTESTATION_TSM_PATH)"
             )
-        return TsmProvider(root, timeout_s=timeout_s)
+        collateral = _report_collateral(collateral_path, pccs_url, http, timeout_s)
+        return TsmProvider(root, timeout_s=timeout_s, collateral=collateral)
     raise ValueError(
         f"NILAI_ATTESTATION_PROVIDER={provider!r} is unknown; use one of {', '.join(PROVIDERS)}"
     )
+
+
+def _report_collateral(
+    path: Path | str | None, pccs_url: str | None, http: httpx.AsyncClient, timeout_s: float
+) -> ReportCollateral | None:
+    if path and pccs_url:
+        raise ValueError("set NILAI_ATTESTATION_COLLATERAL or NILAI_ATTESTATION_PCCS_URL, not both")
+    if path:
+        return ReportCollateral(fixed=read_collateral_file(Path(path)))
+    if pccs_url:
+        if not pccs_url.startswith(("http://", "https://")):
+            raise ValueError("NILAI_ATTESTATION_PCCS_URL must start with http:// or https://")
+        try:
+            import dcap_qvl  # noqa: F401, PLC0415  # pyright: ignore[reportMissingTypeStubs, reportUnusedImport]
+        except ImportError:
+            raise ValueError(
+                "NILAI_ATTESTATION_PCCS_URL needs dcap-qvl to read quotes: install nilai[attest]"
+            ) from None
+        # Most of the report's time limit: a slow PCCS then fails (and is not asked again for
+        # a minute) before the report's own limit, and the report goes out without collateral.
+        cache = CollateralCache(pccs_url, http, timeout_s=timeout_s * 0.8)
+        return ReportCollateral(cache=cache)
+    return None
 
 
 async def close_attestation_provider(provider: AttestationProvider) -> None:

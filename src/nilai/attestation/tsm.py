@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nilai.attestation.base import Evidence
+from nilai.attestation.pccs import ReportCollateral
 from nilai.errors import UpstreamProtocolError, UpstreamTimeout
 
 logger = logging.getLogger(__name__)
@@ -60,9 +61,16 @@ class TsmProvider:
     simulated = False
 
     def __init__(
-        self, root: Path, *, timeout_s: float, max_threads: int = MAX_CONCURRENT_REPORTS
+        self,
+        root: Path,
+        *,
+        timeout_s: float,
+        max_threads: int = MAX_CONCURRENT_REPORTS,
+        collateral: ReportCollateral | None = None,
     ) -> None:
         self._root = root
+        # Attached to TDX quotes' reports (the collateral, or the PCCS to fetch it from).
+        self._collateral = collateral
         self._timeout_s = timeout_s
         self._max_threads = max_threads
         # Threads start on first use, not here: building the provider starts nothing.
@@ -103,10 +111,20 @@ class TsmProvider:
                 "Hardware attestation is unavailable on this server.",
                 code="attestation_unavailable",
             ) from None
+        details = _details(quote)
+        if self._collateral is not None and quote.provider == "tdx_guest":
+            # Bounded like the quote: a slow PCCS costs the report its collateral, not a 504.
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    details.update(await self._collateral.details(quote.outblob))
+            except TimeoutError:
+                logger.warning(
+                    "TDX collateral took longer than %.1fs; not attached", self._timeout_s
+                )
         return Evidence(
             cpu_attestation=base64.b64encode(quote.outblob).decode(),
             gpu_attestation=None,
-            details=_details(quote),
+            details=details,
         )
 
     def _collect(self, report_data: bytes) -> asyncio.Future[TsmQuote]:

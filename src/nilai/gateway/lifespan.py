@@ -156,6 +156,8 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             url=settings.attestation_url,
             tsm_path=settings.attestation_tsm_path,
             timeout_s=settings.attestation_timeout_s,
+            collateral_path=settings.attestation_collateral,
+            pccs_url=settings.attestation_pccs_url,
         )
         stack.push_async_callback(close_attestation_provider, attestation)
         store = await open_store_at_startup(settings)
@@ -169,9 +171,9 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
         await sink.start()
         metrics.watch_usage_queue(sink)
         stack.push_async_callback(sink.aclose)
+        prices = await open_price_book(settings, store, stack)
         await _start_static_upstreams(stack, settings, discovery, http)
         snapshot = DiscoverySnapshot(
-        prices = await open_price_book(settings, store, stack)
             discovery,
             http,
             refresh_s=settings.discovery_refresh_s,
@@ -223,12 +225,12 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             "idle_timeout_s": settings.stream_idle_timeout_s,
             "prompts": private_prompts.vault,
             "web_search": web_search,
-        }
-        chat = ChatService(upstream, snapshot, signer, sink, admission, **pipeline)
             "prices": prices,
             "meter": None if credit is None else credit[1],
             "default_max_tokens": settings.credit_default_max_tokens,
             "max_searches": settings.web_search_max_topics,
+        }
+        chat = ChatService(upstream, snapshot, signer, sink, admission, **pipeline)
         responses = ResponsesService(upstream, snapshot, signer, sink, admission, **pipeline)
         # Start-up objects (modules, settings, clients) live as long as the process: moving them
         # out of the collector's reach keeps full collections short under load.
@@ -245,9 +247,9 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
             authenticator=authenticator,
             store=store,
             usage_sink=sink,
+            prices=prices,
             chat=chat,
             responses=responses,
-            prices=prices,
             tools=tools,
             attestation=attestation,
             admission=admission,
@@ -258,8 +260,6 @@ async def build_services(settings: NilaiSettings, metrics: Metrics) -> AsyncGene
         )
 
 
-async def _start_static_upstreams(
-    stack: AsyncExitStack, settings: NilaiSettings, discovery: Discovery, http: httpx.AsyncClient
 def make_credit(
     settings: NilaiSettings, http: httpx.AsyncClient, stack: AsyncExitStack, metrics: Metrics
 ) -> tuple[CreditService, CreditMeter] | None:
@@ -299,6 +299,8 @@ async def open_price_book(
     return prices
 
 
+async def _start_static_upstreams(
+    stack: AsyncExitStack, settings: NilaiSettings, discovery: Discovery, http: httpx.AsyncClient
 ) -> None:
     """Announce ``NILAI_UPSTREAM_URLS`` from inside the gateway, as `nilai announce` would."""
     if not settings.upstream_urls:
