@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from nilai.cli import main
 from nilai.store.migrate import upgrade
 from nilai.store.sql import SqlStore, make_engine
+from tests.support.cli import Result
 
 
 @pytest.fixture
@@ -19,3 +21,15 @@ async def store(db_url: str) -> AsyncIterator[SqlStore]:
         yield SqlStore(engine)
     finally:
         await engine.dispose()
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
+    """Run `nilai ARGS...` in-process and capture what it printed."""
+
+    def run(*argv: str) -> Result:
+        status = main(list(argv))
+        out, err = capsys.readouterr()
+        return Result(status, out, err)
+
+    return run

@@ -12,24 +12,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from nilai.auth.api_keys import key_digest
 from nilai.auth.base import Principal
 from nilai.auth.stored_keys import StoredApiKeys
 from nilai.billing.prices import Price, PriceBook
-from nilai.cli import main
 from nilai.errors import AuthenticationFailed
 from nilai.store.migrate import head_revision
 from nilai.store.sql import SqlStore, make_engine
+from tests.support.cli import Result
 from tests.support.records import query_log
 from tests.support.stores import (
     PG_HOST,
     PG_PORT,
-    PG_USER,
     create_pg_database,
     drop_pg_database,
+    pg_execute,
     pg_url,
     run_sync,
 )
@@ -46,22 +45,6 @@ class AdminDatabase:
     name: str
     url: str
     data_dir: Path
-
-
-@dataclass(frozen=True)
-class Result:
-    status: int
-    out: str
-    err: str
-
-
-async def _pg_execute(database: str, *statements: str) -> None:
-    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=database)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -85,25 +68,13 @@ def admin_db(
     else:
         database = request.getfixturevalue("module_pg_database")
         # Each test starts from an empty schema, as it would with a fresh SQLite file.
-        asyncio.run(_pg_execute(database, "DROP SCHEMA public CASCADE", "CREATE SCHEMA public"))
+        asyncio.run(pg_execute(database, "DROP SCHEMA public CASCADE", "CREATE SCHEMA public"))
         url = pg_url(database)
     monkeypatch.delenv("NILAI_CONFIG_FILE", raising=False)
     monkeypatch.setenv("NILAI_DATABASE_URL", url)
     monkeypatch.setenv("NILAI_DATA_DIR", str(data_dir))
     monkeypatch.setenv("NILAI_DB_AUTO_MIGRATE", "true")
     return AdminDatabase(request.param, url, data_dir)
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]):
-    """Run `nilai ARGS...` in-process and capture what it printed."""
-
-    def run(*argv: str) -> Result:
-        status = main(list(argv))
-        out, err = capsys.readouterr()
-        return Result(status, out, err)
-
-    return run
 
 
 def assert_fails(result: Result, status: int, *fragments: str) -> None:

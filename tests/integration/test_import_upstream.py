@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from nilai.auth import credit_keys
 from nilai.auth.stored_keys import StoredApiKeys
-from nilai.cli import build_parser, main
+from nilai.cli import build_parser
 from nilai.cli.import_upstream import (
     ACCOUNT_PREFIX,
     LIMIT_COLUMNS,
@@ -33,6 +33,7 @@ from nilai.cli.import_upstream import (
 from nilai.store.base import Account, Usage
 from nilai.store.sql import SqlStore
 from nilai.store.tables import QueryLogRow
+from tests.support.cli import Result
 from tests.support.records import query_log
 from tests.support.servers import free_port
 from tests.support.stores import (
@@ -42,6 +43,7 @@ from tests.support.stores import (
     create_pg_database,
     drop_pg_database,
     dump_database,
+    pg_execute,
     pg_url,
     run_sync,
     with_store,
@@ -76,13 +78,6 @@ class Seeded:
     users: dict[str, Expected]
     logs: int
     log_rows: Rows  # as inserted: upstream's serial ids are 1, 2, ... in this order
-
-
-@dataclass(frozen=True)
-class Result:
-    status: int
-    out: str
-    err: str
 
 
 # the upstream database
@@ -169,15 +164,6 @@ async def _load_upstream(name: str, users: Rows, logs: Rows) -> None:
         await conn.close()
 
 
-async def _upstream_execute(name: str, *statements: str) -> None:
-    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=name)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 async def _log_upstream(name: str, rows: Rows) -> None:
     """Requests upstream served after an import: (user_id, lockid, model, prompt, completion,
     total), the other columns at their defaults."""
@@ -218,18 +204,6 @@ def gateway_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
         yield url
     finally:
         run_sync(drop_pg_database(name))
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]):
-    """Run `nilai ARGS...` in-process and capture what it printed."""
-
-    def run(*argv: str) -> Result:
-        status = main(list(argv))
-        out, err = capsys.readouterr()
-        return Result(status, out, err)
-
-    return run
 
 
 def ok(result: Result) -> str:
@@ -400,10 +374,10 @@ def test_an_imported_account_keeps_its_usage_behind_a_gateway(
 def test_a_database_not_laid_out_as_upstream_is_refused_naming_what_is_missing(
     upstream: Seeded, gateway_db: str, cli
 ):
-    run_sync(_upstream_execute(upstream.name, "ALTER TABLE query_logs DROP COLUMN user_id"))
+    run_sync(pg_execute(upstream.name, "ALTER TABLE query_logs DROP COLUMN user_id"))
     line = assert_fails(cli("import-upstream", "--from-db", upstream.url), 2, "query_logs.user_id")
     assert UPSTREAM_REVISION in line
-    run_sync(_upstream_execute(upstream.name, "DROP TABLE users"))
+    run_sync(pg_execute(upstream.name, "DROP TABLE users"))
     assert_fails(cli("import-upstream", "--from-db", upstream.url), 2, "no table 'users'")
     assert accounts_and_usage(gateway_db) == {}
 

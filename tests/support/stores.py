@@ -63,6 +63,16 @@ async def drop_pg_database(name: str) -> None:
         await conn.close()
 
 
+async def pg_execute(database: str, *statements: str) -> None:
+    """Run ``statements`` in order on database ``database`` of this machine's PostgreSQL."""
+    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=database)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
 def run_sync[T](coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine to completion on a private loop in another thread.
 

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from nilai.auth.base import CreditCredential, Principal
-from nilai.auth.lookups import MAX_KNOWN, CachedLookup
+from nilai.auth.lookups import MAX_KNOWN, CachedLookup, find_or_create_account
 from nilai.billing.credit import CredentialRejected, CreditService, CreditUnavailable
 from nilai.billing.meter import CreditMeter
 from nilai.errors import AuthenticationFailed, BillingUnavailable
@@ -106,18 +106,9 @@ class CreditApiKeys:
         return await self._account(ACCOUNT_PREFIX + holder.user_id)
 
     async def _account(self, name: str) -> Account:
-        account = await self._accounts.get_account(name)
-        if account is not None:
-            return account
-        try:
-            account = await self._accounts.create_account(name, {})
-        except ValueError:
-            # Another replica created it first.
-            found = await self._accounts.get_account(name)
-            if found is None:
-                raise
-            return found
-        logger.info("created account %s for a new credit service user", account.id)
+        account, made = await find_or_create_account(self._accounts, name)
+        if made:
+            logger.info("created account %s for a new credit service user", account.id)
         return account
 
     def _recently_valid(self, digest: bytes) -> Account | None:

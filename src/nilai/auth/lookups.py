@@ -58,6 +58,7 @@ from sqlalchemy import exc as sa_exc
 
 from nilai.errors import AccountsUnavailable
 from nilai.outages import OutageLog
+from nilai.store.base import Account, AccountRepo
 from nilai.store.errors import error_kind
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,23 @@ def busy_error() -> AccountsUnavailable:
         "Too many unrecognised credentials are being checked right now; try again shortly.",
         retry_after_s=RETRY_AFTER_S,
     )
+
+
+async def find_or_create_account(accounts: AccountRepo, name: str) -> tuple[Account, bool]:
+    """The account named ``name``, made with the default limits if there is none; True if made.
+
+    Replicas may make the same account at once: the one that loses the race finds the winner's.
+    """
+    account = await accounts.get_account(name)
+    if account is not None:
+        return account, False
+    try:
+        return await accounts.create_account(name, {}), True
+    except ValueError:
+        found = await accounts.get_account(name)
+        if found is None:
+            raise
+        return found, False
 
 
 def accounts_outage_log(where: str | None = None) -> OutageLog:

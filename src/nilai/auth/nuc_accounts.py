@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 
 from nilai.auth.base import CreditCredential, Principal
-from nilai.auth.lookups import MAX_KNOWN, CachedLookup
+from nilai.auth.lookups import MAX_KNOWN, CachedLookup, find_or_create_account
 from nilai.auth.nuc_tokens import NucVerifier
 from nilai.auth.replay import ReplayGuard
 from nilai.errors import AuthenticationFailed
@@ -93,16 +93,9 @@ class NucAuthenticator:
         )
 
     async def _find_or_create(self, subject: str) -> Account | None:
-        account = await self._accounts.get_account(subject)
-        if account is not None or not self._auto_accounts:
-            return account
-        try:
-            account = await self._accounts.create_account(subject, {})
-        except ValueError:
-            # Another replica created it first.
-            found = await self._accounts.get_account(subject)
-            if found is None:
-                raise
-            return found
-        logger.info("created account %s for a new NUC subscription holder", account.id)
+        if not self._auto_accounts:
+            return await self._accounts.get_account(subject)
+        account, made = await find_or_create_account(self._accounts, subject)
+        if made:
+            logger.info("created account %s for a new NUC subscription holder", account.id)
         return account

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -28,11 +29,8 @@ from nilai.attestation.verify import TdxPolicy, check_quote
 from tests.fakes.pccs import FakePccs
 from tests.support.fake_tsm import FakeConfigfs
 from tests.support.servers import ServerThread
+from tests.unit.attestation.tdx_sample import COLLATERAL, INSIDE_VALIDITY, QUOTE
 
-SAMPLES = Path(__file__).parent / "samples"
-QUOTE = (SAMPLES / "tdx_quote").read_bytes()
-COLLATERAL = (SAMPLES / "tdx_quote_collateral.json").read_text()
-INSIDE_VALIDITY = datetime(2025, 7, 1, tzinfo=UTC)
 NEXT_UPDATE = datetime(2025, 7, 19, 10, 0, 35, tzinfo=UTC)  # the PCK CRL's, the earliest
 
 
@@ -229,24 +227,17 @@ async def test_an_unusable_collateral_file_stops_the_start(tmp_path, content, me
     path = tmp_path / "collateral.json"
     path.write_text(content)
     async with httpx.AsyncClient() as http:
+        make = functools.partial(
+            make_attestation_provider,
+            "tsm",
+            signer=None,
+            http=http,
+            url=None,
+            tsm_path=tmp_path,
+            timeout_s=5.0,
+            collateral_path=path,
+        )
         with pytest.raises(ValueError, match=message):
-            make_attestation_provider(
-                "tsm",
-                signer=None,  # type: ignore[arg-type]
-                http=http,
-                url=None,
-                tsm_path=tmp_path,
-                timeout_s=5.0,
-                collateral_path=path,
-            )
+            make()
         with pytest.raises(ValueError, match="not both"):
-            make_attestation_provider(
-                "tsm",
-                signer=None,  # type: ignore[arg-type]
-                http=http,
-                url=None,
-                tsm_path=tmp_path,
-                timeout_s=5.0,
-                collateral_path=path,
-                pccs_url="http://127.0.0.1:1",
-            )
+            make(pccs_url="http://127.0.0.1:1")

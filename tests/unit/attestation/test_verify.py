@@ -2,7 +2,6 @@ import base64
 import dataclasses
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from coincurve import PrivateKey
@@ -27,28 +26,17 @@ from nilai.crypto.keys import Signer
 from tests.fakes.pccs import FakePccs
 from tests.support.fake_tsm import FakeConfigfs, fake_sev_snp_report
 from tests.support.servers import ServerThread
+from tests.unit.attestation.tdx_sample import (
+    COLLATERAL,
+    INSIDE_VALIDITY,
+    MRTD,
+    QUOTE,
+    RTMR0,
+    RTMR1,
+    RTMR2,
+)
 
 NONCE = bytes(range(32))
-TDX_SAMPLE = Path(__file__).parent / "samples" / "tdx_quote"
-COLLATERAL = (Path(__file__).parent / "samples" / "tdx_quote_collateral.json").read_text()
-INSIDE_VALIDITY = datetime(2025, 7, 1, tzinfo=UTC)
-# The sample's verified measurements, as other parsers of this public sample also read them.
-MRTD = (
-    "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407"
-    "de03ae6dc5f87f27428b2538873118b7"
-)
-RTMR0 = (
-    "44c0197b39157fdd7a4dcc44767f9d6b0bb3977c7a8e347b8492f827fe9d9e5c"
-    "48aca29b220b80b6a540cf994b9bc9c0"
-)
-RTMR1 = (
-    "0084452c01668329d4bc06acdf58a7205c26743304509973949e5619bf81a6a7"
-    "aea8c323c173019b3093d54e579e9378"
-)
-RTMR2 = (
-    "d833feef2cd945148aa38ead2c53e9b7f138190aaaebfc551dccd829fc207aa3"
-    "ba80b70870d7330733642e01d48c3132"
-)
 HARDWARE_SIGNATURE_NOT_VERIFIED = "hardware signature not verified"
 
 
@@ -246,7 +234,7 @@ async def test_hardware_evidence_from_an_unknown_provider_is_refused(signer, pro
 
 def rebound_sample(signer: Signer) -> bytes:
     """The sample quote with REPORTDATA replaced by this key's binding (signature broken)."""
-    quote = bytearray(TDX_SAMPLE.read_bytes())
+    quote = bytearray(QUOTE)
     quote[568 : 568 + 64] = bound(signer).ljust(64, b"\0")
     return bytes(quote)
 
@@ -279,7 +267,7 @@ async def test_a_tdx_quote_is_never_trusted_for_its_raw_reportdata(signer, versi
 
 
 async def test_a_tdx_quote_without_collateral_fails_as_collateral_missing(signer):
-    body = await hardware_report(signer, "tsm", tdx_evidence(TDX_SAMPLE.read_bytes()))
+    body = await hardware_report(signer, "tsm", tdx_evidence(QUOTE))
     with pytest.raises(ReportVerificationError) as caught:
         verify_report(body, public_key=signer.public_key_bytes, nonce=NONCE)
     assert caught.value.check == "collateral_missing"
@@ -287,7 +275,7 @@ async def test_a_tdx_quote_without_collateral_fails_as_collateral_missing(signer
 
 
 async def test_a_real_tdx_quote_verifies_then_fails_the_binding_on_its_verified_body(signer):
-    body = await hardware_report(signer, "tsm", tdx_evidence(TDX_SAMPLE.read_bytes()))
+    body = await hardware_report(signer, "tsm", tdx_evidence(QUOTE))
     result = check_report(
         body, public_key=signer.public_key_bytes, nonce=NONCE, policy=AT_SAMPLE_TIME
     )
@@ -315,7 +303,7 @@ async def test_a_tdx_quote_rebound_to_the_key_fails_its_signature(signer):
 
 
 async def test_the_gateways_attached_collateral_is_used_unless_the_policy_gives_one(signer):
-    evidence = tdx_evidence(TDX_SAMPLE.read_bytes(), tdx_collateral=COLLATERAL)
+    evidence = tdx_evidence(QUOTE, tdx_collateral=COLLATERAL)
     body = await hardware_report(signer, "tsm", evidence)
     attached = check_report(
         body, public_key=signer.public_key_bytes, nonce=NONCE, policy=TdxPolicy(at=INSIDE_VALIDITY)
@@ -328,7 +316,7 @@ async def test_the_gateways_attached_collateral_is_used_unless_the_policy_gives_
     assert result.failed is not None
     assert result.failed.name == "collateral_missing"
     changed = flip_text(COLLATERAL)
-    evidence = tdx_evidence(TDX_SAMPLE.read_bytes(), tdx_collateral=changed)
+    evidence = tdx_evidence(QUOTE, tdx_collateral=changed)
     body = await hardware_report(signer, "tsm", evidence)
     tampered = check_report(
         body, public_key=signer.public_key_bytes, nonce=NONCE, policy=TdxPolicy(at=INSIDE_VALIDITY)
@@ -349,7 +337,7 @@ async def test_collateral_is_fetched_from_the_policys_pccs_when_none_is_attached
     pccs = FakePccs(COLLATERAL)
     server = ServerThread(pccs.app).start()
     try:
-        body = await hardware_report(signer, "tsm", tdx_evidence(TDX_SAMPLE.read_bytes()))
+        body = await hardware_report(signer, "tsm", tdx_evidence(QUOTE))
         policy = TdxPolicy(at=INSIDE_VALIDITY, pccs_url=server.url)
         result = await check_report_async(
             body, public_key=signer.public_key_bytes, nonce=NONCE, policy=policy
@@ -499,7 +487,7 @@ def test_a_policy_with_an_unknown_status_measurement_or_naive_time_is_refused():
 
 
 def test_the_bare_sample_quote_verifies_at_its_time_and_lists_unpinned_measurements():
-    result = check_quote(TDX_SAMPLE.read_bytes(), AT_SAMPLE_TIME)
+    result = check_quote(QUOTE, AT_SAMPLE_TIME)
     assert result.ok
     assert result.tdx is not None
     assert result.tdx.measurements == {
@@ -511,7 +499,7 @@ def test_the_bare_sample_quote_verifies_at_its_time_and_lists_unpinned_measureme
     }
     assert result.unverified[0].startswith("measurements not pinned")
     pinned = check_quote(
-        TDX_SAMPLE.read_bytes(),
+        QUOTE,
         TdxPolicy(at=INSIDE_VALIDITY, collateral=COLLATERAL, measurements=result.tdx.measurements),
     )
     assert pinned.ok
@@ -520,7 +508,7 @@ def test_the_bare_sample_quote_verifies_at_its_time_and_lists_unpinned_measureme
 
 def test_the_bare_sample_quote_fails_as_expired_after_next_update():
     late = TdxPolicy(at=datetime(2025, 7, 20, tzinfo=UTC), collateral=COLLATERAL)
-    result = check_quote(TDX_SAMPLE.read_bytes(), late)
+    result = check_quote(QUOTE, late)
     assert result.failed is not None
     assert result.failed.name == "collateral_expired"
 
