@@ -34,6 +34,7 @@ from nilai.attestation.base import Evidence
 from nilai.attestation.quotes import QuoteFormatError, attester_user_data
 from nilai.crypto.canonical import canonical_json
 from nilai.errors import UpstreamProtocolError, UpstreamTimeout
+from nilai.upstream.http import read_capped
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +83,11 @@ class HttpAttester:
             if response.status_code != HTTPStatus.OK:
                 logger.warning("attester %s answered %d", self._host, response.status_code)
                 raise _invalid("The attestation service returned an error.")
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_BODY_BYTES:
-                    logger.warning("attester %s sent more than %d bytes", self._host, len(body))
-                    raise _invalid()
-            return bytes(body)
+            body = await read_capped(response, MAX_BODY_BYTES)
+            if body is None:
+                logger.warning("attester %s sent more than %d bytes", self._host, MAX_BODY_BYTES)
+                raise _invalid()
+            return body
 
 
 def parse_evidence(raw: bytes, report_data: bytes) -> Evidence:

@@ -42,6 +42,7 @@ from typing import Any, cast
 import httpx
 
 from nilai.attestation.tdx import QuoteVerificationError
+from nilai.upstream.http import read_capped
 
 logger = logging.getLogger(__name__)
 
@@ -184,11 +185,9 @@ async def _get(
         ) as response:
             if response.status_code != HTTPStatus.OK:
                 raise CollateralFetchError(f"{shown} answered {response.status_code}")
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_RESPONSE_BYTES:
-                    raise CollateralFetchError(f"{shown} sent more than {MAX_RESPONSE_BYTES} bytes")
+            body = await read_capped(response, MAX_RESPONSE_BYTES)
+            if body is None:
+                raise CollateralFetchError(f"{shown} sent more than {MAX_RESPONSE_BYTES} bytes")
             headers = {name.lower(): value for name, value in response.headers.items()}
     except httpx.HTTPError as exc:
         raise CollateralFetchError(f"cannot fetch {shown}: {type(exc).__name__}") from None

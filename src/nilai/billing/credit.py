@@ -34,6 +34,7 @@ import orjson
 from pydantic import SecretStr
 
 from nilai.billing.prices import amount_json
+from nilai.upstream.http import read_capped
 
 logger = logging.getLogger(__name__)
 
@@ -165,15 +166,13 @@ class HttpCreditService:
                 timeout=self._timeout_s,
             )
             async with request as response:
-                raw = bytearray()
-                async for chunk in response.aiter_bytes():
-                    raw += chunk
-                    if len(raw) > MAX_ANSWER_BYTES:
-                        raise CreditUnavailable("an answer larger than the cap")
+                raw = await read_capped(response, MAX_ANSWER_BYTES)
                 status = response.status_code
         except httpx.HTTPError as exc:
             # The kind only: an httpx message may carry the URL.
             raise CreditUnavailable(type(exc).__name__) from exc
+        if raw is None:
+            raise CreditUnavailable("an answer larger than the cap")
         if status != HTTPStatus.OK:
             return status, {}
         try:

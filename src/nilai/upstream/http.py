@@ -1,4 +1,4 @@
-"""The one pooled HTTP client a process uses for model servers."""
+"""The one pooled HTTP client a process uses, and a bounded read of an answer's body."""
 
 from __future__ import annotations
 
@@ -26,3 +26,17 @@ def make_http_client(settings: NilaiSettings) -> httpx.AsyncClient:
         follow_redirects=False,
         trust_env=False,
     )
+
+
+async def read_capped(response: httpx.Response, max_bytes: int) -> bytes | None:
+    """The (decoded) body of a streamed ``response``, or None once it passes ``max_bytes``.
+
+    What comes after the cap is never downloaded: the caller closes the response, dropping the
+    connection, and refuses the answer in its own terms.
+    """
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > max_bytes:
+            return None
+    return bytes(body)

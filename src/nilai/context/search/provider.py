@@ -48,6 +48,7 @@ from pydantic import SecretStr
 from nilai.errors import ContextUnavailable, RateLimited
 from nilai.limits.base import Decision, Limit
 from nilai.outages import OutageLog, mask_url
+from nilai.upstream.http import read_capped
 
 logger = logging.getLogger(__name__)
 
@@ -235,12 +236,10 @@ class BraveSearch:
             "GET", self._url, params=params, headers=headers, timeout=self._timeout_s
         )
         async with request as response:
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_RESPONSE_BYTES:
-                    raise BraveFailure("an answer larger than the cap")
-            return response.status_code, response.headers, bytes(body)
+            body = await read_capped(response, MAX_RESPONSE_BYTES)
+            if body is None:
+                raise BraveFailure("an answer larger than the cap")
+            return response.status_code, response.headers, body
 
     def _answered(self, started: float) -> None:
         self._outage.answered(started=started)
